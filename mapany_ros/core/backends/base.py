@@ -1,0 +1,66 @@
+"""The one small interface every reconstruction backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from mapany_ros.core.frames import Frame
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run: missing package, checkpoint, or input it needs (message says fix)."""
+
+
+@dataclass
+class ViewPrediction:
+    """The backend's estimate for one input frame, on the backend's output grid.
+
+    Tensors live on the backend's device; the ROS layer moves them to the host once.
+    ``depth`` is z-depth in metres (NaN where invalid); ``valid`` marks the pixels worth
+    publishing; ``points_world`` are the back-projected valid and invalid pixels in the
+    window's world frame (same frame as the pose priors when there are any).
+    """
+
+    depth: torch.Tensor  # (h, w) float32, metres, NaN where invalid
+    confidence: torch.Tensor  # (h, w) float32, higher is better
+    valid: torch.Tensor  # (h, w) bool
+    points_world: torch.Tensor  # (h, w, 3) float32
+    colors: torch.Tensor  # (h, w, 3) uint8 RGB
+    T_world_camera: np.ndarray  # (4, 4) float64 camera-to-world, OpenCV optical
+    K: np.ndarray  # (3, 3) float64 intrinsics of the output grid
+
+    @property
+    def height(self) -> int:
+        return int(self.depth.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.depth.shape[1])
+
+
+@dataclass
+class WindowPrediction:
+    """Per-frame predictions, in the order of the input frames, plus window-level facts."""
+
+    views: list[ViewPrediction]
+    metric_scale: float | None = None
+    alignment_residual_m: float | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A multi-view reconstruction model: a window of frames in, one prediction per frame out.
+
+    Implementations load once in ``__init__`` (failing with :class:`BackendError` naming the
+    fix), are called from one worker thread at a time, and never see ROS types.
+    """
+
+    name: str
+    #: True when the backend cannot run without a pose prior on every frame.
+    needs_pose_priors: bool
+
+    def infer(self, frames: Sequence[Frame]) -> WindowPrediction: ...

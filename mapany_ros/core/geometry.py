@@ -1,0 +1,100 @@
+"""Rigid-body and camera geometry shared by the core (numpy for poses, torch for pixels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation, Slerp
+
+
+def make_pose(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """4x4 float64 homogeneous transform from a rotation matrix and a translation."""
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = np.asarray(t, dtype=np.float64).reshape(3)
+    return T
+
+
+def pose_from_quat(q_xyzw: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """4x4 transform from a ROS-ordered (x, y, z, w) quaternion and a translation."""
+    return make_pose(Rotation.from_quat(np.asarray(q_xyzw, dtype=np.float64)).as_matrix(), t)
+
+
+def quat_from_pose(T: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion of a 4x4 transform's rotation, w >= 0."""
+    q = Rotation.from_matrix(T[:3, :3]).as_quat()
+    return -q if q[3] < 0 else q
+
+
+def invert(T: np.ndarray) -> np.ndarray:
+    """Inverse of a rigid 4x4 transform without a general matrix inverse."""
+    R = T[:3, :3]
+    return make_pose(R.T, -R.T @ T[:3, 3])
+
+
+def rotation_angle(T: np.ndarray) -> float:
+    """Rotation angle (radians) of a 4x4 transform."""
+    c = (np.trace(T[:3, :3]) - 1.0) / 2.0
+    return float(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def interpolate(T0: np.ndarray, T1: np.ndarray, alpha: float) -> np.ndarray:
+    """SE(3) interpolation: slerp on rotation, linear on translation, ``alpha`` in [0, 1]."""
+    rots = Rotation.from_matrix(np.stack([T0[:3, :3], T1[:3, :3]]))
+    R = Slerp([0.0, 1.0], rots)([alpha]).as_matrix()[0]
+    return make_pose(R, (1.0 - alpha) * T0[:3, 3] + alpha * T1[:3, 3])
+
+
+def is_rigid(T: np.ndarray, tol: float = 1e-6) -> bool:
+    """True when T is a finite 4x4 rigid transform (orthonormal rotation, det +1)."""
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        return False
+    R = T[:3, :3]
+    return (
+        np.allclose(R @ R.T, np.eye(3), atol=tol * 1e3)
+        and abs(np.linalg.det(R) - 1.0) < tol * 1e3
+        and np.allclose(T[3], [0, 0, 0, 1])
+    )
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[np.ndarray, float, float]:
+    """Least-squares similarity (or rigid) transform mapping ``src`` points onto ``dst``.
+
+    Returns (T, scale, rms residual in dst units); T is rigid and ``dst ~ s * R src + t``
+    is expressed as T with the scale folded out (apply ``scale`` to src first).
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d
+    cov = xd.T @ xs / len(src)
+    U, S, Vt = np.linalg.svd(cov)
+    E = np.eye(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        E[2, 2] = -1
+    R = U @ E @ Vt
+    var_s = (xs**2).sum() / len(src)
+    s = float(np.trace(np.diag(S) @ E) / var_s) if with_scale and var_s > 0 else 1.0
+    t = mu_d - s * R @ mu_s
+    residual = float(np.sqrt(np.mean(np.sum((s * src @ R.T + t - dst) ** 2, axis=1))))
+    return make_pose(R, t), s, residual
+
+
+def pixel_rays(K: np.ndarray, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h, w, 3) float32 camera-frame rays with z = 1 for every pixel centre of a pinhole K."""
+    Kinv = torch.as_tensor(np.linalg.inv(K), dtype=torch.float32, device=device)
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
+    return pix @ Kinv.T
+
+
+def backproject(depth: torch.Tensor, K: np.ndarray, T_world_camera: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) world points of a z-depth map (NaN depth gives NaN points)."""
+    h, w = depth.shape
+    pts_cam = pixel_rays(K, h, w, depth.device) * depth[..., None]
+    T = torch.as_tensor(T_world_camera, dtype=torch.float32, device=depth.device)
+    return pts_cam @ T[:3, :3].T + T[:3, 3]
