@@ -1,0 +1,147 @@
+"""The node's parameters: one table declares, documents and validates every one of them.
+
+The README's parameter table and config/mapany.yaml are checked against :data:`PARAMETERS` by
+the tests, so code, docs and defaults cannot drift apart. No rclpy import at module level: the
+table and the validation are plain Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mapany_ros.core.backends import BACKENDS
+from mapany_ros.core.pipeline import PipelineConfig
+
+
+class ParameterError(ValueError):
+    """A parameter value the node cannot run with; the message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any) -> None:
+        if self.choices is not None and value not in self.choices:
+            raise ParameterError(f"{self.name} = {value!r}: must be one of {', '.join(self.choices)}")
+        if self.low is not None and not self.low <= value <= self.high:
+            raise ParameterError(f"{self.name} = {value!r}: must be in [{self.low}, {self.high}]")
+
+
+PARAMETERS: tuple[Param, ...] = (
+    Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights) or planesweep "
+          "(classical multi-view stereo, no weights, needs odometry).", choices=BACKENDS),
+    Param("device", "auto", "Torch device: auto picks CUDA when present.", choices=("auto", "cpu", "cuda")),
+    Param("cameras", ["camera"], "Camera namespaces; each C subscribes C/image_raw and C/camera_info."),
+    Param("use_odometry", True, "Use odom (nav_msgs/Odometry) + /tf_static extrinsics as metric pose priors."),
+    Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
+    Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
+    Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages."),
+    Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
+    Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
+    Param("window.max_latency_s", 2.0, "Send a partial window when no window was sent for this long.", 0.1, 60.0),
+    Param("window.queue_size", 2, "Windows waiting for the backend; the oldest is dropped when full.", 1, 16),
+    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
+    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe.", 0.0, 180.0),
+    Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
+    Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
+    Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
+    Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across.", 0.001, 10.0),
+    Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp before it is dropped.",
+          0.0, 10.0),
+    Param("qos.reliability", "best_effort", "Reliability of the image, camera_info and odom subscriptions "
+          "(sensor data QoS when best_effort).", choices=("best_effort", "reliable")),
+    Param("qos.depth", 5, "History depth of the input subscriptions.", 1, 1000),
+    Param("stats_period_s", 5.0, "Period of the rate / latency / drop log line.", 0.5, 3600.0),
+    Param("planesweep.num_planes", 64, "Depth hypotheses, uniform in inverse depth.", 8, 512),
+    Param("planesweep.min_depth_m", 0.3, "Nearest depth swept.", 0.01, 100.0),
+    Param("planesweep.max_depth_m", 15.0, "Farthest depth swept.", 0.1, 1000.0),
+    Param("planesweep.downscale", 2, "Working and output resolution divisor.", 1, 8),
+    Param("planesweep.num_neighbors", 4, "Neighbour views per reference view.", 1, 16),
+    Param("mapanything.model_id", "facebook/map-anything-apache", "Hugging Face model id (Apache-2.0 weights; "
+          "facebook/map-anything is CC-BY-NC)."),
+    Param("mapanything.model_path", "", "Local directory with config.json + model.safetensors; wins over model_id."),
+    Param("mapanything.cache_dir", "", "Cache filled by `mapany-ros prefetch` (weights + DINOv2 hub code); "
+          "empty = default Hugging Face / torch hub caches."),
+    Param("mapanything.use_calibration", True, "Feed camera_info intrinsics (or rays when distorted)."),
+    Param("mapanything.use_pose", True, "Feed odometry poses as metric pose priors."),
+    Param("mapanything.use_depth", True, "Feed the registered depth topic C/depth_prior when it is present."),
+    Param("mapanything.output_resolution", "input", "Publish depth at the input camera's resolution or the "
+          "model's.", choices=("input", "model")),
+    Param("alignment.max_residual_m", 0.5, "Reject a window whose re-anchoring residual exceeds this (0 = never).",
+          0.0, 100.0),
+)
+
+BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated parameter values, grouped the way the node uses them."""
+
+    values: dict[str, Any]
+    pipeline: PipelineConfig
+    backend_options: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def validate(values: dict[str, Any]) -> NodeConfig:
+    """Check every value and the constraints between them; build the configs."""
+    for name, value in values.items():
+        BY_NAME[name].check(value)
+    cams = list(values["cameras"])
+    if not cams or any(not c or not isinstance(c, str) for c in cams) or len(set(cams)) != len(cams):
+        raise ParameterError(f"cameras = {cams!r}: must be a non-empty list of distinct names")
+    if values["window.overlap"] >= values["window.size"]:
+        raise ParameterError("window.overlap must be smaller than window.size")
+    if values["planesweep.min_depth_m"] >= values["planesweep.max_depth_m"]:
+        raise ParameterError("planesweep.min_depth_m must be smaller than planesweep.max_depth_m")
+    if values["backend"] == "planesweep" and not values["use_odometry"]:
+        raise ParameterError("backend planesweep needs pose priors: set use_odometry: true (odom topic and "
+                             "/tf_static extrinsics) or use backend mapanything")
+    for frame in ("map_frame", "odom_frame", "base_frame"):
+        if not values[frame] or values[frame].startswith("/"):
+            raise ParameterError(f"{frame} = {values[frame]!r}: must be a non-empty frame id without leading '/'")
+    pipeline = PipelineConfig(
+        cameras=tuple(cams),
+        use_odometry=values["use_odometry"],
+        window_size=values["window.size"],
+        window_overlap=values["window.overlap"],
+        min_translation_m=values["keyframe.min_translation_m"],
+        min_rotation_deg=values["keyframe.min_rotation_deg"],
+        max_interval_s=values["keyframe.max_interval_s"],
+        min_interval_s=values["keyframe.min_interval_s"],
+        sync_tolerance_s=values["sync.tolerance_s"],
+        odom_max_gap_s=values["odometry.max_gap_s"],
+        odom_max_wait_s=values["odometry.max_wait_s"],
+        queue_size=values["window.queue_size"],
+        max_window_latency_s=values["window.max_latency_s"],
+    )
+    if values["backend"] == "planesweep":
+        options = {
+            "num_planes": values["planesweep.num_planes"],
+            "min_depth": values["planesweep.min_depth_m"],
+            "max_depth": values["planesweep.max_depth_m"],
+            "downscale": values["planesweep.downscale"],
+            "num_neighbors": values["planesweep.num_neighbors"],
+        }
+    else:
+        options = {
+            "model_id": values["mapanything.model_id"],
+            "model_path": values["mapanything.model_path"],
+            "cache_dir": values["mapanything.cache_dir"],
+            "use_calibration_prior": values["mapanything.use_calibration"],
+            "use_pose_prior": values["mapanything.use_pose"],
+            "use_depth_prior": values["mapanything.use_depth"],
+            "output_resolution": values["mapanything.output_resolution"],
+            "max_residual_m": values["alignment.max_residual_m"],
+        }
+    return NodeConfig(values, pipeline, options)

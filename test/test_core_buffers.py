@@ -1,0 +1,91 @@
+"""Odometry buffer, camera sync, keyframe selection and sliding windows (no ROS, no GPU)."""
+
+import numpy as np
+import pytest
+from core_fakes import base_pose, frame
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.geometry import make_pose, rotation_angle
+from mapany_ros.core.keyframes import KeyframeSelector
+from mapany_ros.core.odometry import Lookup, OdometryBuffer
+from mapany_ros.core.sync import FrameSync
+from mapany_ros.core.windows import WindowBuilder
+
+
+def test_odometry_interpolates_translation_and_rotation():
+    buf = OdometryBuffer(max_gap_s=0.5)
+    R1 = Rotation.from_euler("z", 90, degrees=True).as_matrix()
+    buf.add(1_000_000_000, make_pose(np.eye(3), [0, 0, 0]))
+    buf.add(1_200_000_000, make_pose(R1, [2, 0, 0]))
+    status, T = buf.lookup(1_050_000_000)
+    assert status is Lookup.OK
+    np.testing.assert_allclose(T[:3, 3], [0.5, 0, 0], atol=1e-9)
+    assert np.degrees(rotation_angle(T)) == pytest.approx(22.5)
+
+
+def test_odometry_never_extrapolates_and_refuses_gaps():
+    buf = OdometryBuffer(max_gap_s=0.1)
+    buf.add(0, base_pose(0))
+    buf.add(500_000_000, base_pose(1))
+    assert buf.lookup(600_000_000)[0] is Lookup.WAIT
+    assert buf.lookup(250_000_000)[0] is Lookup.GAP
+    buf.add(1_000_000_000, base_pose(2))
+    assert buf.lookup(-1)[0] is Lookup.TOO_OLD
+    assert buf.lookup(500_000_000)[0] is Lookup.OK
+
+
+def test_odometry_rejects_nan_and_non_rigid():
+    buf = OdometryBuffer()
+    bad = base_pose(0)
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError):
+        buf.add(0, bad)
+    with pytest.raises(ValueError):
+        buf.add(0, np.diag([2.0, 1, 1, 1]))
+    assert len(buf) == 0
+
+
+def test_sync_groups_cameras_and_drops_unmatched():
+    sync = FrameSync(("left", "right"), tolerance_s=0.01)
+    assert sync.push(frame(1.0, "left")) == []
+    assert sync.push(frame(1.5, "left")) == []
+    groups = sync.push(frame(1.503, "right"))  # 1.0 left can never be matched
+    assert [[f.camera for f in g] for g in groups] == [["left", "right"]]
+    assert groups[0][0].stamp_ns == 1_500_000_000
+    assert sync.dropped == 1
+
+
+def test_keyframes_by_motion_rotation_and_interval():
+    sel = KeyframeSelector(min_translation_m=0.5, min_rotation_deg=20, max_interval_s=2.0, min_interval_s=0.05)
+    assert sel.consider(0, base_pose(0))
+    assert not sel.consider(100_000_000, base_pose(0.2))
+    assert sel.consider(200_000_000, base_pose(0.6))
+    turned = make_pose(Rotation.from_euler("z", 25, degrees=True).as_matrix(), [0.6, 0, 0])
+    assert sel.consider(300_000_000, turned)
+    assert not sel.consider(310_000_000, base_pose(5))  # rate cap
+    assert sel.consider(2_400_000_000, turned)  # max interval while standing still
+    sel_nopose = KeyframeSelector(max_interval_s=1.0)
+    assert sel_nopose.consider(0, None)
+    assert not sel_nopose.consider(500_000_000, None)
+    assert sel_nopose.consider(1_000_000_000, None)
+
+
+def test_windows_output_every_keyframe_exactly_once():
+    builder = WindowBuilder(size=5, overlap=2)
+    windows = [w for i in range(18) if (w := builder.push([frame(i * 0.1)])) is not None]
+    last = builder.flush()
+    windows.append(last)
+    outputs = [f.stamp_ns for w in windows for f, out in zip(w.frames, w.output_mask, strict=True) if out]
+    assert outputs == [int(round(i * 0.1 * 1e9)) for i in range(18)]
+    assert [w.n_context for w in windows] == [0, 2, 2, 2, 2, 2]
+    assert [len(w.groups) for w in windows] == [5, 5, 5, 5, 5, 3]
+    # Context is the tail of the previous window.
+    assert [f.key for f in windows[1].frames[:2]] == [f.key for f in windows[0].frames[-2:]]
+    assert builder.flush() is None
+
+
+def test_window_arguments_are_validated():
+    with pytest.raises(ValueError, match="overlap"):
+        WindowBuilder(size=4, overlap=4)
+    with pytest.raises(ValueError, match="size"):
+        WindowBuilder(size=1, overlap=0)
