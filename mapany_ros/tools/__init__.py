@@ -1,0 +1,1 @@
+"""Command-line tools: the demo, the synthetic source, the recorder, benchmarks, prefetch."""

@@ -1,0 +1,92 @@
+"""Subscribe to everything mapany_node publishes and keep it, decoded, by stamp.
+
+Used by the demo to score the outputs against ground truth and by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from nav_msgs.msg import Path
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from tf2_msgs.msg import TFMessage
+
+from mapany_ros.ros import conversions as conv
+
+QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@dataclass
+class Outputs:
+    depth: dict[int, Image] = field(default_factory=dict)
+    depth_info: dict[int, CameraInfo] = field(default_factory=dict)
+    confidence: dict[int, Image] = field(default_factory=dict)
+    points: dict[int, PointCloud2] = field(default_factory=dict)
+    tf: list = field(default_factory=list)
+    path: Path | None = None
+    depth_count: int = 0
+    points_count: int = 0
+    arrival: dict[int, float] = field(default_factory=dict)
+
+
+class OutputCollector(Node):
+    def __init__(self, camera: str = "camera", namespace: str = "") -> None:
+        super().__init__("mapany_output_collector")
+        ns = namespace.rstrip("/")
+        self.out = Outputs()
+        self.lock = threading.Lock()
+        self.last_message = time.monotonic()
+        self.create_subscription(Image, f"{ns}/{camera}/depth", self._on_depth, QOS)
+        self.create_subscription(CameraInfo, f"{ns}/{camera}/depth/camera_info", self._keep("depth_info"), QOS)
+        self.create_subscription(Image, f"{ns}/{camera}/confidence", self._keep("confidence"), QOS)
+        self.create_subscription(PointCloud2, f"{ns}/points", self._on_points, QOS)
+        self.create_subscription(Path, f"{ns}/path", self._on_path, QOS)
+        self.create_subscription(TFMessage, "/tf", self._on_tf, QOS)
+
+    def _stamp(self, msg) -> int:
+        return conv.stamp_to_ns(msg.header.stamp)
+
+    def _keep(self, name: str):
+        def cb(msg) -> None:
+            with self.lock:
+                getattr(self.out, name)[self._stamp(msg)] = msg
+                self.last_message = time.monotonic()
+        return cb
+
+    def _on_depth(self, msg: Image) -> None:
+        with self.lock:
+            self.out.depth[self._stamp(msg)] = msg
+            self.out.depth_count += 1
+            self.out.arrival[self._stamp(msg)] = time.time_ns()
+            self.last_message = time.monotonic()
+
+    def _on_points(self, msg: PointCloud2) -> None:
+        with self.lock:
+            self.out.points[self._stamp(msg)] = msg
+            self.out.points_count += 1
+            self.last_message = time.monotonic()
+
+    def _on_path(self, msg: Path) -> None:
+        with self.lock:
+            self.out.path = msg
+
+    def _on_tf(self, msg: TFMessage) -> None:
+        with self.lock:
+            for t in msg.transforms:
+                self.out.tf.append((t.header.frame_id, t.child_frame_id, conv.stamp_to_ns(t.header.stamp),
+                                    conv.transform_to_matrix(t.transform)))
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_message
+
+    def all_points(self) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            clouds = [conv.pointcloud2_to_arrays(m) for m in self.out.points.values()]
+        if not clouds:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+        return np.concatenate([c[0] for c in clouds]), np.concatenate([c[1] for c in clouds])
