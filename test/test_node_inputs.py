@@ -78,7 +78,7 @@ class Harness:
         self.info_pub = self.driver.create_publisher(CameraInfo, "camera/camera_info", RELIABLE)
         self.odom_pub = self.driver.create_publisher(Odometry, "odom", RELIABLE)
         self.tf_pub = self.driver.create_publisher(TFMessage, "/tf_static", LATCHED)
-        self.collector = OutputCollector()
+        self.collector = OutputCollector(context=context)
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
         for n in (self.node, self.driver, self.collector):
             self.executor.add_node(n)
@@ -179,7 +179,8 @@ def test_bad_input_is_warned_dropped_and_good_input_still_flows(harness_factory)
     assert h._wait(lambda: {"image/camera", "size/camera", "odom"} <= set(h.warnings))
     assert h.warnings.count("image/camera") >= 1
     stamps = h.good_stream(1.0, 7)
-    assert h._wait(lambda: h.collector.out.depth_count >= 7, 15), h.warnings
+    assert h._wait(lambda: h.collector.out.depth_count >= 7 and h.collector.out.points_count >= 7
+                   and h.collector.out.path is not None and len(h.collector.out.path.poses) >= 7, 15), h.warnings
     out = h.collector.out
     assert sorted(out.depth) == stamps  # one depth per keyframe, exactly once, source stamps
     for s, msg in out.depth.items():

@@ -35,8 +35,8 @@ class Outputs:
 
 
 class OutputCollector(Node):
-    def __init__(self, camera: str = "camera", namespace: str = "") -> None:
-        super().__init__("mapany_output_collector")
+    def __init__(self, camera: str = "camera", namespace: str = "", **node_kwargs) -> None:
+        super().__init__("mapany_output_collector", **node_kwargs)
         ns = namespace.rstrip("/")
         self.out = Outputs()
         self.lock = threading.Lock()
