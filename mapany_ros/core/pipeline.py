@@ -230,6 +230,17 @@ class Pipeline:
         with self._lock:
             self._reset_locked()
 
+    def status(self) -> dict[str, float | int | bool]:
+        """Counters plus the work in flight, for diagnostics and for tools that wait for idle."""
+        with self._lock, self._cv:
+            return {
+                **dataclasses.asdict(self.stats),
+                "frames_waiting_for_odometry": len(self._waiting),
+                "keyframes_pending": self._windows.pending,
+                "windows_queued": len(self._queue),
+                "backend_busy": self._busy,
+            }
+
     # ------------------------------------------------------------------ internals
     def _reset_locked(self) -> None:
         self.stats.resets += 1

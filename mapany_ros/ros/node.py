@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import rclpy
 import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -105,6 +106,8 @@ class MapanyNode(Node):
         self.points_pub = self.create_publisher(PointCloud2, "points", OUTPUT_QOS)
         self.path_pub = self.create_publisher(Path, "path", OUTPUT_QOS)
         self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
+        self._last_dropped = 0
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
         self.pipeline.start()
@@ -195,6 +198,14 @@ class MapanyNode(Node):
         self.warn(f"backend/{type(exc).__name__}", f"window not published: {type(exc).__name__}: {exc}")
 
     def _log_stats(self) -> None:
+        status = self.pipeline.status()
+        diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
+        behind = status["windows_dropped"] > self._last_dropped
+        self._last_dropped = status["windows_dropped"]
+        diag.level = DiagnosticStatus.WARN if behind else DiagnosticStatus.OK
+        diag.message = "backend behind: windows dropped" if behind else "ok"
+        diag.values = [KeyValue(key=k, value=str(v)) for k, v in status.items()]
+        self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[diag]))
         s = self.pipeline.stats
         now = time.monotonic()
         t, frames, windows = self._last_stats
