@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Path
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -47,6 +48,10 @@ class OutputCollector(Node):
         self.create_subscription(PointCloud2, f"{ns}/points", self._on_points, QOS)
         self.create_subscription(Path, f"{ns}/path", self._on_path, QOS)
         self.create_subscription(TFMessage, "/tf", self._on_tf, QOS)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, QOS)
+        #: The node's latest pipeline status (values as strings) and when it arrived.
+        self.status: dict[str, str] = {}
+        self.status_time = 0.0
 
     def _stamp(self, msg) -> int:
         return conv.stamp_to_ns(msg.header.stamp)
@@ -80,6 +85,24 @@ class OutputCollector(Node):
             for t in msg.transforms:
                 self.out.tf.append((t.header.frame_id, t.child_frame_id, conv.stamp_to_ns(t.header.stamp),
                                     conv.transform_to_matrix(t.transform)))
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for st in msg.status:
+            if st.name.endswith("pipeline"):
+                with self.lock:
+                    self.status = {kv.key: kv.value for kv in st.values}
+                    self.status_time = time.monotonic()
+
+    def node_idle_since(self, t: float) -> bool:
+        """True when a status that arrived after monotonic time ``t`` shows no work left in the node."""
+        with self.lock:
+            s, when = dict(self.status), self.status_time
+        if when <= t or not s:
+            return False
+        settled = int(s["windows_built"]) == (
+            int(s["windows_done"]) + int(s["windows_dropped"]) + int(s["windows_failed"]))
+        return (settled and s["backend_busy"] == "False" and int(s["windows_queued"]) == 0
+                and int(s["keyframes_pending"]) == 0 and int(s["frames_waiting_for_odometry"]) == 0)
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_message

@@ -110,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         t_play = time.perf_counter()
         source.play(args.speed, on_image=lambda stamp: publish_times.__setitem__(stamp, time.time_ns()))
         play_s = time.perf_counter() - t_play
-        while collector.idle_for() < 4.0 and time.monotonic() < deadline:
+        # The node flushes its last partial window after window.max_latency_s; wait until its
+        # diagnostics report no work left, then for the last outputs to arrive.
+        t_end = time.monotonic()
+        while not collector.node_idle_since(t_end + 2.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError("mapany_node did not finish the sequence in time")
             time.sleep(0.2)
+        time.sleep(0.5)
         ok = True
     finally:
         node_proc.send_signal(signal.SIGINT)

@@ -82,6 +82,11 @@ class SyntheticSource(Node):
         """
         self.publish_static()
         frames = self.seq.frames
+        # A camera driver publishes camera_info all the time; start with one so that the first
+        # image is not dropped for lack of it.
+        self.info_pub.publish(conv.model_to_camera_info(self.seq.camera_model, Header(
+            stamp=conv.ns_to_stamp(self.stamp(frames[0].stamp_ns)), frame_id=self.optical_frame)))
+        time.sleep(0.2)
         dt_odom = int(1e9 / self.odom_rate_hz)
         t_odom = frames[0].stamp_ns - 2 * dt_odom
         start = time.monotonic()

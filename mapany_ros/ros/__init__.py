@@ -1,0 +1,1 @@
+"""The thin rclpy layer: node, parameters, message conversion, QoS, TF, DDS settings."""

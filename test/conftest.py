@@ -1,0 +1,68 @@
+"""Shared fixtures: every ROS 2 participant a test starts stays on this machine.
+
+DDS settings are read by ``rclpy.init()``, so they must be in the environment before any test
+initialises ROS: a session-wide autouse fixture applies the localhost FastDDS profile, a
+random ROS domain for this run (parallel runs on one machine do not see each other) and a
+temporary ROS_LOG_DIR (``rclpy.init()`` fails without HOME otherwise, and test logs should not
+pile up in ~/.ros).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mapany_ros.ros.dds import DDS_ENV_VARS, apply_localhost_dds, localhost_dds_env, random_domain_id
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def localhost_dds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Localhost-only DDS env (profile, discovery range, fresh domain id, log dir) for the run.
+
+    The previous environment is restored at the end of the session.
+    """
+    saved = {key: os.environ.get(key) for key in DDS_ENV_VARS}
+    os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
+    env = apply_localhost_dds(random_domain_id())
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ros_subprocess_env(localhost_dds: dict[str, str]) -> dict[str, str]:
+    """Environment for a child ROS process: same domain and profile, and this checkout importable."""
+    env = {**os.environ, **localhost_dds_env(int(localhost_dds["ROS_DOMAIN_ID"]))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@pytest.fixture
+def rclpy_context(localhost_dds: dict[str, str]) -> Iterator[Any]:
+    """A fresh, initialised rclpy Context, shut down after the test.
+
+    Its own context (not the global one) keeps tests independent: create nodes with
+    ``rclpy.create_node(name, context=rclpy_context)`` and executors with
+    ``SingleThreadedExecutor(context=rclpy_context)``.
+    """
+    rclpy = pytest.importorskip("rclpy", reason="rclpy (ros-rclpy wheels) is not installed")
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context)
+    try:
+        yield context
+    finally:
+        if context.ok():
+            rclpy.shutdown(context=context)
