@@ -7,6 +7,7 @@ gets a throttled warning naming what is wrong and is dropped; nothing else is lo
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
@@ -77,6 +78,8 @@ class MapanyNode(Node):
         self._warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._models: dict[str, CameraModel] = {}
+        #: Recent registered depth images per camera, matched to colour images by stamp.
+        self._depth_priors: dict[str, collections.deque[tuple[int, np.ndarray]]] = {}
         self._path = Path()
         self._path.header.frame_id = self.config["map_frame"]
         self._out_lock = threading.Lock()
@@ -95,6 +98,9 @@ class MapanyNode(Node):
         for cam in self.config.pipeline.cameras:
             self.create_subscription(Image, f"{cam}/image_raw", lambda m, c=cam: self._on_image(c, m), qos)
             self.create_subscription(CameraInfo, f"{cam}/camera_info", lambda m, c=cam: self._on_info(c, m), qos)
+            if self.config["backend"] == "mapanything" and self.config["mapanything.use_depth"]:
+                self._depth_priors[cam] = collections.deque(maxlen=10)
+                self.create_subscription(Image, f"{cam}/depth_prior", lambda m, c=cam: self._on_depth_prior(c, m), qos)
             self._pubs[cam] = {
                 "depth": self.create_publisher(Image, f"{cam}/depth", OUTPUT_QOS),
                 "info": self.create_publisher(CameraInfo, f"{cam}/depth/camera_info", OUTPUT_QOS),
@@ -129,6 +135,26 @@ class MapanyNode(Node):
             self._models[cam] = conv.camera_info_to_model(msg)
         except conv.ConversionError as exc:
             self.warn(f"info/{cam}", f"{cam}/camera_info dropped: {exc}")
+
+    def _on_depth_prior(self, cam: str, msg: Image) -> None:
+        try:
+            depth = conv.depth_image_to_array(msg)
+        except conv.ConversionError as exc:
+            self.warn(f"depth_prior/{cam}", f"{cam}/depth_prior dropped: {exc}")
+            return
+        self._depth_priors[cam].append((conv.stamp_to_ns(msg.header.stamp), depth))
+
+    def _matching_depth(self, cam: str, stamp_ns: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The registered depth image with the colour image's stamp (within sync tolerance), if any."""
+        tol = int(self.config["sync.tolerance_s"] * 1e9)
+        for t, depth in reversed(self._depth_priors.get(cam, ())):
+            if abs(t - stamp_ns) <= tol:
+                if depth.shape != (size[1], size[0]):
+                    self.warn(f"depth_prior_size/{cam}", f"{cam}/depth_prior is {depth.shape[1]}x{depth.shape[0]}, "
+                              f"image is {size[0]}x{size[1]}: depth must be registered to the colour camera")
+                    return None
+                return depth
+        return None
 
     def _on_tf_static(self, msg: TFMessage) -> None:
         try:
@@ -174,7 +200,9 @@ class MapanyNode(Node):
             T = self._static_tf.lookup(self.config["base_frame"], msg.header.frame_id)
             if T is not None:
                 self.pipeline.set_extrinsic(cam, T)
-        frame = Frame(rgb, conv.stamp_to_ns(msg.header.stamp), cam, msg.header.frame_id, model)
+        stamp = conv.stamp_to_ns(msg.header.stamp)
+        frame = Frame(rgb, stamp, cam, msg.header.frame_id, model,
+                      depth=self._matching_depth(cam, stamp, (model.width, model.height)))
         status, reset = self.pipeline.add_frame(frame)
         if reset:
             self.get_logger().warning(f"{cam}/image_raw stamp went backwards (bag loop or restart): buffers reset")
