@@ -85,12 +85,13 @@ def test_slow_backend_never_blocks_callers_and_drops_oldest_windows():
         t0 = time.perf_counter()
         p.add_frame(frame(i / 30))
         worst = max(worst, time.perf_counter() - t0)
+        time.sleep(1 / 30)
     queued = len(p._queue)
     p.stop()
     assert worst < 0.05, f"add_frame blocked for {worst * 1e3:.0f} ms"
     assert queued <= 2
     assert backend.max_active == 1
-    assert p.stats.windows_dropped >= 30
+    assert p.stats.windows_dropped >= 20 and len(backend.calls) >= 5
     assert p.stats.windows_built == p.stats.windows_dropped + len(backend.calls) + queued
 
 
