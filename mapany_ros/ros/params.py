@@ -128,8 +128,8 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     if values["backend"] == "planesweep":
         options = {
             "num_planes": values["planesweep.num_planes"],
-            "min_depth": values["planesweep.min_depth_m"],
-            "max_depth": values["planesweep.max_depth_m"],
+            "min_depth_m": values["planesweep.min_depth_m"],
+            "max_depth_m": values["planesweep.max_depth_m"],
             "downscale": values["planesweep.downscale"],
             "num_neighbors": values["planesweep.num_neighbors"],
         }
