@@ -34,9 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mapany-ros prefetch",
         description="Download the MapAnything checkpoint and the DINOv2 hub code for offline use.",
     )
-    parser.add_argument("--cache-dir", required=True, type=Path, help="directory to fill (created if missing)")
-    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
-                        help=f"Hugging Face model id (default {DEFAULT_MODEL_ID}; facebook/map-anything is CC-BY-NC)")
+    parser.add_argument(
+        "--cache-dir", required=True, type=Path, help="directory to fill (created if missing)"
+    )
+    parser.add_argument(
+        "--model-id",
+        default=DEFAULT_MODEL_ID,
+        help=f"Hugging Face model id (default {DEFAULT_MODEL_ID}; facebook/map-anything is CC-BY-NC)",
+    )
     parser.add_argument("--force", action="store_true", help="download again even when cached")
     return parser
 
@@ -47,11 +52,19 @@ def download_checkpoint(cache_dir: Path, model_id: str, force: bool = False) -> 
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise RuntimeError("prefetch needs huggingface_hub: pip install huggingface_hub") from exc
-    path = Path(snapshot_download(model_id, cache_dir=str(hf_cache_dir(str(cache_dir))),
-                                  allow_patterns=list(MODEL_FILES), force_download=force))
+    path = Path(
+        snapshot_download(
+            model_id,
+            cache_dir=str(hf_cache_dir(str(cache_dir))),
+            allow_patterns=list(MODEL_FILES),
+            force_download=force,
+        )
+    )
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if missing:
-        raise RuntimeError(f"{model_id} has no {', '.join(missing)}: only safetensors checkpoints are supported")
+        raise RuntimeError(
+            f"{model_id} has no {', '.join(missing)}: only safetensors checkpoints are supported"
+        )
     return path
 
 

@@ -1,0 +1,553 @@
+"""MapAnythingBackend against a contract-enforcing double whose prediction is the ground truth.
+
+The double answers in upstream's own frame (anchored on view 0 as predicted, random offset and
+scale, masked pixels zeroed), so these tests fail for an adapter that forgets re-anchoring,
+rescaling, masking, the crop or the distortion.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mapanything_double import (
+    MapAnythingDouble,
+    PlaneScene,
+    install,
+    model_config,
+    project_pixels,
+    state_dict,
+    true_rays,
+    write_fake_dinov2_hub,
+    write_model_dir,
+)
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.backends.base import BackendError
+from mapany_ros.core.backends.mapanything import (
+    MapAnythingBackend,
+    MapAnythingConfig,
+    WindowRejected,
+    to_host,
+)
+from mapany_ros.core.frames import CameraModel, Frame
+from mapany_ros.core.geometry import invert, is_rigid, make_pose
+
+PINHOLE = CameraModel(160, 120, np.array([[120.0, 0, 79.5], [0, 120.0, 59.5], [0, 0, 1]]))
+WIDE = CameraModel(200, 120, np.array([[110.0, 0, 99.5], [0, 110.0, 59.5], [0, 0, 1]]))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, request):
+    """Fake upstream modules, a safetensors model dir and an offline cache with fake DINOv2 code."""
+    double = MapAnythingDouble(seed=1)
+    cls = install(monkeypatch, double)
+    cache = tmp_path / "cache"
+    write_fake_dinov2_hub(cache / "torch" / "hub")
+    model_dir = write_model_dir(tmp_path / "model")
+    for var in ("TORCH_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    old_hub = torch.hub.get_dir()
+    request.addfinalizer(lambda: torch.hub.set_dir(old_hub))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access during load: {args}")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    return SimpleNamespace(double=double, cls=cls, cache=cache, model_dir=model_dir, tmp=tmp_path)
+
+
+def make_backend(env, **overrides) -> MapAnythingBackend:
+    fields = dict(model_path=str(env.model_dir), cache_dir=str(env.cache), device="cpu", warmup=False)
+    fields.update(overrides)
+    return MapAnythingBackend(MapAnythingConfig(**fields))
+
+
+def random_pose(rng: np.random.Generator) -> np.ndarray:
+    """A camera inside PlaneScene.room() looking roughly along +z."""
+    R = Rotation.from_euler(
+        "yxz", [rng.uniform(-0.35, 0.35), rng.uniform(-0.15, 0.15), rng.uniform(-0.08, 0.08)]
+    )
+    return make_pose(R.as_matrix(), [rng.uniform(-1, 1), rng.uniform(-0.3, 0.3), rng.uniform(-1, 1)])
+
+
+def make_frames(
+    env, n: int, camera: CameraModel = PINHOLE, posed=True, depth_prior: bool = False, seed: int = 0
+) -> tuple[list[Frame], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    posed = [posed] * n if isinstance(posed, bool) else posed
+    frames, truth = [], []
+    for i in range(n):
+        T = random_pose(rng)
+        image = rng.integers(0, 256, (camera.height, camera.width, 3), dtype=np.uint8)
+        env.double.register(image, camera, T)
+        depth = env.double.scene.depth_z(camera, T) if depth_prior else None
+        frames.append(
+            Frame(image, 1_000_000 * i, "cam", "cam_optical", camera, T if posed[i] else None, depth)
+        )
+        truth.append(T)
+    return frames, truth
+
+
+def expected_points(camera: CameraModel, T: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    v, u = np.mgrid[0 : camera.height, 0 : camera.width].astype(np.float64)
+    rays = true_rays(camera, u.ravel(), v.ravel()).reshape(camera.height, camera.width, 3)
+    return (rays / rays[..., 2:3] * depth[..., None]) @ T[:3, :3].T + T[:3, 3]
+
+
+def model_grid_truth(env, camera: CameraModel, T: np.ndarray, K_model: np.ndarray, h: int, w: int):
+    """Depth and points of the model grid, from the pixel map implied by the K upstream returns."""
+    A = camera.K @ np.linalg.inv(K_model)
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    rays = true_rays(camera, (A[0, 0] * u + A[0, 2]).ravel(), (A[1, 1] * v + A[1, 2]).ravel())
+    t = env.double.scene.ray_distance(T[:3, 3], rays @ T[:3, :3].T)
+    depth = (rays[:, 2] * t).reshape(h, w)
+    points = (rays * t[:, None]) @ T[:3, :3].T + T[:3, 3]
+    return depth, points.reshape(h, w, 3)
+
+
+def assert_depth_close(depth: np.ndarray, truth: np.ndarray, rtol: float = 5e-3) -> None:
+    """Bulk tight (median), creases and the half-pixel crop edge loose (max)."""
+    rel = np.abs(depth - truth) / truth
+    assert np.median(rel) < 5e-5 and np.percentile(rel, 99) < 2e-3 and rel.max() < rtol, (
+        np.median(rel),
+        np.percentile(rel, 99),
+        rel.max(),
+    )
+
+
+def check_view_against_truth(view, camera, T, rtol=5e-3):
+    """Depth, points and pose of an input-resolution view against the ray-cast ground truth.
+
+    Bilinear resampling is exact on a plane up to curvature of 1/z; only the creases where two
+    planes meet deviate more, so the bulk tolerance is tight and the worst-case one loose.
+    """
+    assert view.depth.shape == (camera.height, camera.width)
+    assert is_rigid(view.T_world_camera) and view.T_world_camera.dtype == np.float64
+    assert np.allclose(view.T_world_camera, T, atol=1e-4)
+    truth = CHECK_SCENE.depth_z(camera, T)
+    depth = view.depth.numpy()
+    valid = view.valid.numpy()
+    assert valid.mean() > 0.6
+    assert np.all(np.isnan(depth[~valid])) and np.all(np.isfinite(depth[valid]))
+    assert_depth_close(depth[valid], truth[valid], rtol)
+    pts = view.points_world.numpy()
+    err = np.linalg.norm(pts[valid] - expected_points(camera, T, truth)[valid], axis=-1)
+    assert np.median(err) < 5e-4 and np.percentile(err, 99) < 2e-2 and err.max() < rtol * 10
+    assert np.all(np.isnan(pts[~valid]))
+
+
+CHECK_SCENE = PlaneScene.room()
+
+
+# --------------------------------------------------------------------------------------------
+# World-frame geometry
+
+
+def test_posed_window_is_returned_in_the_prior_world_frame(env):
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 4)
+    out = backend.infer(frames)
+    assert env.double.pred_frames[-1][0] != pytest.approx(1.0)  # the double really rescaled
+    assert len(out.views) == 4
+    for view, frame, T in zip(out.views, frames, truth, strict=True):
+        check_view_against_truth(view, frame.camera_model, T)
+        assert np.allclose(view.K, frame.camera_model.K)
+        assert view.colors.dtype == torch.uint8 and np.array_equal(view.colors.numpy(), frame.image)
+        assert view.confidence.shape == view.depth.shape
+    assert out.alignment_residual_m < 1e-4
+    assert out.metric_scale == pytest.approx(1.25)
+    assert set(out.timings_s) == {"preprocess", "infer", "postprocess"}
+    kwargs = env.double.calls[-1]["kwargs"]
+    assert kwargs["use_amp"] is False and kwargs["amp_dtype"] == "bf16"
+    assert kwargs["memory_efficient_inference"] is True and kwargs["apply_mask"] is True
+
+
+def test_model_resolution_output_uses_upstream_grid_and_K(env):
+    backend = make_backend(env, output_resolution="model")
+    frames, truth = make_frames(env, 3)
+    out = backend.infer(frames)
+    processed = env.double.calls[-1]["views"]
+    for view, frame, T, pv in zip(out.views, frames, truth, processed, strict=True):
+        assert view.depth.shape == (392, 518) and view.colors.shape == (392, 518, 3)
+        K_model = pv["intrinsics"][0].double().numpy()
+        assert np.allclose(view.K, K_model)
+        depth, points = model_grid_truth(env, frame.camera_model, T, K_model, 392, 518)
+        valid = view.valid.numpy()
+        assert 0.8 < valid.mean() < 0.99  # the double masks 1 in 13 pixels
+        assert np.allclose(view.depth.numpy()[valid], depth[valid], rtol=1e-5)
+        assert np.allclose(view.points_world.numpy()[valid], points[valid], atol=1e-4)
+
+
+def test_masked_pixels_are_nan_not_points_at_the_camera(env):
+    backend = make_backend(env, output_resolution="model")
+    frames, _ = make_frames(env, 2)
+    out = backend.infer(frames)
+    v, u = np.mgrid[0:392, 0:518]
+    masked = (u // 9 + v // 7) % 13 == 0
+    for view in out.views:
+        assert not view.valid.numpy()[masked].any()
+        assert np.all(np.isnan(view.depth.numpy()[masked]))
+        assert np.all(np.isnan(view.points_world.numpy()[masked]))
+        centre = view.T_world_camera[:3, 3]
+        finite = view.points_world.numpy()[view.valid.numpy()]
+        assert np.min(np.linalg.norm(finite - centre, axis=-1)) > 1.0  # no zeroed pixel became a point
+
+
+def test_centre_cropped_border_is_nan_at_input_resolution(env):
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 2, camera=WIDE)
+    out = backend.infer(frames)
+    # 200x120 -> bucket 518x294: cover-resize to 518x310, 8 model rows cropped top and bottom (~3 input rows)
+    for view, T in zip(out.views, truth, strict=True):
+        depth = view.depth.numpy()
+        assert np.all(np.isnan(depth[:3])) and np.all(np.isnan(depth[-3:]))
+        assert not view.valid.numpy()[:3].any() and np.all(view.confidence.numpy()[:3] == 0)
+        assert np.isfinite(depth[4:-4]).mean() > 0.7
+        check_view_against_truth(view, WIDE, T)
+
+
+def test_unposed_first_frame_is_moved_behind_a_posed_one_and_order_restored(env):
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 4, posed=[False, True, True, True])
+    out = backend.infer(frames)
+    call = env.double.preprocess_calls[-1]
+    assert call[0]["img"] is frames[1].image or np.array_equal(call[0]["img"], frames[1].image)
+    assert "camera_poses" in call[0] and "camera_poses" not in call[1]
+    assert np.allclose(call[0]["camera_poses"], np.eye(4), atol=1e-6)  # poses relative to the posed view 0
+    assert call[0]["camera_poses"].dtype == np.float32
+    for view, frame, T in zip(out.views, frames, truth, strict=True):
+        check_view_against_truth(view, frame.camera_model, T)
+
+
+def test_without_priors_the_first_window_frame_is_kept(env):
+    env.double.scale = 1.6
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 3, posed=False)
+    out = backend.infer(frames)
+    assert out.alignment_residual_m is None
+    scale, G = env.double.pred_frames[-1]
+    for view, T in zip(out.views, truth, strict=True):
+        # The double's prediction frame, untouched: X_pred = t_off + s * R_off R0^T (X - c0).
+        rel = invert(truth[0]) @ T
+        rel_out = invert(out.views[0].T_world_camera) @ view.T_world_camera
+        assert np.allclose(rel_out[:3, :3], rel[:3, :3], atol=1e-5)
+        assert np.allclose(rel_out[:3, 3], scale * rel[:3, 3], atol=1e-4)
+        # depth is the model's (scaled) depth; points agree with depth and pose.
+        valid = view.valid.numpy()
+        truth_depth = CHECK_SCENE.depth_z(PINHOLE, T)
+        assert_depth_close(view.depth.numpy()[valid], scale * truth_depth[valid])
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.7])
+def test_single_prior_anchors_on_that_view_and_keeps_model_scale(env, scale):
+    env.double.scale = scale
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 3, posed=[True, False, False])
+    out = backend.infer(frames)
+    assert np.allclose(out.views[0].T_world_camera, truth[0], atol=1e-5)
+    valid = out.views[0].valid.numpy()
+    assert_depth_close(
+        out.views[0].depth.numpy()[valid], scale * CHECK_SCENE.depth_z(PINHOLE, truth[0])[valid]
+    )
+    if scale == 1.0:
+        for view, T in zip(out.views, truth, strict=True):
+            check_view_against_truth(view, PINHOLE, T)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs handed to upstream
+
+
+def test_prior_switches_control_what_upstream_receives(env):
+    frames, truth = make_frames(env, 3, depth_prior=True)
+    frames[1].depth[5:9, 5:9] = np.nan
+    backend = make_backend(env)
+    backend.infer(frames)
+    call = env.double.preprocess_calls[-1]
+    for view in call:
+        assert view["img"].dtype == np.uint8 and view["intrinsics"].dtype == np.float32
+        assert view["depth_z"].dtype == np.float32 and view["depth_z"].shape == (120, 160)
+        assert bool(view["is_metric_scale"][0]) and view["camera_poses"].dtype == np.float32
+    assert np.all(call[1]["depth_z"][5:9, 5:9] == 0)  # NaN -> upstream's "missing"
+    processed = env.double.calls[-1]["views"]
+    assert processed[0]["depth_z"].shape == (1, 392, 518)
+
+    for flags, absent in (
+        (dict(use_pose_prior=False), {"camera_poses"}),
+        (dict(use_depth_prior=False), {"depth_z"}),
+        (dict(use_calibration_prior=False), {"intrinsics", "ray_directions", "depth_z"}),
+    ):
+        out = make_backend(env, **flags).infer(frames)
+        for view in env.double.calls[-1]["views"]:
+            assert not absent & set(view), flags
+        for view, T in zip(out.views, truth, strict=True):  # still re-anchored onto the priors
+            assert np.allclose(view.T_world_camera, T, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model, D",
+    [
+        ("plumb_bob", [-0.28, 0.09, 0.0008, -0.0012, -0.015]),
+        ("rational_polynomial", [0.6, -0.1, 0.001, 0.0005, 0.01, 0.9, -0.05, 0.02]),
+        ("equidistant", [0.08, -0.03, 0.01, -0.002]),
+    ],
+)
+def test_distorted_camera_goes_in_as_ray_directions(env, model, D):
+    camera = CameraModel(
+        200, 150, np.array([[130.0, 0, 101.3], [0, 131.0, 73.9], [0, 0, 1]]), model, np.array(D)
+    )
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 3, camera=camera)
+    out = backend.infer(frames)
+    processed = env.double.calls[-1]["views"]
+    K_model = env.double.preprocess_calls[-1][0]["intrinsics"]  # what we gave preprocess_inputs
+    assert np.allclose(K_model, camera.K)
+    for pv in processed:
+        assert "intrinsics" not in pv and pv["ray_directions"].shape == (1, 392, 518, 3)
+        assert pv["ray_directions"].dtype == torch.float32
+    # Brute force: project every ray back through the textbook model; it must land on the input
+    # pixel that upstream's crop + resize put under that model pixel.
+    rays = processed[0]["ray_directions"][0].double().numpy().reshape(-1, 3)
+    grid = env.double.grids
+    A = next(g.A for g in grid.values() if g.truth.camera is camera)
+    v, u = np.mgrid[0:392, 0:518].astype(np.float64)
+    uv = project_pixels(camera, rays)
+    assert np.abs(uv[:, 0] - (A[0, 0] * u + A[0, 2]).ravel()).max() < 2e-3
+    assert np.abs(uv[:, 1] - (A[1, 1] * v + A[1, 2]).ravel()).max() < 2e-3
+    for view, T in zip(out.views, truth, strict=True):
+        check_view_against_truth(view, camera, T)
+        assert np.allclose(view.K, camera.K)
+
+
+def test_float_images_are_refused(env):
+    backend = make_backend(env)
+    frames, _ = make_frames(env, 2)
+    frames[0].image = frames[0].image.astype(np.float32)
+    with pytest.raises(BackendError, match="uint8"):
+        backend.infer(frames)
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness
+
+
+def test_out_of_memory_splits_the_window_and_keeps_world_frame(env, caplog):
+    env.double.oom_above = 3
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 7, posed=[False, True, False, True, True, False, True])
+    with caplog.at_level(logging.WARNING):
+        out = backend.infer(frames)
+    assert "out of GPU memory" in caplog.text
+    sizes = [len(c["views"]) for c in env.double.calls]
+    assert sizes[0] == 7 and max(sizes[1:]) <= 4 and all(s <= 3 for s in sizes if s not in (7, 4))
+    ref = frames[1].image  # the first posed frame leads every part
+    for call in env.double.preprocess_calls[-1:]:
+        assert np.array_equal(call[0]["img"], ref)
+    for view, frame, T in zip(out.views, frames, truth, strict=True):
+        check_view_against_truth(view, frame.camera_model, T)
+
+
+def test_out_of_memory_without_priors_aligns_parts_through_the_reference_view(env):
+    env.double.oom_above = 3  # and a new random offset and scale for every part
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 5, posed=False)
+    out = backend.infer(frames)
+    assert len(env.double.pred_frames) == 2  # 5 views -> 3 + 3, both with the reference view
+    scale = env.double.pred_frames[0][0]  # the first part fixes the world frame
+    assert len({round(s, 6) for s, _ in env.double.pred_frames}) > 1
+    T0 = out.views[0].T_world_camera
+    for view, T in zip(out.views, truth, strict=True):
+        rel = invert(truth[0]) @ T
+        rel_out = invert(T0) @ view.T_world_camera
+        assert np.allclose(rel_out[:3, :3], rel[:3, :3], atol=1e-5)
+        assert np.allclose(rel_out[:3, 3], scale * rel[:3, 3], atol=1e-3)
+        valid = view.valid.numpy()
+        assert_depth_close(view.depth.numpy()[valid], scale * CHECK_SCENE.depth_z(PINHOLE, T)[valid])
+
+
+def test_out_of_memory_on_a_pair_is_a_backend_error(env):
+    env.double.oom_above = 1
+    backend = make_backend(env)
+    frames, _ = make_frames(env, 4)
+    with pytest.raises(BackendError, match="out of GPU memory"):
+        backend.infer(frames)
+
+
+def test_residual_above_limit_rejects_the_window(env):
+    frames, _ = make_frames(env, 4)
+    env.double.add_centre_error(frames[2].image, [0.8, 0.0, 0.0])
+    out = make_backend(env).infer(frames)
+    assert out.alignment_residual_m > 0.1
+    with pytest.raises(WindowRejected) as info:
+        make_backend(env, max_residual_m=0.1).infer(frames)
+    assert isinstance(info.value, BackendError) and info.value.residual_m > 0.1
+
+
+def test_infer_calls_are_serialised(env):
+    env.double.delay_s = 0.2
+    backend = make_backend(env)
+    frames, _ = make_frames(env, 2)
+    errors = []
+
+    def run():
+        try:
+            backend.infer(frames)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(env.double.calls) == 2
+
+
+def test_warmup_runs_once_and_to_host_keeps_cpu_tensors(env):
+    backend = make_backend(env, warmup=True)
+    assert len(env.double.calls) == 1 and len(env.double.calls[0]["views"]) == 2
+    frames, _ = make_frames(env, 2)
+    out = backend.infer(frames)
+    host = to_host(out)
+    assert host.views[0].depth is out.views[0].depth  # already on the host: no copy
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_loading_is_offline_safetensors_only_and_without_pickles(env, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load (unpickling) must not be used")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    backend = make_backend(env)
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["TORCH_HOME"] == str(env.cache / "torch")
+    assert Path(torch.hub.get_dir()) == env.cache / "torch" / "hub"
+    config = env.cls.constructed[-1]
+    assert config["encoder_config"]["torch_hub_pretrained"] is False
+    assert config["encoder_config"]["pretrained_checkpoint_path"] is None
+    assert config["info_sharing_config"]["module_args"]["pretrained_checkpoint_path"] is None
+    loaded = backend._model.state_dict()
+    for name, value in state_dict().items():
+        assert torch.equal(loaded[name], value), name
+    assert not backend._model.training
+    assert backend.name == "mapanything" and backend.needs_pose_priors is False
+
+
+def test_missing_package_names_the_fix(env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mapanything", None)
+    monkeypatch.delitem(sys.modules, "mapanything.models")
+    with pytest.raises(BackendError, match="facebookresearch/map-anything"):
+        make_backend(env)
+
+
+def test_missing_checkpoint_file_names_the_fix(env):
+    bad = env.tmp / "pickled"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.pth").write_bytes(b"not loaded")
+    with pytest.raises(BackendError, match=r"model\.safetensors.*prefetch"):
+        make_backend(env, model_path=str(bad))
+    with pytest.raises(BackendError, match="does not exist"):
+        make_backend(env, model_path=str(env.tmp / "nowhere"))
+
+
+def test_missing_dinov2_code_names_prefetch(env):
+    empty = env.tmp / "empty-cache"
+    with pytest.raises(BackendError, match=f"mapany-ros prefetch --cache-dir {empty}"):
+        make_backend(env, cache_dir=str(empty))
+
+
+def test_model_id_resolves_through_the_offline_hf_cache(env, monkeypatch):
+    seen = {}
+
+    def snapshot_download(repo_id, cache_dir=None, local_files_only=False, allow_patterns=None, **kw):
+        seen.update(repo_id=repo_id, cache_dir=cache_dir, local_files_only=local_files_only)
+        if repo_id != "facebook/map-anything-apache":
+            raise FileNotFoundError("not cached")
+        return str(env.model_dir)
+
+    monkeypatch.setitem(
+        sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download)
+    )
+    make_backend(env, model_path="")
+    assert seen == dict(
+        repo_id="facebook/map-anything-apache",
+        cache_dir=str(env.cache / "huggingface"),
+        local_files_only=True,
+    )
+    with pytest.raises(BackendError, match="prefetch --cache-dir .* --model-id other/model"):
+        make_backend(env, model_path="", model_id="other/model")
+
+
+def test_config_with_model_config_wrapper_and_bad_options(env):
+    import json
+
+    wrapped = env.tmp / "wrapped"
+    write_model_dir(wrapped, {"model_str": "mapanything", "model_config": model_config(None)})
+    make_backend(env, model_path=str(wrapped))
+    (wrapped / "config.json").write_text(json.dumps({"something": "else"}))
+    with pytest.raises(BackendError, match="not a MapAnything config"):
+        make_backend(env, model_path=str(wrapped))
+    with pytest.raises(BackendError, match="output_resolution"):
+        make_backend(env, output_resolution="native")
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(env):
+    from safetensors.torch import save_file
+
+    other = write_model_dir(env.tmp / "other")
+    save_file({"unrelated.weight": torch.zeros(3)}, str(other / "model.safetensors"))
+    with pytest.raises(BackendError, match="does not fit"):
+        make_backend(env, model_path=str(other))
+
+
+def test_the_double_refuses_what_upstream_refuses(env):
+    """The double is only useful if it fails where upstream fails; check each rule once."""
+    double = env.double
+    backend = make_backend(env)
+    model = backend._model
+    frames, _ = make_frames(env, 2)
+    base = [{"img": f.image, "intrinsics": f.camera_model.K.astype(np.float32)} for f in frames]
+    with pytest.raises(AssertionError, match="corrupt"):
+        double.preprocess_inputs([{"img": frames[0].image.astype(np.float32)}])
+
+    def run(mutate, **kwargs):
+        views = double.preprocess_inputs([dict(v) for v in base])
+        mutate(views)
+        return double.infer(model, views, **{"use_amp": False, **kwargs})
+
+    run(lambda v: None)  # the baseline is accepted
+    rules = [
+        (lambda v: v[0].update(camera_poses=torch.eye(4, dtype=torch.float64)[None]), RuntimeError),
+        (lambda v: v[0].update(depth_z=torch.ones(1, 392, 518, 1)), RuntimeError),
+        (lambda v: v[0].update(confidence=torch.ones(1)), ValueError),
+        (lambda v: v[1].update(camera_poses=torch.eye(4)[None]), ValueError),
+        (lambda v: v[0].update(ray_directions=torch.ones(1, 392, 518, 3)), ValueError),
+        (
+            lambda v: v[0].update(depth_z=torch.ones(1, 392, 518), intrinsics=None) or v[0].pop("intrinsics"),
+            ValueError,
+        ),
+        (lambda v: v[0].update(img=np.zeros((392, 518, 3), np.uint8)), TypeError),
+    ]
+    for mutate, error in rules:
+        with pytest.raises(error):
+            run(mutate)
+    with pytest.raises(AssertionError, match="fp16"):
+        run(lambda v: None, use_amp=True)
+    out = run(lambda v: None)[0]
+    assert out["depth_z"].shape == (1, 392, 518, 1) and out["mask"].shape == (1, 392, 518, 1)
+    assert out["metric_scaling_factor"].shape == (1, 1) and out["camera_poses"].shape == (1, 4, 4)
+    assert torch.all(out["depth_z"][~out["mask"]] == 0) and torch.all(out["conf"] >= 1)

@@ -1,0 +1,224 @@
+"""MapAnythingBackend on the real upstream code (a reduced model with random weights).
+
+Skipped unless ``mapanything`` imports and ``MAPANY_TEST_MODEL_PATH`` names a directory with
+config.json + model.safetensors; ``MAPANY_TEST_CACHE_DIR`` (optional) is the cache_dir holding
+torch/hub/facebookresearch_dinov2_main. Random weights: these tests check the plumbing (shapes,
+frames, NaN borders, rigid finite poses, K sizes, that upstream accepts every input we build),
+never accuracy. ``MAPANY_TEST_TIMINGS=1`` also prints adapter vs model time for 2 and 8 views.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig
+from mapany_ros.core.frames import CameraModel, Frame
+from mapany_ros.core.geometry import is_rigid, make_pose
+
+MODEL_PATH = os.environ.get("MAPANY_TEST_MODEL_PATH", "")
+CACHE_DIR = os.environ.get("MAPANY_TEST_CACHE_DIR", "")
+
+pytestmark = [
+    pytest.mark.mapanything,
+    pytest.mark.skipif(
+        importlib.util.find_spec("mapanything") is None, reason="mapanything is not installed"
+    ),
+]
+needs_model = pytest.mark.skipif(
+    not MODEL_PATH or not (Path(MODEL_PATH) / "model.safetensors").is_file(),
+    reason="MAPANY_TEST_MODEL_PATH does not point at a model directory",
+)
+
+WIDE = CameraModel(320, 180, np.array([[200.0, 0, 159.5], [0, 200.0, 89.5], [0, 0, 1]]))
+FISHEYE = CameraModel(
+    320,
+    240,
+    np.array([[160.0, 0, 160.2], [0, 160.0, 119.7], [0, 0, 1]]),
+    "equidistant",
+    np.array([0.05, -0.01, 0.002, 0.0]),
+)
+
+
+@pytest.mark.parametrize("width, height", [(160, 120), (200, 120), (320, 180), (641, 479), (480, 640)])
+def test_double_preprocess_matches_upstream(width, height):
+    """The test double's preprocess_inputs is upstream's: same grid, K, pixels and depth."""
+    from mapanything.utils.image import preprocess_inputs
+    from mapanything_double import MapAnythingDouble
+
+    rng = np.random.default_rng(width)
+    K = np.array(
+        [[0.8 * width, 0, width / 2 - 0.3], [0, 0.8 * width, height / 2 + 0.2], [0, 0, 1]], np.float32
+    )
+    views = [
+        {
+            "img": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+            "intrinsics": K,
+            "depth_z": rng.uniform(1, 5, (height, width)).astype(np.float32),
+        },
+        {"img": rng.integers(0, 256, (height, width, 3), dtype=np.uint8)},
+    ]
+    real = preprocess_inputs([dict(v) for v in views])
+    fake = MapAnythingDouble().preprocess_inputs([dict(v) for v in views])
+    for r, f in zip(real, fake, strict=True):
+        assert set(r) == set(f) and r["img"].shape == f["img"].shape and r["img"].dtype == f["img"].dtype
+        assert torch.allclose(r["img"], f["img"], atol=1e-5)
+    assert torch.allclose(real[0]["intrinsics"], fake[0]["intrinsics"], atol=1e-4)
+    assert real[0]["intrinsics"].dtype == fake[0]["intrinsics"].dtype == torch.float32
+    assert torch.equal(real[0]["depth_z"], fake[0]["depth_z"])
+
+
+@pytest.fixture(scope="module")
+def backends():
+    """One backend per output resolution, loaded once: loading is the slow part."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TORCH_HOME")}
+    old_hub = torch.hub.get_dir()
+    made = {}
+    try:
+        for resolution in ("input", "model"):
+            config = MapAnythingConfig(
+                model_path=MODEL_PATH,
+                cache_dir=CACHE_DIR,
+                device="auto",
+                output_resolution=resolution,
+                warmup=resolution == "input",
+            )
+            t0 = time.perf_counter()
+            made[resolution] = MapAnythingBackend(config)
+            made[f"load_s_{resolution}"] = time.perf_counter() - t0
+        yield made
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.hub.set_dir(old_hub)
+
+
+def frames_for(
+    camera: CameraModel, n: int, posed: bool | list[bool] = True, depth: bool = False, seed: int = 0
+) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    posed = [posed] * n if isinstance(posed, bool) else posed
+    v, u = np.mgrid[0 : camera.height, 0 : camera.width]
+    frames = []
+    for i in range(n):
+        # Smooth texture plus noise: something for the encoder, not for accuracy.
+        base = 127 + 60 * np.sin(u[..., None] / (7 + i) + v[..., None] / 11 + np.arange(3))
+        image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        R = Rotation.from_euler("y", 0.05 * i).as_matrix()
+        T = make_pose(R, [0.25 * i, 0.02 * i * i, 0.1 * i]) if posed[i] else None
+        d = np.full((camera.height, camera.width), 3.0, np.float32) if depth else None
+        if d is not None:
+            d[:10] = np.nan
+        frames.append(Frame(image, i, "cam", "cam_optical", camera, T, d))
+    return frames
+
+
+def check_window(out, frames, resolution: str) -> None:
+    assert len(out.views) == len(frames)
+    assert set(out.timings_s) == {"preprocess", "infer", "postprocess"}
+    assert out.metric_scale is not None and np.isfinite(out.metric_scale)
+    for view, frame in zip(out.views, frames, strict=True):
+        if resolution == "input":
+            assert view.depth.shape == (frame.height, frame.width)
+            assert np.allclose(view.K, frame.camera_model.K)
+            assert view.colors.shape == (frame.height, frame.width, 3)
+        else:
+            h, w = view.depth.shape
+            assert h % 14 == 0 and w % 14 == 0 and max(h, w) == 518
+            assert view.colors.shape == (h, w, 3)
+        assert view.K.shape == (3, 3) and view.K.dtype == np.float64
+        assert view.depth.dtype == torch.float32 and view.valid.dtype == torch.bool
+        assert view.points_world.shape == (*view.depth.shape, 3)
+        assert view.T_world_camera.dtype == np.float64 and is_rigid(view.T_world_camera)
+        depth = view.depth.float().cpu()
+        valid = view.valid.cpu()
+        assert torch.all(torch.isnan(depth[~valid]))
+        assert torch.all(torch.isfinite(depth[valid])) and torch.all(depth[valid] > 0)
+        assert torch.all(torch.isfinite(view.points_world.cpu()[valid]))
+
+
+@needs_model
+def test_double_outputs_match_upstream_keys_shapes_and_dtypes(backends):
+    """Each output key the double returns exists upstream with the same shape and dtype."""
+    from mapanything.utils.image import preprocess_inputs
+    from mapanything_double import MapAnythingDouble
+
+    frames = frames_for(WIDE, 2)
+    double = MapAnythingDouble()
+    for f in frames:
+        double.register(f.image, f.camera_model, f.T_world_camera)
+    views = [{"img": f.image, "intrinsics": f.camera_model.K.astype(np.float32)} for f in frames]
+    views[0]["camera_poses"] = np.eye(4, dtype=np.float32)
+    model = backends["input"]._model
+    kwargs = dict(use_amp=False, memory_efficient_inference=True)
+    real = model.infer(preprocess_inputs([dict(v) for v in views]), **kwargs)
+    fake = double.infer(model, double.preprocess_inputs([dict(v) for v in views]), **kwargs)
+    for r, f in zip(real, fake, strict=True):
+        assert set(f) <= set(r), set(f) - set(r)
+        for key in f:
+            assert tuple(f[key].shape) == tuple(r[key].shape) and f[key].dtype == r[key].dtype, key
+        masked = ~r["mask"]
+        assert torch.all(r["depth_z"][masked] == 0)  # upstream zeroes what it masks
+        assert torch.all(r["conf"] >= 1)
+
+
+@needs_model
+def test_posed_window_at_input_resolution_has_nan_crop_border(backends):
+    frames = frames_for(WIDE, 3)
+    out = backends["input"].infer(frames)
+    check_window(out, frames, "input")
+    # 320x180 -> bucket 518x294: 518x291 does not cover, so 524x294 and 3 model columns cropped per side.
+    for view in out.views:
+        assert torch.all(torch.isnan(view.depth[:, 0].cpu())) and torch.all(
+            torch.isnan(view.depth[:, -1].cpu())
+        )
+    assert out.alignment_residual_m is not None and np.isfinite(out.alignment_residual_m)
+
+
+@needs_model
+def test_model_resolution_unposed_first_view_and_depth_prior(backends):
+    frames = frames_for(WIDE, 3, posed=[False, True, True], depth=True)
+    out = backends["model"].infer(frames)
+    check_window(out, frames, "model")
+    assert out.views[0].depth.shape == (294, 518)
+
+
+@needs_model
+def test_distorted_camera_runs_through_ray_directions(backends):
+    frames = frames_for(FISHEYE, 2)
+    out = backends["input"].infer(frames)
+    check_window(out, frames, "input")
+
+
+@needs_model
+def test_no_priors_keeps_the_model_frame(backends):
+    frames = frames_for(WIDE, 2, posed=False)
+    out = backends["input"].infer(frames)
+    check_window(out, frames, "input")
+    assert out.alignment_residual_m is None
+
+
+@needs_model
+@pytest.mark.skipif(os.environ.get("MAPANY_TEST_TIMINGS") != "1", reason="set MAPANY_TEST_TIMINGS=1")
+@pytest.mark.parametrize("n", [2, 8])
+def test_report_timings(backends, n):
+    backend = backends["input"]
+    frames = frames_for(CameraModel(640, 480, np.array([[500.0, 0, 319.5], [0, 500.0, 239.5], [0, 0, 1]])), n)
+    backend.infer(frames)  # first call at this size fills the ray cache
+    runs = [backend.infer(frames).timings_s for _ in range(2)]
+    best = {k: min(r[k] for r in runs) for k in runs[0]}
+    print(
+        f"\n[timings] {n} views 640x480 on {backend.device}: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in best.items())
+        + f"; load {backends['load_s_input']:.1f} s"
+    )
