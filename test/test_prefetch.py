@@ -86,3 +86,11 @@ def test_prefetch_reports_failures_with_exit_code(tmp_path, fake_downloads, monk
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
     assert prefetch.main(["--cache-dir", str(tmp_path)]) == 1
     assert "no route to host" in capsys.readouterr().err
+
+
+def test_console_command_dispatches_to_prefetch(tmp_path, fake_downloads, capsys):
+    from mapany_ros.tools import cli
+
+    assert cli.main(["prefetch", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "mapanything.cache_dir" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2

@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print("Copy this directory to the robot unchanged, then set these node parameters:")
     print("  backend: mapanything")
-    print(f"  cache_dir: {cache_dir}")
-    print(f"  model_id: {args.model_id}")
-    print(f"  (or model_path: {snapshot}, with cache_dir still set for the DINOv2 code)")
+    print(f"  mapanything.cache_dir: {cache_dir}")
+    print(f"  mapanything.model_id: {args.model_id}")
+    print(f"  (or mapanything.model_path: {snapshot}, with mapanything.cache_dir still set for the DINOv2 code)")
     return 0
 
 
