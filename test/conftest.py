@@ -66,3 +66,20 @@ def rclpy_context(localhost_dds: dict[str, str]) -> Iterator[Any]:
     finally:
         if context.ok():
             rclpy.shutdown(context=context)
+
+
+@pytest.fixture
+def harness_factory(rclpy_context: Any) -> Iterator[Any]:
+    """Builds :class:`node_harness.Harness` objects (mapany_node + driver + collector), closed after the test."""
+    from node_harness import Harness
+
+    made = []
+
+    def make(backend: Any = None, **params: Any) -> Harness:
+        h = Harness(rclpy_context, backend, **params)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

@@ -1,0 +1,141 @@
+"""A harness for mapany_node tests: the node in this process, a driver publishing its inputs and a
+collector of its outputs, all talking over loopback DDS like separate processes would."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import rclpy
+from nav_msgs.msg import Odometry
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+
+from mapany_ros.core.frames import CameraModel
+from mapany_ros.core.geometry import make_pose
+from mapany_ros.ros import conversions as conv
+from mapany_ros.ros import node as node_module
+from mapany_ros.tools.collector import OutputCollector
+
+W, H = 64, 48
+K = np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])
+MODEL = CameraModel(W, H, K, "plumb_bob", np.zeros(5))
+RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+T0 = 1_700_000_000 * 10**9
+#: base_link (x forward, z up) -> camera optical frame (z forward, x right, y down), 0.2 m ahead, 0.5 m up.
+T_BASE_CAMERA = make_pose(np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float), [0.2, 0, 0.5])
+
+
+class Harness:
+    """The node under test, a driver publishing its inputs, and a collector of its outputs."""
+
+    def __init__(self, context, backend=None, model: CameraModel | None = None, **params) -> None:
+        overrides = {"backend": "planesweep", "qos.reliability": "reliable", "qos.depth": 100,
+                     "window.size": 3, "window.overlap": 1, "keyframe.min_translation_m": 0.05,
+                     "keyframe.max_interval_s": 10.0, "window.max_latency_s": 0.5, "stats_period_s": 60.0, **params}
+        self.model = model or MODEL
+        self.backend = backend
+        self._orig = node_module.make_backend
+        if backend is not None:  # None: the backend named by the parameters, built for real
+            node_module.make_backend = lambda *a, **k: backend
+        try:
+            self.node = node_module.MapanyNode(
+                context=context, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+        finally:
+            node_module.make_backend = self._orig
+        self.warnings: list[str] = []
+        original_warn = self.node.warn
+
+        def warn(key: str, message: str) -> None:
+            self.warnings.append(key)
+            original_warn(key, message)
+
+        self.node.warn = warn
+        self.callback_s: list[float] = []
+        original_on_image = self.node._on_image
+
+        def timed(cam, msg):
+            t0 = time.perf_counter()
+            original_on_image(cam, msg)
+            self.callback_s.append(time.perf_counter() - t0)
+
+        # Subscriptions captured the bound method: route through the timing wrapper instead.
+        for sub in self.node.subscriptions:
+            if sub.topic_name.endswith("image_raw"):
+                sub.callback = lambda m, c="camera": timed(c, m)
+        self.driver = rclpy.create_node("driver", context=context)
+        self.image_pub = self.driver.create_publisher(Image, "camera/image_raw", RELIABLE)
+        self.info_pub = self.driver.create_publisher(CameraInfo, "camera/camera_info", RELIABLE)
+        self.odom_pub = self.driver.create_publisher(Odometry, "odom", RELIABLE)
+        self.tf_pub = self.driver.create_publisher(TFMessage, "/tf_static", LATCHED)
+        self.collector = OutputCollector(context=context)
+        self.executor = MultiThreadedExecutor(num_threads=2, context=context)
+        for n in (self.node, self.driver, self.collector):
+            self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self._wait(lambda: self.image_pub.get_subscription_count() > 0
+                   and self.collector.count_publishers("/camera/depth") > 0)
+        time.sleep(0.3)
+
+    def _wait(self, cond, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if cond():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def header(self, t_s: float) -> Header:
+        return Header(stamp=conv.ns_to_stamp(T0 + int(t_s * 1e9)), frame_id="camera_optical_frame")
+
+    def info(self, model: CameraModel | None = None, t_s: float = 0.0) -> None:
+        self.info_pub.publish(conv.model_to_camera_info(model or self.model, self.header(t_s)))
+
+    def image(self, t_s: float, rgb: np.ndarray | None = None, **fields) -> Image:
+        if rgb is None:
+            rgb = np.full((self.model.height, self.model.width, 3), 128, np.uint8)
+        msg = conv.rgb_to_image_msg(rgb, self.header(t_s))
+        for k, v in fields.items():
+            setattr(msg, k, v)
+        self.image_pub.publish(msg)
+        return msg
+
+    def odom(self, t_s: float, x: float | None = None, pose: np.ndarray | None = None) -> None:
+        msg = Odometry()
+        msg.header = Header(stamp=conv.ns_to_stamp(T0 + int(t_s * 1e9)), frame_id="odom")
+        msg.child_frame_id = "base_link"
+        if pose is None:
+            pose = make_pose(np.eye(3), [t_s if x is None else x, 0, 0])
+        msg.pose.pose = conv.matrix_to_pose(pose)
+        self.odom_pub.publish(msg)
+
+    def static_tf(self) -> None:
+        self.tf_pub.publish(TFMessage(transforms=[
+            conv.matrix_to_transform_stamped(T_BASE_CAMERA, "base_link", "camera_optical_frame", T0)]))
+
+    def good_stream(self, t_from: float, n: int, dt: float = 0.1) -> list[int]:
+        """Odometry ahead of images, then images; returns the image stamps."""
+        stamps = []
+        for i in range(n):
+            t = t_from + i * dt
+            self.odom(t)
+            self.odom(t + dt / 2)
+            time.sleep(0.01)
+            self.image(t)
+            stamps.append(T0 + int(t * 1e9))
+            time.sleep(0.02)
+        return stamps
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.driver.destroy_node()
+        self.collector.destroy_node()
