@@ -75,8 +75,8 @@ def harness_factory(rclpy_context: Any) -> Iterator[Any]:
 
     made = []
 
-    def make(backend: Any = None, **params: Any) -> Harness:
-        h = Harness(rclpy_context, backend, **params)
+    def make(fake_backend: Any = None, **params: Any) -> Harness:
+        h = Harness(rclpy_context, fake_backend, **params)
         made.append(h)
         return h
 

@@ -36,15 +36,15 @@ T_BASE_CAMERA = make_pose(np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float), 
 class Harness:
     """The node under test, a driver publishing its inputs, and a collector of its outputs."""
 
-    def __init__(self, context, backend=None, model: CameraModel | None = None, **params) -> None:
+    def __init__(self, context, fake_backend=None, model: CameraModel | None = None, **params) -> None:
         overrides = {"backend": "planesweep", "qos.reliability": "reliable", "qos.depth": 100,
                      "window.size": 3, "window.overlap": 1, "keyframe.min_translation_m": 0.05,
                      "keyframe.max_interval_s": 10.0, "window.max_latency_s": 0.5, "stats_period_s": 60.0, **params}
         self.model = model or MODEL
-        self.backend = backend
+        self.backend = fake_backend
         self._orig = node_module.make_backend
-        if backend is not None:  # None: the backend named by the parameters, built for real
-            node_module.make_backend = lambda *a, **k: backend
+        if fake_backend is not None:  # None: the backend named by the parameters, built for real
+            node_module.make_backend = lambda *a, **k: fake_backend
         try:
             self.node = node_module.MapanyNode(
                 context=context, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])

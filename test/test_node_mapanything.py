@@ -1,0 +1,131 @@
+"""mapany_node with ``backend: mapanything`` over DDS: through the contract double in CI, and through
+the real upstream code (reduced model, random weights) where it is installed."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from mapanything_double import MapAnythingDouble, install, write_fake_dinov2_hub, write_model_dir
+from node_harness import T0, T_BASE_CAMERA
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.frames import CameraModel
+from mapany_ros.core.geometry import invert, make_pose
+from mapany_ros.ros import conversions as conv
+
+pytestmark = pytest.mark.ros
+
+CAMERA = CameraModel(160, 120, np.array([[120.0, 0, 79.5], [0, 120.0, 59.5], [0, 0, 1]]), "plumb_bob", np.zeros(5))
+
+
+def camera_poses(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Cameras inside the double's plane room, looking roughly along +z, moving a few cm each."""
+    rng = np.random.default_rng(seed)
+    poses = []
+    for i in range(n):
+        R = Rotation.from_euler("yxz", [0.05 * i + rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), 0.0])
+        poses.append(make_pose(R.as_matrix(), [0.3 * i - 1.0, rng.uniform(-0.2, 0.2), 0.15 * i]))
+    return poses
+
+
+def play(h, poses, rng, register=None) -> list[int]:
+    """Odometry at each image stamp (exact priors), then the image; returns the stamps."""
+    stamps = []
+    for i, T_odom_cam in enumerate(poses):
+        t = 1.0 + 0.1 * i
+        T_odom_base = T_odom_cam @ invert(T_BASE_CAMERA)
+        h.odom(t, pose=T_odom_base)
+        h.odom(t + 0.05, pose=T_odom_base)
+        rgb = rng.integers(0, 256, (CAMERA.height, CAMERA.width, 3), dtype=np.uint8)
+        if register is not None:
+            register(rgb, CAMERA, T_odom_cam)
+        time.sleep(0.02)
+        h.image(t, rgb=rgb)
+        stamps.append(T0 + int(round(t * 1e9)))
+        time.sleep(0.05)
+    return stamps
+
+
+def check_outputs(h, stamps, poses, truth_depth=None) -> None:
+    out = h.collector.out
+    assert sorted(out.depth) == stamps
+    for s, T in zip(stamps, poses, strict=True):
+        msg, info = out.depth[s], out.depth_info[s]
+        assert msg.header.frame_id == "camera_optical_frame" and msg.encoding == "32FC1"
+        assert (msg.width, msg.height) == (info.width, info.height) == (CAMERA.width, CAMERA.height)
+        np.testing.assert_allclose(np.array(info.k).reshape(3, 3), CAMERA.K)
+        depth = conv.depth_image_to_array(msg)
+        assert np.isfinite(depth).mean() > 0.3
+        cloud = out.points[s]
+        assert cloud.header.frame_id == "map" and cloud.width > 0
+        if truth_depth is not None:
+            gt = truth_depth(CAMERA, T)
+            ok = np.isfinite(depth) & np.isfinite(gt)
+            assert ok.mean() > 0.5
+            rel = np.abs(depth[ok] - gt[ok]) / gt[ok]
+            assert np.median(rel) < 0.01, f"median relative depth error {np.median(rel):.4f}"
+            pts, _ = conv.pointcloud2_to_arrays(cloud)
+            # Points are in map = odom: back in the true camera they lie at the true depth.
+            Tinv = invert(T)
+            pc = pts @ Tinv[:3, :3].T + Tinv[:3, 3]
+            u = np.round(CAMERA.K[0, 0] * pc[:, 0] / pc[:, 2] + CAMERA.K[0, 2]).astype(int)
+            v = np.round(CAMERA.K[1, 1] * pc[:, 1] / pc[:, 2] + CAMERA.K[1, 2]).astype(int)
+            inside = (u >= 0) & (u < CAMERA.width) & (v >= 0) & (v < CAMERA.height)
+            assert inside.mean() > 0.99
+            err = np.abs(pc[inside, 2] - gt[v[inside], u[inside]])
+            assert np.nanmedian(err) < 0.02
+    assert out.path is not None and len(out.path.poses) == len(stamps)
+    map_odom = [T for p, c, _, T in out.tf if (p, c) == ("map", "odom")]
+    assert map_odom
+
+
+def test_node_runs_mapanything_through_the_contract_double(harness_factory, tmp_path, monkeypatch):
+    double = MapAnythingDouble(seed=3)
+    install(monkeypatch, double)
+    write_fake_dinov2_hub(tmp_path / "cache" / "torch" / "hub")
+    model_dir = write_model_dir(tmp_path / "model")
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: pytest.fail("network access"))
+    h = harness_factory(None, model=CAMERA, **{
+        "backend": "mapanything", "device": "cpu", "mapanything.model_path": str(model_dir),
+        "mapanything.cache_dir": str(tmp_path / "cache"), "window.size": 4, "window.overlap": 1,
+        "keyframe.min_translation_m": 0.01, "alignment.max_residual_m": 0.05,
+    })
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    poses = camera_poses(7)
+    stamps = play(h, poses, np.random.default_rng(0), register=double.register)
+    assert h._wait(lambda: len(h.collector.out.points) >= 7 and h.collector.out.path is not None
+                   and len(h.collector.out.path.poses) >= 7, 30), h.warnings
+    check_outputs(h, stamps, poses, truth_depth=double.scene.depth_z)
+    # A perfect model agrees with exact odometry: map -> odom is identity.
+    for p, c, _, T in h.collector.out.tf:
+        if (p, c) == ("map", "odom"):
+            np.testing.assert_allclose(T, np.eye(4), atol=2e-3)
+    assert len(double.calls) >= 2 and h.node.pipeline.stats.windows_failed == 0
+
+
+@pytest.mark.mapanything
+def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
+    pytest.importorskip("mapanything", reason="upstream MapAnything is not installed")
+    model_path = os.environ.get("MAPANY_TEST_MODEL_PATH")
+    if not model_path:
+        pytest.skip("MAPANY_TEST_MODEL_PATH (config.json + model.safetensors) is not set")
+    h = harness_factory(None, model=CAMERA, **{
+        "backend": "mapanything", "device": "cpu", "mapanything.model_path": model_path,
+        "mapanything.cache_dir": os.environ.get("MAPANY_TEST_CACHE_DIR", ""), "window.size": 3,
+        "window.overlap": 1, "keyframe.min_translation_m": 0.01, "alignment.max_residual_m": 0.0,
+        "window.queue_size": 8,
+    })
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    poses = camera_poses(5)
+    stamps = play(h, poses, np.random.default_rng(1))
+    assert h._wait(lambda: len(h.collector.out.points) >= 5 and h.collector.out.path is not None
+                   and len(h.collector.out.path.poses) >= 5, 300), h.warnings
+    check_outputs(h, stamps, poses)  # random weights: frames, stamps and sizes, not accuracy
