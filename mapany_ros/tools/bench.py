@@ -335,15 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     results["cloud"] = bench_cloud(tmp)
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = bench_node_overhead(tmp)
-    try:
-        from mapany_ros.tools.bench_mapanything import bench_adapter
+    from mapany_ros.tools.bench_mapanything import bench_adapter
 
-        print("[bench] MapAnything adapter ...", flush=True)
-        results["extra_sections"] = [bench_adapter()]
-    except ImportError:
-        pass
+    print("[bench] MapAnything adapter ...", flush=True)
+    results["extra_sections"] = [bench_adapter()]
     (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    write_markdown(args.out, results, "make bench")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("MAPANY_BENCH_MODEL_PATH", "MAPANY_TEST_MODEL_PATH")
+                   if os.environ.get(k))
+    command = f"{env + ' ' if env else ''}{Path(sys.executable).name} -m mapany_ros.tools.bench (make bench)"
+    write_markdown(args.out, results, command)
     print(args.out.read_text())
     return 0
 
