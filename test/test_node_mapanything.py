@@ -50,7 +50,7 @@ def play(h, poses, rng, register=None) -> list[int]:
     return stamps
 
 
-def check_outputs(h, stamps, poses, truth_depth=None) -> None:
+def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True) -> None:
     out = h.collector.out
     assert sorted(out.depth) == stamps
     for s, T in zip(stamps, poses, strict=True):
@@ -59,9 +59,10 @@ def check_outputs(h, stamps, poses, truth_depth=None) -> None:
         assert (msg.width, msg.height) == (info.width, info.height) == (CAMERA.width, CAMERA.height)
         np.testing.assert_allclose(np.array(info.k).reshape(3, 3), CAMERA.K)
         depth = conv.depth_image_to_array(msg)
-        assert np.isfinite(depth).mean() > 0.3
         cloud = out.points[s]
-        assert cloud.header.frame_id == "map" and cloud.width > 0
+        assert cloud.header.frame_id == "map"
+        if require_valid:
+            assert np.isfinite(depth).mean() > 0.3 and cloud.width > 0
         if truth_depth is not None:
             gt = truth_depth(CAMERA, T)
             ok = np.isfinite(depth) & np.isfinite(gt)
@@ -128,4 +129,5 @@ def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
     stamps = play(h, poses, np.random.default_rng(1))
     assert h._wait(lambda: len(h.collector.out.points) >= 5 and h.collector.out.path is not None
                    and len(h.collector.out.path.poses) >= 5, 300), h.warnings
-    check_outputs(h, stamps, poses)  # random weights: frames, stamps and sizes, not accuracy
+    # Random weights: frames, stamps and sizes; upstream's edge mask may reject every pixel of noise.
+    check_outputs(h, stamps, poses, require_valid=False)
