@@ -127,3 +127,22 @@ def test_context_frames_carry_previous_estimates():
     ctx = backend.calls[1][0]
     assert ctx.stamp_ns == backend.calls[0][-1].stamp_ns
     np.testing.assert_allclose(ctx.T_world_camera[:3, 3], [0, 0, 1.0])
+
+
+def test_partial_window_is_flushed_by_the_age_of_its_oldest_keyframe():
+    clock = [100.0]
+    backend = RecordingBackend()
+    cfg = PipelineConfig(use_odometry=False, window_size=8, window_overlap=2, max_interval_s=0.001,
+                         max_window_latency_s=1.5, queue_size=8)
+    p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
+    clock[0] = 200.0  # the node waited long for its first input: that alone must not flush
+    p.add_frame(frame(0.0))
+    p.add_frame(frame(0.1))
+    p.poll()
+    assert p.stats.windows_built == 0
+    clock[0] = 201.0
+    p.poll()
+    assert p.stats.windows_built == 0
+    clock[0] = 201.6  # the oldest waiting keyframe is now 1.6 s old
+    p.poll()
+    assert p.stats.windows_built == 1 and p._windows.pending == 0

@@ -126,7 +126,8 @@ class Pipeline:
         self._windows = WindowBuilder(config.window_size, config.window_overlap)
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._last_stamp: dict[str, int] = {}
-        self._last_window_time = clock()
+        #: When the oldest keyframe still waiting for its window arrived (None: none waiting).
+        self._pending_since: float | None = None
         self._lock = threading.Lock()  # guards everything touched by callbacks and timers
         self._queue: collections.deque[_Queued] = collections.deque()
         self._cv = threading.Condition()
@@ -215,8 +216,8 @@ class Pipeline:
         with self._lock:
             statuses = self._release_waiting_locked()
             if (
-                self._windows.pending
-                and self._clock() - self._last_window_time > self.config.max_window_latency_s
+                self._pending_since is not None
+                and self._clock() - self._pending_since > self.config.max_window_latency_s
             ):
                 self._enqueue_locked(self._windows.flush())
             return statuses
@@ -250,6 +251,7 @@ class Pipeline:
         self._windows.reset()
         self._waiting.clear()
         self._last_stamp.clear()
+        self._pending_since = None
         with self._cv:
             self._estimated.clear()
 
@@ -285,13 +287,15 @@ class Pipeline:
             if not self._keyframes.consider(group[0].stamp_ns, pose):
                 continue
             self.stats.keyframes += 1
+            if self._pending_since is None:
+                self._pending_since = self._clock()
             self._enqueue_locked(self._windows.push(group))
 
     def _enqueue_locked(self, window: Window | None) -> None:
         if window is None:
             return
         self.stats.windows_built += 1
-        self._last_window_time = self._clock()
+        self._pending_since = None
         with self._cv:
             if len(self._queue) >= self.config.queue_size:
                 self._queue.popleft()

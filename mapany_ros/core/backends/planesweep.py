@@ -448,9 +448,11 @@ class PlaneSweepBackend:
         """(valid, depth) per view: valid = confirmed within ``consistency_rel`` by enough other
         depth maps; with ``fuse_consistent`` the depth is averaged with the confirming ones."""
         valid, fused = [], []
+        # A short window (e.g. flushed when input stops) cannot offer more confirmations than it has views.
+        needed = min(self.min_consistent_views, len(views) - 1)
         for i, (v, d) in enumerate(zip(views, depths)):
             finite = torch.isfinite(d)
-            if self.min_consistent_views == 0:
+            if needed == 0:
                 valid.append(finite)
                 fused.append(d)
                 continue
@@ -462,7 +464,7 @@ class PlaneSweepBackend:
                     agree, ratio = self._agrees(pts, v.T_wc, o, depths[j])
                     votes += agree
                     ratio_sum += torch.where(agree, ratio, torch.zeros_like(ratio))
-            valid.append(finite & (votes >= self.min_consistent_views))
+            valid.append(finite & (votes >= needed))
             fused.append(d * ratio_sum / (votes + 1.0) if self.fuse_consistent else d)
         return valid, fused
 
