@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--height", type=int, default=240, help="camera height in pixels")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of robot motion")
     ap.add_argument("--rate", type=float, default=10.0, help="camera rate in Hz")
+    ap.add_argument("--start", type=float, default=4.0,
+                    help="where on the robot's trajectory the recording starts, seconds (the robot is already moving)")
     ap.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
     ap.add_argument("--params", type=Path, default=None, help="node parameters file (default config/demo.yaml)")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     n_frames = int(round(args.duration * args.rate))
     print(f"[demo] rendering {n_frames} frames {args.width}x{args.height} of scene seed {args.seed} ...", flush=True)
     t0 = time.perf_counter()
-    seq = make_sequence(args.seed, args.width, args.height, n_frames, args.rate)
+    seq = make_sequence(args.seed, args.width, args.height, n_frames, args.rate, start_s=args.start)
     render_s = time.perf_counter() - t0
 
     log = open(out / "node.log", "w")

@@ -41,16 +41,17 @@ def render_cloud(
     img = np.full((h, w, 3), 24, np.uint8)
     if len(points) == 0:
         return img
-    centre = np.median(points, axis=0)
-    extent = np.percentile(np.linalg.norm(points[:, :2] - centre[:2], axis=1), 95) + 1e-3
-    eye = centre + np.array([-0.9 * extent, -1.1 * extent, 1.6 * extent])
+    lo, hi = np.percentile(points, 2, axis=0), np.percentile(points, 98, axis=0)
+    centre = (lo + hi) / 2
+    extent = float(np.linalg.norm(hi[:2] - lo[:2])) / 2 + 1e-3
+    eye = centre + np.array([-0.8 * extent, -1.0 * extent, 1.9 * extent])
     fwd = centre - eye
     fwd /= np.linalg.norm(fwd)
     right = np.cross(fwd, [0, 0, 1.0])
     right /= np.linalg.norm(right)
     down = np.cross(fwd, right)
     R = np.stack([right, down, fwd])  # world -> camera rows
-    f = 0.9 * w
+    f = 0.55 * w
 
     def project(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = (p - eye) @ R.T

@@ -43,7 +43,7 @@ class SyntheticSource(Node):
         self.optical_frame = f"{camera}_optical_frame"
         self.odom_rate_hz = odom_rate_hz
         # Stamps near the wall clock, as a live robot's, unless asked otherwise.
-        self.stamp_offset_ns = time.time_ns() if stamp_offset_ns is None else stamp_offset_ns
+        self.stamp_offset_ns = time.time_ns() - seq.frames[0].stamp_ns if stamp_offset_ns is None else stamp_offset_ns
         self.image_pub = self.create_publisher(Image, f"{camera}/image_raw", RELIABLE)
         self.info_pub = self.create_publisher(CameraInfo, f"{camera}/camera_info", RELIABLE)
         self.odom_pub = self.create_publisher(Odometry, "odom", RELIABLE)
