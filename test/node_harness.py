@@ -136,6 +136,7 @@ class Harness:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self.thread.join(10)
         self.node.destroy_node()
         self.driver.destroy_node()
         self.collector.destroy_node()
