@@ -37,8 +37,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check mapany_ros test
 	$(PY) -m pytest test
 
+# BENCH_PY: another interpreter with this package installed, e.g. one that also has upstream
+# MapAnything (then set MAPANY_BENCH_MODEL_PATH to measure the adapter against real `infer`).
+BENCH_PY ?= $(PY)
 bench: $(STAMP)
-	$(PY) -m mapany_ros.tools.bench
+	$(BENCH_PY) -m mapany_ros.tools.bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mapany_ros test
