@@ -12,9 +12,11 @@ import torch
 from mapanything_double import MapAnythingDouble, install, write_fake_dinov2_hub, write_model_dir
 from node_harness import T0, T_BASE_CAMERA
 from scipy.spatial.transform import Rotation
+from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import invert, make_pose
+from mapany_ros.core.synthetic import make_sequence
 from mapany_ros.ros import conversions as conv
 
 pytestmark = pytest.mark.ros
@@ -50,21 +52,21 @@ def play(h, poses, rng, register=None) -> list[int]:
     return stamps
 
 
-def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True) -> None:
+def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True, camera: CameraModel = CAMERA) -> None:
     out = h.collector.out
     assert sorted(out.depth) == stamps
     for s, T in zip(stamps, poses, strict=True):
         msg, info = out.depth[s], out.depth_info[s]
         assert msg.header.frame_id == "camera_optical_frame" and msg.encoding == "32FC1"
-        assert (msg.width, msg.height) == (info.width, info.height) == (CAMERA.width, CAMERA.height)
-        np.testing.assert_allclose(np.array(info.k).reshape(3, 3), CAMERA.K)
+        assert (msg.width, msg.height) == (info.width, info.height) == (camera.width, camera.height)
+        np.testing.assert_allclose(np.array(info.k).reshape(3, 3), camera.K)
         depth = conv.depth_image_to_array(msg)
         cloud = out.points[s]
         assert cloud.header.frame_id == "map"
         if require_valid:
             assert np.isfinite(depth).mean() > 0.3 and cloud.width > 0
         if truth_depth is not None:
-            gt = truth_depth(CAMERA, T)
+            gt = truth_depth(camera, T)
             ok = np.isfinite(depth) & np.isfinite(gt)
             assert ok.mean() > 0.5
             rel = np.abs(depth[ok] - gt[ok]) / gt[ok]
@@ -73,9 +75,9 @@ def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True
             # Points are in map = odom: back in the true camera they lie at the true depth.
             Tinv = invert(T)
             pc = pts @ Tinv[:3, :3].T + Tinv[:3, 3]
-            u = np.round(CAMERA.K[0, 0] * pc[:, 0] / pc[:, 2] + CAMERA.K[0, 2]).astype(int)
-            v = np.round(CAMERA.K[1, 1] * pc[:, 1] / pc[:, 2] + CAMERA.K[1, 2]).astype(int)
-            inside = (u >= 0) & (u < CAMERA.width) & (v >= 0) & (v < CAMERA.height)
+            u = np.round(camera.K[0, 0] * pc[:, 0] / pc[:, 2] + camera.K[0, 2]).astype(int)
+            v = np.round(camera.K[1, 1] * pc[:, 1] / pc[:, 2] + camera.K[1, 2]).astype(int)
+            inside = (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
             assert inside.mean() > 0.99
             err = np.abs(pc[inside, 2] - gt[v[inside], u[inside]])
             assert np.nanmedian(err) < 0.02
@@ -84,25 +86,39 @@ def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True
     assert map_odom
 
 
-def test_node_runs_mapanything_through_the_contract_double(harness_factory, tmp_path, monkeypatch):
-    double = MapAnythingDouble(seed=3)
+def test_node_runs_mapanything_on_the_synthetic_scene_through_the_contract_double(
+    harness_factory, tmp_path, monkeypatch
+):
+    """The synthetic robot's camera, odometry and extrinsic; the double predicts the scene's true geometry."""
+    seq = make_sequence(0, CAMERA.width, CAMERA.height, 7, 10.0, start_s=4.0)
+    double = MapAnythingDouble(seed=3, scene=seq.scene)
     install(monkeypatch, double)
     write_fake_dinov2_hub(tmp_path / "cache" / "torch" / "hub")
     model_dir = write_model_dir(tmp_path / "model")
     monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: pytest.fail("network access"))
-    h = harness_factory(None, model=CAMERA, **{
+    h = harness_factory(None, model=seq.camera_model, **{
         "backend": "mapanything", "device": "cpu", "mapanything.model_path": str(model_dir),
         "mapanything.cache_dir": str(tmp_path / "cache"), "window.size": 4, "window.overlap": 1,
         "keyframe.min_translation_m": 0.01, "alignment.max_residual_m": 0.05,
     })
     h.info()
-    h.static_tf()
+    h.tf_pub.publish(TFMessage(transforms=[conv.matrix_to_transform_stamped(
+        seq.T_base_camera, "base_link", "camera_optical_frame", T0)]))
     time.sleep(0.3)
-    poses = camera_poses(7)
-    stamps = play(h, poses, np.random.default_rng(0), register=double.register)
+    stamps, poses = [], []
+    for i, f in enumerate(seq.frames):
+        t = 1.0 + 0.1 * i
+        h.odom(t, pose=f.T_odom_base)
+        h.odom(t + 0.05, pose=seq.scene.base_pose(f.stamp_ns * 1e-9 + 0.05))
+        double.register(f.rgb, seq.camera_model, f.T_odom_camera)
+        time.sleep(0.02)
+        h.image(t, rgb=f.rgb)
+        stamps.append(T0 + int(round(t * 1e9)))
+        poses.append(f.T_odom_camera)
+        time.sleep(0.05)
     assert h._wait(lambda: len(h.collector.out.points) >= 7 and h.collector.out.path is not None
                    and len(h.collector.out.path.poses) >= 7, 30), h.warnings
-    check_outputs(h, stamps, poses, truth_depth=double.scene.depth_z)
+    check_outputs(h, stamps, poses, truth_depth=lambda cam, T: seq.scene.render(T, cam)[1], camera=seq.camera_model)
     # A perfect model agrees with exact odometry: map -> odom is identity.
     for p, c, _, T in h.collector.out.tf:
         if (p, c) == ("map", "odom"):

@@ -438,6 +438,17 @@ class SyntheticScene:
 
     # ----------------------------------------------------------------- rendering
 
+    def ray_distance(self, origin: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """Distance (metres, float64) from ``origin`` along unit world ``directions`` (N, 3) to the first hit.
+
+        For ground truth along arbitrary rays (e.g. a distorted camera's), where ``render`` only
+        knows pinhole pixel grids. The room is closed, so every ray hits something.
+        """
+        with torch.inference_mode():
+            d = torch.as_tensor(np.asarray(directions, dtype=np.float64), dtype=torch.float32)
+            hits = self._cast(d, np.asarray(origin, dtype=np.float64), None)
+            return hits.t.double().numpy()
+
     def render(
         self, T_world_camera: np.ndarray, camera_model: CameraModel, supersample: int = 2
     ) -> tuple[np.ndarray, np.ndarray]:
