@@ -268,3 +268,17 @@ def test_box_geometry_helpers() -> None:
     np.testing.assert_allclose(corners.min(0), [0.75, 1.5, 0.0], atol=1e-12)
     np.testing.assert_allclose(corners.max(0), [1.25, 2.5, 1.0], atol=1e-12)
     np.testing.assert_allclose(box.footprint_distance(np.array([[1.0, 2.0], [2.25, 2.0]])), [0.0, 1.0])
+
+
+def test_ray_distance_agrees_with_rendered_depth():
+    from mapany_ros.core.geometry import pixel_rays
+    from mapany_ros.core.synthetic import SyntheticScene, make_camera_model
+
+    scene = SyntheticScene(1)
+    cam = make_camera_model(64, 48)
+    T = scene.camera_pose(2.0)
+    _, depth = scene.render(T, cam, supersample=1)
+    rays = pixel_rays(cam.K, 48, 64).numpy().reshape(-1, 3).astype(np.float64)
+    norms = np.linalg.norm(rays, axis=1)
+    dist = scene.ray_distance(T[:3, 3], (rays / norms[:, None]) @ T[:3, :3].T)
+    np.testing.assert_allclose((dist / norms).reshape(48, 64), depth, rtol=1e-4)
