@@ -114,6 +114,8 @@ class MapanyNode(Node):
         self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
         self._last_dropped = 0
+        #: Facts about the newest published window (scale, alignment residual, backend timings).
+        self._last_window: dict[str, object] = {}
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
         self.pipeline.start()
@@ -232,7 +234,7 @@ class MapanyNode(Node):
         self._last_dropped = status["windows_dropped"]
         diag.level = DiagnosticStatus.WARN if behind else DiagnosticStatus.OK
         diag.message = "backend behind: windows dropped" if behind else "ok"
-        diag.values = [KeyValue(key=k, value=str(v)) for k, v in status.items()]
+        diag.values = [KeyValue(key=k, value=str(v)) for k, v in {**status, **self._last_window}.items()]
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[diag]))
         s = self.pipeline.stats
         now = time.monotonic()
@@ -243,6 +245,8 @@ class MapanyNode(Node):
             f"in {(s.frames_in - frames) / dt:.1f} img/s, {(s.windows_done - windows) / dt:.2f} windows/s, "
             f"backend {s.backend_time_s * 1e3:.0f} ms, latency {s.latency_s * 1e3:.0f} ms, keyframes {s.keyframes}, "
             f"dropped frames {s.frames_dropped}, windows dropped {s.windows_dropped} failed {s.windows_failed}"
+            + (f", metric scale {self._last_window['last_metric_scale']}, alignment residual "
+               f"{self._last_window['last_alignment_residual_m']} m" if self._last_window else "")
         )
 
     # ------------------------------------------------------------------ outputs (worker thread)
@@ -251,6 +255,14 @@ class MapanyNode(Node):
             self._publish_locked(result)
 
     def _publish_locked(self, result: WindowResult) -> None:
+        pred = result.prediction
+        self._last_window = {
+            "last_window_views": len(pred.views),
+            "last_metric_scale": "n/a" if pred.metric_scale is None else f"{pred.metric_scale:.4f}",
+            "last_alignment_residual_m": "n/a" if pred.alignment_residual_m is None
+            else f"{pred.alignment_residual_m:.4f}",
+            **{f"last_{k}_ms": f"{v * 1e3:.1f}" for k, v in pred.timings_s.items()},
+        }
         map_frame = self.config["map_frame"]
         transforms = []
         for frame, view, out in zip(result.frames, result.prediction.views, result.output_mask, strict=True):
