@@ -35,7 +35,6 @@ from mapany_ros.core.backends.mapanything import (
     MapAnythingBackend,
     MapAnythingConfig,
     WindowRejected,
-    to_host,
 )
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert, is_rigid, make_pose
@@ -416,7 +415,7 @@ def test_warmup_runs_once_and_to_host_keeps_cpu_tensors(env):
     assert len(env.double.calls) == 1 and len(env.double.calls[0]["views"]) == 2
     frames, _ = make_frames(env, 2)
     out = backend.infer(frames)
-    host = to_host(out)
+    host = out.to_host()
     assert host.views[0].depth is out.views[0].depth  # already on the host: no copy
 
 

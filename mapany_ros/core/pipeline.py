@@ -335,7 +335,8 @@ class Pipeline:
             for f, out in zip(frames, mask, strict=True)
         ]
         t0 = time.perf_counter()
-        prediction = self.backend.infer(inputs)
+        # One synchronised copy to (pinned) host memory per window: publishing then never waits on the GPU.
+        prediction = self.backend.infer(inputs).to_host()
         self.stats.backend_time_s = time.perf_counter() - t0
         with self._cv:
             for f, view in zip(frames, prediction.views, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,30 @@ class WindowPrediction:
     metric_scale: float | None = None
     alignment_residual_m: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_host(self) -> WindowPrediction:
+        """The same prediction with every tensor in host memory (pinned when it came from CUDA).
+
+        All copies are queued non-blocking and waited for once, so publishing a window costs one
+        synchronisation instead of one per tensor. CPU tensors are returned as they are.
+        """
+        views = []
+        synchronize = False
+        for view in self.views:
+            fields: dict[str, torch.Tensor] = {}
+            for name in ("depth", "confidence", "valid", "points_world", "colors"):
+                tensor = getattr(view, name)
+                if tensor.is_cuda:
+                    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                    host.copy_(tensor, non_blocking=True)
+                    synchronize = True
+                else:
+                    host = tensor
+                fields[name] = host
+            views.append(dataclasses.replace(view, **fields))
+        if synchronize:
+            torch.cuda.synchronize()
+        return dataclasses.replace(self, views=views)
 
 
 class Backend(Protocol):

@@ -46,14 +46,13 @@ Memory
     CUDA: bf16 autocast and memory-efficient heads; on ``torch.cuda.OutOfMemoryError`` the cache is
     emptied and the window is split in halves that each start with the window's reference view
     (posed first, and the overlap that aligns the halves when there are no priors); only a pair
-    that still does not fit raises. :func:`to_host` copies a prediction to pinned host memory with
+    that still does not fit raises. :meth:`WindowPrediction.to_host` copies a prediction to pinned host memory with
     one synchronisation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -763,28 +762,3 @@ def _resample_to_input(
     depth_in = torch.where(valid_in, sampled[0], torch.full_like(sampled[0], float("nan")))
     conf_in = torch.where(inside, sampled[2], torch.zeros_like(sampled[2]))
     return depth_in, valid_in, conf_in
-
-
-def to_host(window: WindowPrediction) -> WindowPrediction:
-    """The same prediction with every tensor in host memory (pinned when it came from CUDA).
-
-    All copies are queued non-blocking and waited for once, so publishing a window costs one
-    synchronisation instead of one per tensor.
-    """
-    views = []
-    synchronize = False
-    for view in window.views:
-        fields: dict[str, torch.Tensor] = {}
-        for name in ("depth", "confidence", "valid", "points_world", "colors"):
-            tensor = getattr(view, name)
-            if tensor.is_cuda:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host.copy_(tensor, non_blocking=True)
-                synchronize = True
-            else:
-                host = tensor
-            fields[name] = host
-        views.append(dataclasses.replace(view, **fields))
-    if synchronize:
-        torch.cuda.synchronize()
-    return dataclasses.replace(window, views=views)
