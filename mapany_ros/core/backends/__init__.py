@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from mapany_ros.core.backends.base import Backend, BackendError, ViewPrediction, WindowPrediction
+from mapany_ros.core.backends.base import Backend, BackendError, ViewPrediction, WindowPrediction, resolve_device
 
 BACKENDS = ("mapanything", "planesweep")
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "ViewPrediction", "WindowPrediction", "make_backend",
            "resolve_device"]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError("device is 'cuda' but torch sees no CUDA GPU: set device to 'auto' or 'cpu'")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise BackendError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device(device)
 
 
 def make_backend(name: str, device: str = "auto", **options: Any) -> Backend:

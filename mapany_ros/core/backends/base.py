@@ -17,6 +17,25 @@ class BackendError(RuntimeError):
     """A backend cannot run: missing package, checkpoint, or input it needs (message says fix)."""
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given.
+
+    A CUDA request without a usable GPU is a :class:`BackendError` naming the fix; any other
+    value is a ValueError.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but torch sees no CUDA GPU: set device: cpu (or auto)")
+    return dev
+
+
 @dataclass
 class ViewPrediction:
     """The backend's estimate for one input frame, on the backend's output grid.

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from mapany_ros.core.alignment import Alignment, align_window, rigidify
-from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction
+from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction, resolve_device
 from mapany_ros.core.camera_rays import grid_rays, pixel_rays
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert
@@ -145,17 +145,6 @@ class MapAnythingConfig:
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; an unavailable CUDA request is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(
-            f"device {name!r} requested but CUDA is not available; set device to 'cpu' or 'auto'"
-        )
-    return torch.device(name)
 
 
 def hf_cache_dir(cache_dir: str) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction
+from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction, resolve_device
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import backproject, invert, is_rigid, pixel_rays
 
@@ -122,7 +122,7 @@ class PlaneSweepBackend:
         agreeing depths. ``plane_chunk`` (hypotheses per batch) defaults to what suits the
         device: small on CPU (cache), large on CUDA.
         """
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.num_planes = num_planes
         self.min_depth_m = _float("min_depth_m", min_depth_m)
         self.max_depth_m = _float("max_depth_m", max_depth_m)
@@ -593,18 +593,3 @@ def _float(name: str, x: object) -> float:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """torch.device from a setting; refuses CUDA when this torch cannot use it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(
-            "plane sweep was asked for device cuda but torch sees no CUDA device; set device: cpu"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return dev
