@@ -68,21 +68,27 @@ class Harness:
 
         # Subscriptions captured the bound method: route through the timing wrapper instead.
         for sub in self.node.subscriptions:
-            if sub.topic_name.endswith("image_raw"):
-                sub.callback = lambda m, c="camera": timed(c, m)
+            if sub.topic_name.endswith("/image_raw"):
+                cam = sub.topic_name.strip("/").rsplit("/", 1)[0]
+                sub.callback = lambda m, c=cam: timed(c, m)
+        self.cameras = list(overrides.get("cameras", ["camera"]))
         self.driver = rclpy.create_node("driver", context=context)
-        self.image_pub = self.driver.create_publisher(Image, "camera/image_raw", RELIABLE)
-        self.info_pub = self.driver.create_publisher(CameraInfo, "camera/camera_info", RELIABLE)
+        self.image_pubs = {c: self.driver.create_publisher(Image, f"{c}/image_raw", RELIABLE) for c in self.cameras}
+        self.info_pubs = {c: self.driver.create_publisher(CameraInfo, f"{c}/camera_info", RELIABLE)
+                          for c in self.cameras}
+        self.image_pub, self.info_pub = self.image_pubs[self.cameras[0]], self.info_pubs[self.cameras[0]]
         self.odom_pub = self.driver.create_publisher(Odometry, "odom", RELIABLE)
         self.tf_pub = self.driver.create_publisher(TFMessage, "/tf_static", LATCHED)
-        self.collector = OutputCollector(context=context)
+        self.collectors = {c: OutputCollector(camera=c, node_name=f"collector_{c}", context=context)
+                           for c in self.cameras}
+        self.collector = self.collectors[self.cameras[0]]
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
-        for n in (self.node, self.driver, self.collector):
+        for n in (self.node, self.driver, *self.collectors.values()):
             self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
-        self._wait(lambda: self.image_pub.get_subscription_count() > 0
-                   and self.collector.count_publishers("/camera/depth") > 0)
+        self._wait(lambda: all(p.get_subscription_count() > 0 for p in self.image_pubs.values())
+                   and all(col.count_publishers(f"/{c}/depth") > 0 for c, col in self.collectors.items()))
         time.sleep(0.3)
 
     def _wait(self, cond, timeout: float = 10.0) -> bool:
@@ -93,19 +99,21 @@ class Harness:
             time.sleep(0.02)
         return False
 
-    def header(self, t_s: float) -> Header:
-        return Header(stamp=conv.ns_to_stamp(T0 + int(t_s * 1e9)), frame_id="camera_optical_frame")
+    def header(self, t_s: float, camera: str = "camera") -> Header:
+        return Header(stamp=conv.ns_to_stamp(T0 + int(t_s * 1e9)), frame_id=f"{camera}_optical_frame")
 
-    def info(self, model: CameraModel | None = None, t_s: float = 0.0) -> None:
-        self.info_pub.publish(conv.model_to_camera_info(model or self.model, self.header(t_s)))
+    def info(self, model: CameraModel | None = None, t_s: float = 0.0, camera: str | None = None) -> None:
+        camera = camera or self.cameras[0]
+        self.info_pubs[camera].publish(conv.model_to_camera_info(model or self.model, self.header(t_s, camera)))
 
-    def image(self, t_s: float, rgb: np.ndarray | None = None, **fields) -> Image:
+    def image(self, t_s: float, rgb: np.ndarray | None = None, camera: str | None = None, **fields) -> Image:
+        camera = camera or self.cameras[0]
         if rgb is None:
             rgb = np.full((self.model.height, self.model.width, 3), 128, np.uint8)
-        msg = conv.rgb_to_image_msg(rgb, self.header(t_s))
+        msg = conv.rgb_to_image_msg(rgb, self.header(t_s, camera))
         for k, v in fields.items():
             setattr(msg, k, v)
-        self.image_pub.publish(msg)
+        self.image_pubs[camera].publish(msg)
         return msg
 
     def odom(self, t_s: float, x: float | None = None, pose: np.ndarray | None = None) -> None:
@@ -139,4 +147,5 @@ class Harness:
         self.thread.join(10)
         self.node.destroy_node()
         self.driver.destroy_node()
-        self.collector.destroy_node()
+        for col in self.collectors.values():
+            col.destroy_node()

@@ -100,3 +100,44 @@ def test_slow_backend_with_30hz_input_never_blocks_and_counts_drops(harness_fact
     assert len(p._queue) <= 2 and len(p._waiting) <= p.config.max_waiting_frames
     assert backend.max_active == 1
     assert p.stats.windows_built == p.stats.windows_dropped + len(backend.calls) + len(p._queue)
+
+
+def test_two_synchronised_cameras_share_windows_and_each_gets_its_depth(harness_factory):
+    from core_fakes import RecordingBackend as Backend
+    from node_harness import T0, T_BASE_CAMERA
+    from tf2_msgs.msg import TFMessage
+
+    from mapany_ros.core.geometry import make_pose
+
+    backend = Backend()
+    h = harness_factory(backend, cameras=["left", "right"], **{"sync.tolerance_s": 0.005})
+    T_right = T_BASE_CAMERA @ make_pose(np.eye(3), [0.12, 0.0, 0.0])
+    h.tf_pub.publish(TFMessage(transforms=[
+        conv.matrix_to_transform_stamped(T_BASE_CAMERA, "base_link", "left_optical_frame", T0),
+        conv.matrix_to_transform_stamped(T_right, "base_link", "right_optical_frame", T0)]))
+    for cam in h.cameras:
+        h.info(camera=cam)
+    time.sleep(0.3)
+    stamps = []
+    for i in range(6):
+        t = 1.0 + 0.1 * i
+        h.odom(t)
+        h.odom(t + 0.05)
+        time.sleep(0.01)
+        h.image(t, camera="left")
+        h.image(t + 0.002, camera="right")  # within the sync tolerance
+        h.image(t + 0.05, camera="right")  # an unmatched frame: dropped by the sync
+        stamps.append(T0 + int(t * 1e9))
+        time.sleep(0.03)
+    left, right = h.collectors["left"].out, h.collectors["right"].out
+    assert h._wait(lambda: len(left.depth) >= 6 and len(right.depth) >= 6, 15), h.warnings
+    assert sorted(left.depth) == stamps
+    assert sorted(right.depth) == [s + 2_000_000 for s in stamps]
+    assert all(m.header.frame_id == "right_optical_frame" for m in right.depth.values())
+    # Both cameras of a group go to the backend together, context groups included.
+    for call in backend.calls:
+        assert [f.camera for f in call] == ["left", "right"] * (len(call) // 2)
+        for a, b in zip(call[::2], call[1::2], strict=True):
+            np.testing.assert_allclose(np.linalg.inv(a.T_world_camera) @ b.T_world_camera,
+                                       np.linalg.inv(T_BASE_CAMERA) @ T_right, atol=5e-3)  # 2 ms apart at 1 m/s
+    assert h._wait(lambda: left.path is not None and len(left.path.poses) == 6, 5)

@@ -36,8 +36,9 @@ class Outputs:
 
 
 class OutputCollector(Node):
-    def __init__(self, camera: str = "camera", namespace: str = "", **node_kwargs) -> None:
-        super().__init__("mapany_output_collector", **node_kwargs)
+    def __init__(self, camera: str = "camera", namespace: str = "", node_name: str = "mapany_output_collector",
+                 **node_kwargs) -> None:
+        super().__init__(node_name, **node_kwargs)
         ns = namespace.rstrip("/")
         self.out = Outputs()
         self.lock = threading.Lock()
