@@ -141,3 +141,12 @@ def test_two_synchronised_cameras_share_windows_and_each_gets_its_depth(harness_
             np.testing.assert_allclose(np.linalg.inv(a.T_world_camera) @ b.T_world_camera,
                                        np.linalg.inv(T_BASE_CAMERA) @ T_right, atol=5e-3)  # 2 ms apart at 1 m/s
     assert h._wait(lambda: left.path is not None and len(left.path.poses) == 6, 5)
+
+
+def test_parameters_cannot_change_at_run_time(harness_factory):
+    from rclpy.parameter import Parameter
+
+    h = harness_factory(RecordingBackend())
+    result = h.node.set_parameters([Parameter("window.size", value=4)])[0]
+    assert not result.successful and "restart" in result.reason
+    assert h.node.get_parameter("window.size").value == 3

@@ -19,7 +19,7 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
@@ -75,6 +75,9 @@ class MapanyNode(Node):
             self.declare_parameter(p.name, p.default, _descriptor(p))
         values = {p.name: self.get_parameter(p.name).value for p in PARAMETERS}
         self.config: NodeConfig = validate(values)
+        # Everything is read once at start (the model is loaded with it): refuse changes at run time
+        # instead of silently ignoring them.
+        self.add_on_set_parameters_callback(self._refuse_parameter_changes)
         self._warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._models: dict[str, CameraModel] = {}
@@ -119,6 +122,11 @@ class MapanyNode(Node):
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
         self.pipeline.start()
+
+    def _refuse_parameter_changes(self, params: list) -> SetParametersResult:
+        names = ", ".join(p.name for p in params)
+        reason = f"{names}: mapany_node reads its parameters at start; restart it to change them"
+        return SetParametersResult(successful=False, reason=reason)
 
     # ------------------------------------------------------------------ warnings
     def warn(self, key: str, message: str) -> None:
