@@ -12,7 +12,8 @@ STAMP := $(VENV)/.mapany_ros-installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export FASTDDS_DEFAULT_PROFILES_FILE := $(CURDIR)/config/fastdds_localhost.xml
 export RMW_IMPLEMENTATION := rmw_fastrtps_cpp
-export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import random; print(random.randint(1, 200))')
+# 1..100: the domain's DDS ports then stay below the OS's ephemeral port range.
+export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import random; print(random.randint(1, 100))')
 export ROS_LOG_DIR ?= $(CURDIR)/out/ros_log
 export AMENT_PREFIX_PATH := $(VENV)$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
 export PYTHONDONTWRITEBYTECODE := 1

@@ -217,7 +217,7 @@ def test_profile_env(monkeypatch: pytest.MonkeyPatch) -> None:
     env = localhost_dds_env()
     assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_absolute()
     assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]) == find_profile()
-    assert 1 <= int(env["ROS_DOMAIN_ID"]) <= 200
+    assert 1 <= int(env["ROS_DOMAIN_ID"]) <= 100
     assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
     assert localhost_dds_env(42)["ROS_DOMAIN_ID"] == "42"
     with pytest.raises(ValueError):

@@ -66,8 +66,12 @@ def find_profile() -> Path:
 
 
 def random_domain_id() -> int:
-    """A ROS domain id in 1..200 (valid for FastDDS port arithmetic, avoids the default 0)."""
-    return random.SystemRandom().randint(1, 200)
+    """A ROS domain id in 1..100, avoiding the default 0.
+
+    FastDDS listens on 7400 + 250 * id and the following ports; up to id 100 these stay below
+    Linux's ephemeral range (32768+), where the sockets the OS hands out at random could collide.
+    """
+    return random.SystemRandom().randint(1, 100)
 
 
 def default_log_dir() -> str:
@@ -83,7 +87,7 @@ def localhost_dds_env(domain_id: int | None = None) -> dict[str, str]:
     """Environment variables that confine ROS 2 (FastDDS) to this machine.
 
     Meant for ``subprocess`` environments: ``env = {**os.environ, **localhost_dds_env(d)}``.
-    ``domain_id`` None picks a random id in 1..200. ``ROS_LOG_DIR`` keeps the current value
+    ``domain_id`` None picks a random id in 1..100. ``ROS_LOG_DIR`` keeps the current value
     when there is one. ``RMW_IMPLEMENTATION`` is pinned to FastDDS because the profile only
     means something to FastDDS.
     """
