@@ -70,7 +70,7 @@ class WindowResult:
     output_mask: list[bool]
     #: Correction map -> odom implied by the newest output frame (None without odometry).
     T_map_odom: np.ndarray | None
-    #: Seconds from the window's newest frame reaching the pipeline to its prediction.
+    #: Seconds from the window entering the backend queue to its prediction.
     latency_s: float
 
 

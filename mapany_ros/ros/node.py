@@ -87,7 +87,6 @@ class MapanyNode(Node):
         self._path.header.frame_id = self.config["map_frame"]
         self._out_lock = threading.Lock()
         self._static_tf = StaticTransforms()
-        self._published = {"depth": 0, "points": 0}
         self._last_stats = (time.monotonic(), 0, 0)
 
         self.get_logger().info(f"loading backend {self.config['backend']!r} ...")
@@ -287,8 +286,6 @@ class MapanyNode(Node):
             cloud = conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))
             self.points_pub.publish(cloud)
-            self._published["depth"] += 1
-            self._published["points"] += 1
             T_base_cam = self.pipeline.extrinsic(frame.camera)
             T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
             pose = PoseStamped()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
 from nav_msgs.msg import Odometry
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -99,8 +98,3 @@ class SyntheticSource(Node):
             self.publish_frame(i)
             if on_image is not None:
                 on_image(self.stamp(f.stamp_ns))
-
-
-def gt_pose_at(seq: SyntheticSequence, stamp_ns: int) -> np.ndarray:
-    """Ground-truth T_odom_camera at a sequence stamp."""
-    return seq.scene.camera_pose(stamp_ns * 1e-9)
