@@ -339,14 +339,8 @@ def test_stamps():
     assert conv.stamp_to_ns(Time(sec=1_700_000_000, nanosec=123_456_789)) == 1_700_000_000_123_456_789
 
 
-def test_path_msg():
-    poses = [(1_000_000_000 + i, some_pose(i)) for i in range(3)]
-    path = conv.path_msg(poses, "map")
-    assert path.header.frame_id == "map" and conv.stamp_to_ns(path.header.stamp) == 1_000_000_002
-    assert len(path.poses) == 3
-    for (ns, T), ps in zip(poses, path.poses, strict=True):
+def test_pose_stamped():
+    for i, ns in enumerate((0, 1_000_000_000, 1_700_000_000_123_456_789)):
+        ps = conv.pose_stamped(some_pose(i), "map", ns)
         assert ps.header.frame_id == "map" and conv.stamp_to_ns(ps.header.stamp) == ns
-        np.testing.assert_allclose(conv.pose_to_matrix(ps.pose), T, atol=1e-12)
-    assert conv.stamp_to_ns(conv.path_msg(poses, "map", stamp=5).header.stamp) == 5
-    empty = conv.path_msg([], "odom")
-    assert empty.poses == [] and conv.stamp_to_ns(empty.header.stamp) == 0
+        np.testing.assert_allclose(conv.pose_to_matrix(ps.pose), some_pose(i), atol=1e-12)

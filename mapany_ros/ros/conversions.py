@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import array
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, Transform, TransformStamped, Vector3
-from nav_msgs.msg import Odometry, Path
+from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
@@ -40,9 +39,9 @@ __all__ = [
     "model_to_camera_info",
     "ns_to_stamp",
     "odometry_to_matrix",
-    "path_msg",
     "pointcloud2_from_points",
     "pointcloud2_to_arrays",
+    "pose_stamped",
     "pose_to_matrix",
     "rgb_to_image_msg",
     "stamp_to_ns",
@@ -471,17 +470,6 @@ def matrix_to_transform_stamped(
     return msg
 
 
-def path_msg(poses: Sequence[tuple[int, np.ndarray]], frame_id: str, stamp: Time | int | None = None) -> Path:
-    """nav_msgs/Path from (stamp_ns, 4x4 T_frame_pose) pairs, in the given order.
-
-    The path's own stamp is ``stamp`` or, when None, the last pose's stamp (zero when empty).
-    """
-    path = Path()
-    for pose_ns, T in poses:
-        path.poses.append(
-            PoseStamped(header=Header(stamp=ns_to_stamp(pose_ns), frame_id=frame_id), pose=matrix_to_pose(T))
-        )
-    if stamp is None:
-        stamp = int(poses[-1][0]) if len(poses) else 0
-    path.header = Header(stamp=_as_stamp(stamp), frame_id=frame_id)
-    return path
+def pose_stamped(T: np.ndarray, frame_id: str, stamp: Time | int) -> PoseStamped:
+    """geometry_msgs/PoseStamped of a 4x4 transform (e.g. one entry of a nav_msgs/Path)."""
+    return PoseStamped(header=Header(stamp=_as_stamp(stamp), frame_id=frame_id), pose=matrix_to_pose(T))

@@ -17,7 +17,6 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
@@ -288,11 +287,8 @@ class MapanyNode(Node):
             self.points_pub.publish(cloud)
             T_base_cam = self.pipeline.extrinsic(frame.camera)
             T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
-            pose = PoseStamped()
-            pose.header = Header(stamp=header.stamp, frame_id=map_frame)
-            pose.pose = conv.matrix_to_pose(T_map_body)
             if frame.camera == self.config.pipeline.cameras[0]:
-                self._path.poses.append(pose)
+                self._path.poses.append(conv.pose_stamped(T_map_body, map_frame, frame.stamp_ns))
                 if not self.config["use_odometry"]:
                     child = self.config["base_frame"] if T_base_cam is not None else frame.frame_id
                     transforms.append(conv.matrix_to_transform_stamped(T_map_body, map_frame, child, frame.stamp_ns))
