@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from saved_environ import saved_environ
 
 from mapany_ros.ros.dds import DDS_ENV_VARS, apply_localhost_dds, localhost_dds_env, random_domain_id
 
@@ -27,17 +28,9 @@ def localhost_dds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
 
     The previous environment is restored at the end of the session.
     """
-    saved = {key: os.environ.get(key) for key in DDS_ENV_VARS}
-    os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    env = apply_localhost_dds(random_domain_id())
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with saved_environ(DDS_ENV_VARS):
+        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
+        yield apply_localhost_dds(random_domain_id())
 
 
 @pytest.fixture(scope="session")

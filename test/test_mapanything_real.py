@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from saved_environ import saved_environ
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig
@@ -78,28 +79,23 @@ def test_double_preprocess_matches_upstream(width, height):
 @pytest.fixture(scope="module")
 def backends():
     """One backend per output resolution, loaded once: loading is the slow part."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TORCH_HOME")}
     old_hub = torch.hub.get_dir()
     made = {}
     try:
-        for resolution in ("input", "model"):
-            config = MapAnythingConfig(
-                model_path=MODEL_PATH,
-                cache_dir=CACHE_DIR,
-                device="auto",
-                output_resolution=resolution,
-                warmup=resolution == "input",
-            )
-            t0 = time.perf_counter()
-            made[resolution] = MapAnythingBackend(config)
-            made[f"load_s_{resolution}"] = time.perf_counter() - t0
-        yield made
+        with saved_environ(("HF_HUB_OFFLINE", "TORCH_HOME")):
+            for resolution in ("input", "model"):
+                config = MapAnythingConfig(
+                    model_path=MODEL_PATH,
+                    cache_dir=CACHE_DIR,
+                    device="auto",
+                    output_resolution=resolution,
+                    warmup=resolution == "input",
+                )
+                t0 = time.perf_counter()
+                made[resolution] = MapAnythingBackend(config)
+                made[f"load_s_{resolution}"] = time.perf_counter() - t0
+            yield made
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         torch.hub.set_dir(old_hub)
 
 
