@@ -16,7 +16,7 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
     ],
-    install_requires=["setuptools", "numpy", "scipy", "pillow", "rosbags"],
+    install_requires=["setuptools", "numpy", "scipy", "pillow", "rosbags", "gtsam"],
     extras_require={"test": ["pytest"]},
     python_requires=">=3.10",
     zip_safe=True,
@@ -28,6 +28,11 @@ setup(
         "console_scripts": [
             "mapany_node = mapany_ros.ros.node:main",
             "mapany-ros = mapany_ros.tools.cli:main",
+        ],
+        # Backends by name; third-party packages add theirs to the same group.
+        "mapany_ros.backends": [
+            "mapanything = mapany_ros.core.backends.mapanything:MapAnythingBackend",
+            "planesweep = mapany_ros.core.backends.planesweep:PlaneSweepBackend",
         ],
     },
 )

@@ -40,18 +40,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class ViewPrediction:
     """The backend's estimate for one input frame, on the backend's output grid.
 
-    Tensors live on the backend's device; the ROS layer moves them to the host once.
-    ``depth`` is z-depth in metres (NaN where invalid); ``valid`` marks the pixels worth
-    publishing; ``points_world`` are the back-projected valid and invalid pixels in the
-    window's world frame (same frame as the pose priors when there are any).
+    A backend predicts in a frame of its own choosing ("window frame": a real model anchors its
+    first view, at its own scale); the core's placement stage then moves every view into the
+    map. Tensors live on the backend's device; the ROS layer moves them to the host once.
+    ``depth`` is z-depth in window units (metres when the window is metric; NaN where invalid);
+    ``valid`` marks the pixels worth publishing; ``points_world`` are the back-projected pixels
+    in the window frame; ``T_world_camera`` is the camera in the window frame.
     """
 
-    depth: torch.Tensor  # (h, w) float32, metres, NaN where invalid
+    depth: torch.Tensor  # (h, w) float32, window units, NaN where invalid
     confidence: torch.Tensor  # (h, w) float32, higher is better
     valid: torch.Tensor  # (h, w) bool
     points_world: torch.Tensor  # (h, w, 3) float32
     colors: torch.Tensor  # (h, w, 3) uint8 RGB
-    T_world_camera: np.ndarray  # (4, 4) float64 camera-to-world, OpenCV optical
+    T_world_camera: np.ndarray  # (4, 4) float64 camera-to-window, OpenCV optical
     K: np.ndarray  # (3, 3) float64 intrinsics of the output grid
 
     @property
@@ -65,12 +67,19 @@ class ViewPrediction:
 
 @dataclass
 class WindowPrediction:
-    """Per-frame predictions, in the order of the input frames, plus window-level facts."""
+    """Per-frame predictions, in the order of the input frames, plus window-level facts.
+
+    ``metric`` says whether the window frame's unit is the metre (a metric model, or one that
+    took metric priors); placement then fits SE(3), otherwise Sim(3). ``metric_scale`` is the
+    model's own scale estimate where it reports one. ``alignment_residual_m`` is filled by the
+    placement stage, not by backends.
+    """
 
     views: list[ViewPrediction]
     metric_scale: float | None = None
     alignment_residual_m: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    metric: bool = True
 
     def to_host(self) -> WindowPrediction:
         """The same prediction with every tensor in host memory (pinned when it came from CUDA).
@@ -100,8 +109,11 @@ class WindowPrediction:
 class Backend(Protocol):
     """A multi-view reconstruction model: a window of frames in, one prediction per frame out.
 
-    Implementations load once in ``__init__`` (failing with :class:`BackendError` naming the
-    fix), are called from one worker thread at a time, and never see ROS types.
+    The public plugin interface. Implementations are constructed with the keyword ``device``
+    (a :class:`torch.device`) plus their own options, load once in ``__init__`` (failing with
+    :class:`BackendError` naming the fix), are called from one worker thread at a time, and
+    never see ROS types. ``infer`` may use the frames' priors (``T_world_camera`` in the odometry
+    frame, ``camera_model``, ``depth``) or ignore them, and answers in a frame of its own.
     """
 
     name: str

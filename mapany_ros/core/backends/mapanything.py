@@ -25,17 +25,17 @@ Distortion
     distorted grid: ``ViewPrediction.K`` is then the pinhole part only, and ``points_world`` are
     back-projected along the true distorted rays.
 
-Anchoring
-    Upstream discards the caller's world frame (outputs are anchored on view 0 as predicted, at
-    the model's scale). Every call is re-anchored with :func:`mapany_ros.core.alignment.align_window`
-    against the frames' ``T_world_camera`` (Sim(3) on centres for 3+ spread views, rotation mean
-    when collinear, view-0 anchor otherwise); with no priors the first call's frame is the world.
-    Poses are handed to the model relative to the first posed view, in float64 before the cast
-    to float32, so large odometry coordinates lose no precision. A posed frame is moved to
-    view 0 whenever the model gets any pose (upstream requires it); outputs come back in input order.
+Frame of the outputs
+    Upstream discards the caller's world frame: outputs are anchored on view 0 as predicted, in
+    metres. The adapter returns them in that frame, as every backend returns its own; the core's
+    placement stage (:mod:`mapany_ros.core.placement`) puts every window into the map, for every
+    backend alike. Poses are handed to the model relative to the first posed view, in float64
+    before the cast to float32, so large odometry coordinates lose no precision. A posed frame is
+    moved to view 0 whenever the model gets any pose (upstream requires it); outputs come back in
+    input order.
 
 Outputs
-    ``depth`` is z-depth in world metres (prediction times the alignment scale), NaN where
+    ``depth`` is z-depth in metres, NaN where
     upstream's mask is false (upstream ZEROES those pixels). With ``output_resolution="input"``
     depth, confidence and validity are resampled onto the input camera's pixel grid through ``M``
     (bilinear, a pixel is valid only if every contributing model pixel is), the centre-cropped
@@ -44,10 +44,11 @@ Outputs
 
 Memory
     CUDA: bf16 autocast and memory-efficient heads; on ``torch.cuda.OutOfMemoryError`` the cache is
-    emptied and the window is split in halves that each start with the window's reference view
-    (posed first, and the overlap that aligns the halves when there are no priors); only a pair
-    that still does not fit raises. :meth:`WindowPrediction.to_host` copies a prediction to pinned host memory with
-    one synchronisation.
+    emptied and the window is split in halves that each start with the window's reference view;
+    each half is carried into the first half's frame through the pose and depth it predicts for
+    that shared view. Only a pair that still does not fit raises.
+    :meth:`WindowPrediction.to_host` copies a prediction to pinned host memory with one
+    synchronisation.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mapany_ros.core.alignment import Alignment, align_window, rigidify
+from mapany_ros.core.alignment import Sim3, rigidify
 from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction, resolve_device
 from mapany_ros.core.camera_rays import grid_rays, pixel_rays
 from mapany_ros.core.frames import CameraModel, Frame
@@ -86,14 +87,6 @@ INSTALL_HINT = (
 )
 
 
-class WindowRejected(BackendError):
-    """The window's prediction disagrees with its pose priors by more than ``max_residual_m``."""
-
-    def __init__(self, message: str, residual_m: float) -> None:
-        super().__init__(message)
-        self.residual_m = residual_m
-
-
 @dataclass
 class MapAnythingConfig:
     """Parameters of :class:`MapAnythingBackend` (one ROS parameter each)."""
@@ -108,11 +101,6 @@ class MapAnythingConfig:
     use_pose_prior: bool = True
     use_depth_prior: bool = True
     output_resolution: str = "input"  # "input" | "model"
-    #: Reject a window whose RMS camera-centre residual exceeds this (metres); 0 disables.
-    max_residual_m: float = 0.0
-    #: Let the alignment rescale the prediction to the priors (needs a baseline of min_baseline_m).
-    fit_scale: bool = True
-    min_baseline_m: float = 0.05
     apply_mask: bool = True
     mask_edges: bool = True
     edge_normal_threshold: float = 5.0
@@ -137,8 +125,8 @@ class MapAnythingConfig:
             )
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise BackendError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.max_residual_m < 0 or self.min_baseline_m < 0 or self.min_confidence < 0:
-            raise BackendError("max_residual_m, min_baseline_m and min_confidence must be >= 0")
+        if self.min_confidence < 0:
+            raise BackendError(f"min_confidence must be >= 0, got {self.min_confidence}")
         if not self.model_path and not self.model_id:
             raise BackendError("set model_path or model_id")
 
@@ -383,8 +371,20 @@ class MapAnythingBackend:
     name = "mapanything"
     needs_pose_priors = False
 
-    def __init__(self, config: MapAnythingConfig | None = None) -> None:
-        self.config = config or MapAnythingConfig()
+    def __init__(
+        self, config: MapAnythingConfig | None = None, *, device: str | torch.device | None = None, **options: Any
+    ) -> None:
+        """Either a whole ``config`` or, as every backend plugin, ``device`` plus config fields."""
+        if config is None:
+            if device is not None:
+                options["device"] = str(device)
+            try:
+                config = MapAnythingConfig(**options)
+            except TypeError as exc:
+                raise BackendError(f"unknown MapAnything option: {exc}") from exc
+        elif options or device is not None:
+            raise BackendError("give MapAnythingBackend either a config or device + options, not both")
+        self.config = config
         self.config.validate()
         self.device = resolve_device(self.config.device)
         self._model, self._preprocess = load_model(self.config, self.device)
@@ -396,7 +396,7 @@ class MapAnythingBackend:
     # -- public ---------------------------------------------------------------------------
 
     def infer(self, frames: Sequence[Frame]) -> WindowPrediction:
-        """One prediction per frame, in input order, in the frames' prior world frame."""
+        """One prediction per frame, in input order, in the model's own (view-0 anchored) frame."""
         if not frames:
             raise BackendError("infer() needs at least one frame")
         with self._lock:
@@ -425,41 +425,23 @@ class MapAnythingBackend:
 
         anchored = {i for i, f in enumerate(frames) if f.T_world_camera is not None}
         parts = self._infer_parts(prepared, order, anchored, timings)
-        # The part with the most priors fixes the scale; the others borrow it through the
-        # reference view they all repeat.
-        lead = max(range(len(parts)), key=lambda k: (len(anchored.intersection(parts[k].indices)), -k))
-        parts = [parts[lead], *parts[:lead], *parts[lead + 1 :]]
 
         t0 = time.perf_counter()
-        estimates: dict[int, np.ndarray] = {}
         chosen: dict[int, tuple[dict[str, Any], np.ndarray, float]] = {}
-        residual = 0.0
-        ref_depth_world: torch.Tensor | None = None
+        ref_depth = _masked_depth(parts[0].outputs[0])
+        T_ref0 = _predicted_pose(parts[0].outputs[0])
         for k, part in enumerate(parts):
-            T_pred = [_predicted_pose(out) for out in part.outputs]
-            targets = [
-                frames[i].T_world_camera if frames[i].T_world_camera is not None else estimates.get(i)
-                for i in part.indices
-            ]
-            # Every part after an OOM split repeats the reference view: its depth fixes the
-            # part's scale where its anchors cannot (one anchor, or no priors at all).
-            hint = _depth_ratio(ref_depth_world, part.outputs[0]) if k > 0 else None
-            alignment = align_window(
-                T_pred,
-                targets,
-                with_scale=self.config.fit_scale,
-                min_baseline_m=self.config.min_baseline_m,
-                scale_hint=hint,
-            )
-            self._check_residual(alignment)
-            residual = max(residual, alignment.residual_m)
-            if k == 0:
-                ref_depth_world = _masked_depth(part.outputs[0]) * alignment.transform.scale
-            for i, out, T in zip(part.indices, part.outputs, T_pred, strict=True):
+            # Parts after an OOM split each start with the reference view: the pose and depth they
+            # predict for it carry them into the first part's frame, so the window has one frame.
+            to_first = Sim3.identity()
+            if k > 0:
+                scale = _depth_ratio(ref_depth, part.outputs[0]) or 1.0
+                to_first = Sim3.from_pose(T_ref0) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(
+                    invert(_predicted_pose(part.outputs[0]))
+                )
+            for i, out in zip(part.indices, part.outputs, strict=True):
                 if i not in chosen:
-                    T_world = alignment.transform.apply_pose(T)
-                    estimates[i] = T_world
-                    chosen[i] = (out, T_world, alignment.transform.scale)
+                    chosen[i] = (out, to_first.apply_pose(_predicted_pose(out)), to_first.scale)
         ref_out = parts[0].outputs[0]
         metric_scale = None
         if "metric_scaling_factor" in ref_out:
@@ -468,18 +450,8 @@ class MapAnythingBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["postprocess"] = time.perf_counter() - t0
-        any_prior = any(f.T_world_camera is not None for f in frames)
-        return WindowPrediction(views, metric_scale, residual if any_prior else None, timings)
-
-    def _check_residual(self, alignment: Alignment) -> None:
-        limit = self.config.max_residual_m
-        if limit > 0 and alignment.residual_m > limit:
-            raise WindowRejected(
-                f"window rejected: camera centres disagree with the pose priors by "
-                f"{alignment.residual_m:.3f} m RMS after {alignment.method} alignment of "
-                f"{alignment.num_anchors} views (max_residual_m = {limit})",
-                alignment.residual_m,
-            )
+        # MapAnything predicts metric geometry (its scale head, or the metric priors it was given).
+        return WindowPrediction(views, metric_scale, None, timings, metric=True)
 
     def _prepare(self, frames: list[Frame], order: list[int]) -> list[_Prepared]:
         """Build upstream input views (in model order), run preprocess_inputs, add rays."""
