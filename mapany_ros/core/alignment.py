@@ -74,6 +74,20 @@ class Sim3:
         T = rigidify(T)
         return make_pose(orthonormalize(self.R @ T[:3, :3]), self.scale * self.R @ T[:3, 3] + self.t)
 
+    def inverse(self) -> Sim3:
+        R_inv = self.R.T
+        return Sim3(R_inv, -R_inv @ self.t / self.scale, 1.0 / self.scale)
+
+    def __matmul__(self, other: Sim3) -> Sim3:
+        """Composition: ``(a @ b).apply_points(X) == a.apply_points(b.apply_points(X))``."""
+        return Sim3(self.R @ other.R, self.scale * self.R @ other.t + self.t, self.scale * other.scale)
+
+    @staticmethod
+    def from_pose(T: np.ndarray, scale: float = 1.0) -> Sim3:
+        """Points scaled by ``scale`` about the origin, then moved by the rigid transform T."""
+        T = rigidify(T)
+        return Sim3(T[:3, :3], T[:3, 3], scale)
+
 
 @dataclass(frozen=True)
 class Alignment:
@@ -156,3 +170,87 @@ def align_window(
     sim = Sim3(orthonormalize(R), np.asarray(t, dtype=np.float64), float(s))
     residual = _rms(sim.apply_points(c_p) - c_q)
     return Alignment(sim, residual, _rotation_residual(sim.R, R_p, R_q), method, n)
+
+
+def weighted_similarity(
+    src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, *, scale: float | None = None
+) -> Sim3:
+    """Weighted least-squares ``dst ~ s * R @ src + t`` (Umeyama with per-point weights).
+
+    ``scale`` fixes s instead of fitting it (a rigid fit when 1.0). Rotation and translation are
+    the closed-form optimum for that scale, so a fixed scale costs no extra iteration.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mu_s, mu_d = w @ src, w @ dst
+    xs, xd = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd((xd * w[:, None]).T @ xs)
+    E = np.eye(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        E[2, 2] = -1
+    R = U @ E @ Vt
+    if scale is None:
+        var_s = float(w @ np.sum(xs**2, axis=1))
+        scale = float(np.trace(np.diag(S) @ E) / var_s) if var_s > 0 else 1.0
+    return Sim3(R, mu_d - scale * R @ mu_s, float(scale))
+
+
+#: IRLS weight of a whitened residual r for each robust kernel (threshold k in the same units).
+ROBUST_WEIGHTS = {
+    "none": lambda r, k: np.ones_like(r),
+    "huber": lambda r, k: np.minimum(1.0, k / np.maximum(r, 1e-12)),
+    "cauchy": lambda r, k: 1.0 / (1.0 + (r / k) ** 2),
+    "tukey": lambda r, k: np.where(r < k, (1.0 - (r / k) ** 2) ** 2, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class RobustFit:
+    """A robust similarity fit and how well the points agree with it."""
+
+    transform: Sim3
+    #: Per-point distance after the fit, in dst units.
+    residuals: np.ndarray
+    #: Final IRLS weight of each point (0 = outlier).
+    weights: np.ndarray
+
+
+def robust_similarity(
+    src: np.ndarray,
+    dst: np.ndarray,
+    sigma: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    kernel: str = "cauchy",
+    threshold: float = 2.0,
+    fit_scale: bool = True,
+    iterations: int = 10,
+) -> RobustFit:
+    """Iteratively re-weighted similarity fit of ``src`` onto ``dst`` with a robust kernel.
+
+    ``sigma`` is each point's expected error (e.g. proportional to its depth, as a model's depth
+    error is), so residuals are whitened before the kernel weighs them; ``weights`` are prior
+    confidences. The first iteration is the plain weighted fit; the kernel then suppresses the
+    points that disagree with the consensus (a wrong view, a moving object).
+    """
+    if kernel not in ROBUST_WEIGHTS:
+        raise ValueError(f"robust kernel must be one of {', '.join(ROBUST_WEIGHTS)}, got {kernel!r}")
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    prior = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
+    sigma = np.maximum(np.asarray(sigma, dtype=np.float64), 1e-9)
+    w = prior.copy()
+    sim = Sim3.identity()
+    for _ in range(iterations):
+        if w.sum() <= 0:
+            break
+        sim = weighted_similarity(src, dst, w, scale=None if fit_scale else 1.0)
+        residuals = np.linalg.norm(sim.apply_points(src) - dst, axis=1)
+        w_new = prior * ROBUST_WEIGHTS[kernel](residuals / sigma, threshold)
+        if np.allclose(w_new, w, rtol=1e-4, atol=1e-8):
+            break
+        w = w_new
+    residuals = np.linalg.norm(sim.apply_points(src) - dst, axis=1)
+    return RobustFit(sim, residuals, w)

@@ -32,6 +32,21 @@ class KeyframeSelector:
         self._last_stamp = None
         self._last_pose = None
 
+    def separation(self, stamp_a: int, pose_a: np.ndarray | None, stamp_b: int, pose_b: np.ndarray | None) -> float:
+        """How far apart two groups are in units of the keyframe thresholds (1 = just a new keyframe).
+
+        The largest of elapsed time over ``max_interval_s`` and, with poses, translation and
+        rotation over their thresholds; used to thin keyframes evenly when the backend lags.
+        """
+        sep = abs(stamp_b - stamp_a) * 1e-9 / self.max_interval_s
+        if pose_a is not None and pose_b is not None:
+            rel = invert(pose_a) @ pose_b
+            if self.min_translation_m > 0:
+                sep = max(sep, float(np.linalg.norm(rel[:3, 3])) / self.min_translation_m)
+            if self.min_rotation_deg > 0:
+                sep = max(sep, float(np.degrees(rotation_angle(rel))) / self.min_rotation_deg)
+        return sep
+
     def consider(self, stamp_ns: int, pose: np.ndarray | None) -> bool:
         """True (and remember it) when the group at ``stamp_ns`` with ``pose`` is a keyframe."""
         if self._last_stamp is not None:

@@ -1,19 +1,20 @@
-"""From frames and odometry to backend predictions, with inference off the caller's thread.
+"""From frames and odometry to placed, map-frame predictions, with inference off the caller's thread.
 
 The ROS node calls :meth:`Pipeline.add_frame` / :meth:`Pipeline.add_odometry` from its
-callbacks: these only attach pose priors, synchronise, select keyframes and build windows.
-Full windows go to a bounded queue drained by one worker thread that runs the backend, so a
-slow backend never blocks a callback; when the backend falls behind the oldest queued window
-is dropped and counted.
+callbacks: these only attach odometry priors, synchronise, select keyframes and queue them.
+One worker thread builds each window when the backend is free (placed context + the waiting
+keyframes), runs the backend, places the window in the map (:mod:`mapany_ros.core.placement`)
+and hands the result on. A slow backend never blocks a callback: waiting keyframes are thinned,
+never whole windows dropped, so every window still overlaps a placed one.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +22,11 @@ import numpy as np
 
 from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import invert
 from mapany_ros.core.keyframes import KeyframeSelector
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
+from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStatus, WindowPlacer
 from mapany_ros.core.sync import FrameSync
-from mapany_ros.core.windows import Window, WindowBuilder
+from mapany_ros.core.windows import Group, PendingKeyframes, Window
 
 
 class FrameStatus(enum.Enum):
@@ -56,35 +57,49 @@ class PipelineConfig:
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
     max_waiting_frames: int = 60
+    #: Windows' worth of keyframes that may wait for the backend before keyframes are thinned.
     queue_size: int = 2
     max_window_latency_s: float = 2.0
+    placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
+
+    def __post_init__(self) -> None:
+        self.placement = dataclasses.replace(self.placement, use_odometry=self.use_odometry)
 
 
 @dataclass
 class WindowResult:
-    """A processed window: the frames as received, the prediction, and which views to output."""
+    """A processed window: the frames as received, the placed prediction, and what to output."""
 
     window: Window
     frames: list[Frame]
+    #: Views in the map frame (rejected ones stay as the backend gave them and are not output).
     prediction: WindowPrediction
+    #: Per frame: this window outputs it (a new keyframe) and placement accepted it.
     output_mask: list[bool]
-    #: Correction map -> odom implied by the newest output frame (None without odometry).
-    T_map_odom: np.ndarray | None
-    #: Seconds from the window entering the backend queue to its prediction.
+    placement: PlacedWindow
+    #: Seconds from the window's oldest keyframe being queued to its placed prediction.
     latency_s: float
+
+    @property
+    def T_map_odom(self) -> np.ndarray | None:
+        return self.placement.T_map_odom
 
 
 @dataclass
 class PipelineStats:
     frames_in: int = 0
     keyframes: int = 0
+    keyframes_skipped: int = 0
     windows_built: int = 0
     windows_done: int = 0
-    windows_dropped: int = 0
     windows_failed: int = 0
+    windows_rejected: int = 0
+    views_rejected: int = 0
+    chain_breaks: int = 0
     frames_dropped: int = 0
     resets: int = 0
     backend_time_s: float = 0.0
+    placement_time_s: float = 0.0
     latency_s: float = 0.0
 
 
@@ -92,12 +107,6 @@ class PipelineStats:
 class _Waiting:
     frame: Frame
     arrived: float
-
-
-@dataclass
-class _Queued:
-    window: Window
-    enqueued: float
 
 
 class Pipeline:
@@ -123,15 +132,21 @@ class Pipeline:
         self._keyframes = KeyframeSelector(
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
-        self._windows = WindowBuilder(config.window_size, config.window_overlap)
-        self._waiting: collections.deque[_Waiting] = collections.deque()
+        new_per_window = config.window_size - config.window_overlap
+        self._pending = PendingKeyframes(
+            config.window_size, config.window_overlap, max(config.window_size, config.queue_size * new_per_window),
+            self._separation,
+        )
+        self.placer = WindowPlacer(config.placement, self.extrinsic)
+        self._waiting: deque[_Waiting] = deque()
         self._last_stamp: dict[str, int] = {}
-        #: When the oldest keyframe still waiting for its window arrived (None: none waiting).
-        self._pending_since: float | None = None
-        self._lock = threading.Lock()  # guards everything touched by callbacks and timers
-        self._queue: collections.deque[_Queued] = collections.deque()
-        self._cv = threading.Condition()
-        self._estimated: collections.OrderedDict[tuple[str, int], np.ndarray] = collections.OrderedDict()
+        self._arrival: dict[int, float] = {}  # group stamp -> when its keyframe was queued
+        self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
+        self._cv = threading.Condition(self._lock)
+        self._flush = False
+        self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
+        self._generation = 0  # bumped by every reset: results of an older generation are dropped
+        self._placer_generation = 0
         self._busy = False
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
@@ -148,10 +163,10 @@ class Pipeline:
             self._worker.join(timeout)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until the queue is empty and the backend idle (for tools and tests)."""
+        """Block until no window can be sent and the backend is idle (for tools and tests)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._queue or self._busy:
+            while self._busy or self._ready_locked():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -184,7 +199,7 @@ class Pipeline:
         """Hand over one camera frame; returns its status and whether buffers were reset.
 
         A stamp that goes backwards on a camera (a bag played in a loop) resets every buffer
-        first, so stale odometry, context frames and estimates are never mixed with new ones.
+        first, so stale odometry, context frames and the map are never mixed with new ones.
         """
         with self._lock:
             self.stats.frames_in += 1
@@ -212,20 +227,21 @@ class Pipeline:
             return statuses[-1], reset
 
     def poll(self) -> list[FrameStatus]:
-        """Time-driven work: drop frames whose odometry never came, flush stalled windows."""
-        with self._lock:
+        """Time-driven work: drop frames whose odometry never came, flush stalled keyframes."""
+        with self._cv:
             statuses = self._release_waiting_locked()
-            if (
-                self._pending_since is not None
-                and self._clock() - self._pending_since > self.config.max_window_latency_s
-            ):
-                self._enqueue_locked(self._windows.flush())
+            oldest = self._pending.oldest
+            waited = self._clock() - self._arrival[oldest[0].stamp_ns] if oldest is not None else 0.0
+            if waited > self.config.max_window_latency_s:
+                self._flush = True
+                self._cv.notify_all()
             return statuses
 
     def flush(self) -> None:
         """Send the keyframes still waiting for a window to the backend (end of input)."""
-        with self._lock:
-            self._enqueue_locked(self._windows.flush())
+        with self._cv:
+            self._flush = True
+            self._cv.notify_all()
 
     def reset(self) -> None:
         with self._lock:
@@ -233,27 +249,31 @@ class Pipeline:
 
     def status(self) -> dict[str, float | int | bool]:
         """Counters plus the work in flight, for diagnostics and for tools that wait for idle."""
-        with self._lock, self._cv:
+        with self._lock:
             return {
                 **dataclasses.asdict(self.stats),
                 "frames_waiting_for_odometry": len(self._waiting),
-                "keyframes_pending": self._windows.pending,
-                "windows_queued": len(self._queue),
+                "keyframes_pending": len(self._pending),
                 "backend_busy": self._busy,
             }
 
     # ------------------------------------------------------------------ internals
+    def _separation(self, a: Group, b: Group) -> float:
+        """How far apart two keyframe groups are, in units of the keyframe thresholds (>= 1 = distinct)."""
+        return self._keyframes.separation(a[0].stamp_ns, _pose_of(a), b[0].stamp_ns, _pose_of(b))
+
     def _reset_locked(self) -> None:
         self.stats.resets += 1
         self.odometry.clear()
         self._sync.clear()
         self._keyframes.reset()
-        self._windows.reset()
+        self._pending.clear()
+        self._arrival.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._pending_since = None
-        with self._cv:
-            self._estimated.clear()
+        self._flush = False
+        self._n_context = 0
+        self._generation += 1
 
     def _release_waiting_locked(self) -> list[FrameStatus]:
         statuses = []
@@ -283,70 +303,79 @@ class Pipeline:
 
     def _accept_locked(self, frame: Frame) -> None:
         for group in self._sync.push(frame):
-            pose = group[0].T_world_base if group[0].T_world_base is not None else group[0].T_world_camera
-            if not self._keyframes.consider(group[0].stamp_ns, pose):
+            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
                 continue
             self.stats.keyframes += 1
-            if self._pending_since is None:
-                self._pending_since = self._clock()
-            self._enqueue_locked(self._windows.push(group))
-
-    def _enqueue_locked(self, window: Window | None) -> None:
-        if window is None:
-            return
-        self.stats.windows_built += 1
-        self._pending_since = None
-        with self._cv:
-            if len(self._queue) >= self.config.queue_size:
-                self._queue.popleft()
-                self.stats.windows_dropped += 1
-            self._queue.append(_Queued(window, self._clock()))
+            self._arrival[group[0].stamp_ns] = self._clock()
+            self.stats.keyframes_skipped += self._pending.push(group)
             self._cv.notify_all()
+
+    def _ready_locked(self) -> bool:
+        """A window can be sent: a whole one is waiting, or a flush asks for a partial one."""
+        if self._generation != self._placer_generation:
+            return True  # the worker has to reset the map
+        n = len(self._pending)
+        if n == 0 or (self._n_context == 0 and n == 1 and len(self.config.cameras) == 1):
+            return False  # a multi-view backend needs two views
+        return self._pending.full(self._n_context) or self._flush
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stop:
+                while not self._stop and not self._ready_locked():
                     self._cv.wait()
                 if self._stop:
                     return
-                item = self._queue.popleft()
+                if self._generation != self._placer_generation:
+                    self.placer.reset()
+                    self._placer_generation = self._generation
+                    self._cv.notify_all()
+                    continue
+                new = self._pending.take(self._n_context)
+                if not len(self._pending):
+                    self._flush = False
+                arrived = min(self._arrival.pop(g[0].stamp_ns, self._clock()) for g in new)
+                context = self.placer.context(self._n_context)
+                window = Window(self.stats.windows_built, context + new, len(context))
+                self.stats.windows_built += 1
+                generation = self._generation
                 self._busy = True
             try:
-                self._process(item)
+                self._process(window, arrived, generation)
             except Exception as exc:  # the worker must survive any backend failure
-                self.stats.windows_failed += 1
+                with self._lock:
+                    self.stats.windows_failed += 1
                 self._on_error(exc)
             finally:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
 
-    def _process(self, item: _Queued) -> None:
-        window = item.window
+    def _process(self, window: Window, arrived: float, generation: int) -> None:
         frames = window.frames
-        mask = window.output_mask
-        with self._cv:
-            estimated = dict(self._estimated)
-        # Context frames carry the poses the previous window estimated, so consecutive windows
-        # share one frame of reference.
-        inputs = [
-            dataclasses.replace(f, T_world_camera=estimated[f.key]) if not out and f.key in estimated else f
-            for f, out in zip(frames, mask, strict=True)
-        ]
         t0 = time.perf_counter()
-        # One synchronised copy to (pinned) host memory per window: publishing then never waits on the GPU.
-        prediction = self.backend.infer(inputs).to_host()
-        self.stats.backend_time_s = time.perf_counter() - t0
-        with self._cv:
-            for f, view in zip(frames, prediction.views, strict=True):
-                self._estimated[f.key] = view.T_world_camera
-            while len(self._estimated) > 4 * self.config.window_size * len(self.config.cameras):
-                self._estimated.popitem(last=False)
-        T_map_odom = None
-        for f, view, out in zip(frames, prediction.views, mask, strict=True):
-            if out and f.T_world_camera is not None and f.T_world_base is not None:
-                T_map_odom = view.T_world_camera @ invert(f.T_world_camera)
-        self.stats.windows_done += 1
-        self.stats.latency_s = self._clock() - item.enqueued
-        self._on_result(WindowResult(window, frames, prediction, mask, T_map_odom, self.stats.latency_s))
+        prediction = self.backend.infer(frames)
+        t1 = time.perf_counter()
+        placed = self.placer.place(window.groups, window.n_context, prediction)
+        # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
+        placed.prediction = placed.prediction.to_host()
+        t2 = time.perf_counter()
+        p = self.placer.stats
+        with self._lock:
+            if generation != self._generation:
+                return  # the input restarted while this window was running: its map is gone
+            s = self.stats
+            s.backend_time_s, s.placement_time_s = t1 - t0, t2 - t1
+            s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+            self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
+            if placed.status is PlacementStatus.REJECTED:
+                return
+            s.windows_done += 1
+            s.latency_s = self._clock() - arrived
+        mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
+        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s))
+
+
+def _pose_of(group: Group) -> np.ndarray | None:
+    """The pose keyframe selection looks at: the base with odometry, else none."""
+    return group[0].T_world_base if group[0].T_world_base is not None else group[0].T_world_camera

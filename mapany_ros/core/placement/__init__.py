@@ -1,0 +1,13 @@
+"""Placement: every window, from any backend, moved from its own frame into the map (REP 103/105)."""
+
+from mapany_ros.core.placement.placer import (
+    PlacedWindow,
+    PlacementConfig,
+    PlacementStats,
+    PlacementStatus,
+    WindowPlacer,
+)
+from mapany_ros.core.placement.transform_smoother import TransformSmoother
+
+__all__ = ["PlacedWindow", "PlacementConfig", "PlacementStats", "PlacementStatus", "TransformSmoother",
+           "WindowPlacer"]

@@ -1,0 +1,71 @@
+"""Dense 3D-3D correspondences between a window and the map, through the frames they share.
+
+Every window after the first starts with context frames that an earlier window already placed.
+The model predicts those frames again, so the same pixels have a 3D point in the map (from the
+earlier window) and one in the new window's frame: thousands of correspondences per shared
+frame, weighted by confidence, from which a robust Sim(3)/SE(3) fit places the window. An
+:class:`Anchor` keeps a placed frame's points on a sparse pixel grid (normalised coordinates, so
+any output resolution samples the same pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mapany_ros.core.backends.base import ViewPrediction
+from mapany_ros.core.placement.multiview import sample_grid
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A placed view's points on a sparse pixel grid (host memory).
+
+    In the map frame when ``window`` is None (overlap chaining), else in that window's own frame,
+    in metres (pose-graph links between windows).
+    """
+
+    key: tuple[str, int]
+    T_map_camera: np.ndarray
+    uv: np.ndarray  # (N, 2) pixel centres in [0, 1] image coordinates
+    points: np.ndarray  # (N, 3) map frame
+    depth: np.ndarray  # (N,) map units
+    weight: np.ndarray  # (N,) confidence normalised by the view's median
+    window: int | None = None
+
+
+def normalised_confidence(view: ViewPrediction, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Confidence at the pixels divided by its median: backends use different confidence scales."""
+    conf = view.confidence[rows, cols].float()
+    med = conf.median() if conf.numel() else torch.tensor(1.0)
+    return (conf / med.clamp_min(1e-6)).clamp(0.0, 3.0)
+
+
+def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000, window: int | None = None,
+                scale: float = 1.0) -> Anchor:
+    """An anchor from a view in the map frame, or in window ``window``'s frame times ``scale`` (metres)."""
+    rows, cols = sample_grid(view.valid & torch.isfinite(view.depth), samples)
+    uv = torch.stack([(cols.float() + 0.5) / view.width, (rows.float() + 0.5) / view.height], dim=1)
+    return Anchor(
+        key=key,
+        T_map_camera=view.T_world_camera.copy(),
+        uv=uv.cpu().numpy(),
+        points=view.points_world[rows, cols].double().cpu().numpy() * scale,
+        depth=view.depth[rows, cols].double().cpu().numpy() * scale,
+        weight=normalised_confidence(view, rows, cols).double().cpu().numpy(),
+        window=window,
+    )
+
+
+def correspondences(anchor: Anchor, view: ViewPrediction) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(window points, map points, map depth, weights) at the anchor's pixels where ``view`` is valid."""
+    u = np.clip((anchor.uv[:, 0] * view.width).astype(np.int64), 0, view.width - 1)
+    v = np.clip((anchor.uv[:, 1] * view.height).astype(np.int64), 0, view.height - 1)
+    rows = torch.as_tensor(v, device=view.depth.device)
+    cols = torch.as_tensor(u, device=view.depth.device)
+    ok = (view.valid[rows, cols] & torch.isfinite(view.depth[rows, cols])).cpu().numpy()
+    src = view.points_world[rows, cols].double().cpu().numpy()[ok]
+    weight = np.minimum(anchor.weight[ok], normalised_confidence(view, rows, cols).double().cpu().numpy()[ok])
+    return src, anchor.points[ok], anchor.depth[ok], weight

@@ -1,0 +1,104 @@
+"""Which views of a window disagree with their neighbours' geometry.
+
+A feed-forward model now and then returns one view badly off (a wrong pose, a depth map of the
+wrong scale). Its points then land where no neighbouring view sees a surface. Every view's
+points are projected into every other view of the same window and compared with that view's
+depth: a view is consistent when, with at least one neighbour that sees the same surfaces, most
+of its points fall on the neighbour's surface. Nothing here needs priors, so it works with and
+without odometry, for every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.backends.base import ViewPrediction
+from mapany_ros.core.geometry import invert, make_pose, rotation_angle
+from mapany_ros.core.placement.multiview import ViewStack
+
+
+def agreement_matrix(stack: ViewStack, T: np.ndarray, *, tolerance: float = 0.05, min_overlap: int = 50
+                     ) -> np.ndarray:
+    """A[a, b]: fraction of view a's points seen by view b that lie on b's depth (NaN: overlap too small).
+
+    ``a``, ``b`` index ``stack.candidates``; a point agrees when its depth in view b is within
+    ``tolerance`` (relative) of the depth view b predicts at that pixel.
+    """
+    assoc = stack.associate(T)
+    agree = (assoc.Y[..., 2] - assoc.Q[..., 2]).abs() <= tolerance * assoc.Q[..., 2]
+    seen = assoc.seen.sum(1)
+    frac = (agree & assoc.seen).sum(1).double() / seen.clamp_min(1).double()
+    n = len(stack.candidates)
+    A = np.full((n, n), np.nan)
+    ok = (seen >= min_overlap).cpu().numpy()
+    A[stack.I.cpu().numpy()[ok], stack.J.cpu().numpy()[ok]] = frac.cpu().numpy()[ok]
+    return A
+
+
+def inconsistent_views(views: Sequence[ViewPrediction], candidates: Sequence[int], threshold: float, *,
+                       tolerance: float = 0.08, samples: int = 1500) -> list[int]:
+    """The candidates whose best agreement with any neighbour is below ``threshold`` x the window's median.
+
+    A good view has at least one good neighbour, so its best agreement is high even beside a bad
+    view; a bad view agrees with nobody. Judged against the window's median, so a model whose
+    depth is noisier everywhere is not punished view by view. With fewer than three views there
+    is no consensus to judge by (one of two disagreeing views is wrong, but which?): nothing is
+    rejected here, and the priors (odometry, the placed overlap) decide instead.
+    """
+    if threshold <= 0 or len(candidates) < 3:
+        return []
+    stack = ViewStack(views, candidates, samples)
+    A = agreement_matrix(stack, stack.T0, tolerance=tolerance)
+    best = np.array([np.nanmax(row) if np.any(np.isfinite(row)) else np.nan for row in A])
+    if np.sum(np.isfinite(best)) < 3:
+        return []
+    limit = threshold * np.nanmedian(best)
+    return [i for i, b in zip(stack.candidates, best, strict=True) if np.isfinite(b) and b < limit]
+
+
+def pose_outliers(T: Sequence[np.ndarray], stamps: Sequence[int], *, sigma_m: float, sigma_rad: float,
+                  max_rejections: int | None = None) -> list[int]:
+    """Views whose pose leaves the path their neighbours in time describe (indices into ``T``).
+
+    A robot moves smoothly between keyframes; a view whose predicted pose is far from what its
+    neighbours interpolate (or extrapolate, at the ends) is wrong even where its depth fits the
+    scene (a pose error along a wall leaves every point on the wall). Tolerance: three times the
+    model's pose noise for a difference of poses, plus a quarter of the neighbours' own spacing
+    (a sparse path curves between keyframes). The worst offender goes first, then the rest are
+    judged again without it.
+    """
+    order = sorted(range(len(T)), key=lambda i: stamps[i])
+    keep = list(order)
+    rejected: list[int] = []
+    limit = max_rejections if max_rejections is not None else len(T) // 4
+    while len(keep) >= 4 and len(rejected) < limit:
+        worst, worst_ratio = None, 1.0
+        for k, i in enumerate(keep):
+            a, b = (keep[k - 1], keep[k + 1]) if 0 < k < len(keep) - 1 else (
+                (keep[1], keep[2]) if k == 0 else (keep[-2], keep[-3]))
+            ta, tb = stamps[a], stamps[b]
+            alpha = (stamps[i] - ta) / (tb - ta) if tb != ta else 0.5
+            pred = _lerp_pose(T[a], T[b], alpha)
+            d_t = float(np.linalg.norm(T[i][:3, 3] - pred[:3, 3]))
+            d_r = rotation_angle(invert(pred) @ T[i])
+            spread_t = float(np.linalg.norm(T[a][:3, 3] - T[b][:3, 3]))
+            spread_r = rotation_angle(invert(T[a]) @ T[b])
+            ratio = max(d_t / (3 * np.sqrt(2) * sigma_m + 0.25 * spread_t),
+                        d_r / (3 * np.sqrt(2) * sigma_rad + 0.25 * spread_r))
+            if ratio > worst_ratio:
+                worst, worst_ratio = i, ratio
+        if worst is None:
+            break
+        rejected.append(worst)
+        keep.remove(worst)
+    return rejected
+
+
+def _lerp_pose(Ta: np.ndarray, Tb: np.ndarray, alpha: float) -> np.ndarray:
+    """SE(3) interpolation that also extrapolates (alpha outside [0, 1])."""
+    rel = Rotation.from_matrix(Ta[:3, :3].T @ Tb[:3, :3]).as_rotvec()
+    R = Ta[:3, :3] @ Rotation.from_rotvec(alpha * rel).as_matrix()
+    return make_pose(R, (1 - alpha) * Ta[:3, 3] + alpha * Tb[:3, 3])
