@@ -10,7 +10,7 @@ import torch
 
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import CameraModel, Frame
-from mapany_ros.core.geometry import make_pose
+from mapany_ros.core.geometry import backproject, make_pose, pixel_rays
 
 K = np.array([[50.0, 0, 15.5], [0, 50.0, 11.5], [0, 0, 1]])
 MODEL = CameraModel(32, 24, K, "plumb_bob", np.zeros(5))
@@ -26,7 +26,8 @@ def base_pose(x: float) -> np.ndarray:
 
 
 class RecordingBackend:
-    """Returns each prior pose unchanged (identity when absent); can be made slow or failing."""
+    """Records its calls; predicts each camera at its prior pose (identity when absent) looking at one
+    wall, geometrically consistent so placement accepts it; can be made slow or failing."""
 
     name = "fake"
     needs_pose_priors = False
@@ -48,12 +49,18 @@ class RecordingBackend:
             if self.fail_on is not None and len(self.calls) == self.fail_on:
                 raise RuntimeError("backend failure on purpose")
             time.sleep(self.delay_s)
+            poses = [f.T_world_camera if f.T_world_camera is not None else np.eye(4) for f in frames]
+            # One wall for every window (the plane normal . X = 10 across the first camera's view):
+            # consistent across views and windows while the cameras stay a few metres from the origin.
+            normal = poses[0][:3, 2]
+            offset = 10.0
             views = []
-            for f in frames:
-                depth = torch.full((f.height, f.width), 2.0)
-                T = f.T_world_camera if f.T_world_camera is not None else np.eye(4)
-                views.append(ViewPrediction(depth, torch.ones_like(depth), torch.ones_like(depth, dtype=torch.bool),
-                                            torch.zeros(f.height, f.width, 3),
+            for f, T in zip(frames, poses, strict=True):
+                rays = pixel_rays(f.camera_model.K, f.height, f.width).double() @ torch.as_tensor(T[:3, :3]).T
+                depth = ((offset - normal @ T[:3, 3]) / (rays @ torch.as_tensor(normal))).float()
+                depth = torch.where(depth > 0, depth, torch.full_like(depth, float("nan")))
+                views.append(ViewPrediction(depth, torch.ones_like(depth), torch.isfinite(depth),
+                                            backproject(depth, f.camera_model.K, T),
                                             torch.zeros(f.height, f.width, 3, dtype=torch.uint8), T, f.camera_model.K))
             return WindowPrediction(views)
         finally:

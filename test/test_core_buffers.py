@@ -9,7 +9,7 @@ from mapany_ros.core.geometry import make_pose, rotation_angle
 from mapany_ros.core.keyframes import KeyframeSelector
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.core.sync import FrameSync
-from mapany_ros.core.windows import WindowBuilder
+from mapany_ros.core.windows import PendingKeyframes
 
 
 def test_odometry_interpolates_translation_and_rotation():
@@ -70,22 +70,37 @@ def test_keyframes_by_motion_rotation_and_interval():
     assert sel_nopose.consider(1_000_000_000, None)
 
 
-def test_windows_output_every_keyframe_exactly_once():
-    builder = WindowBuilder(size=5, overlap=2)
-    windows = [w for i in range(18) if (w := builder.push([frame(i * 0.1)])) is not None]
-    last = builder.flush()
-    windows.append(last)
-    outputs = [f.stamp_ns for w in windows for f, out in zip(w.frames, w.output_mask, strict=True) if out]
-    assert outputs == [int(round(i * 0.1 * 1e9)) for i in range(18)]
-    assert [w.n_context for w in windows] == [0, 2, 2, 2, 2, 2]
-    assert [len(w.groups) for w in windows] == [5, 5, 5, 5, 5, 3]
-    # Context is the tail of the previous window.
-    assert [f.key for f in windows[1].frames[:2]] == [f.key for f in windows[0].frames[-2:]]
-    assert builder.flush() is None
+def test_pending_keyframes_fill_windows_oldest_first():
+    pending = PendingKeyframes(size=5, overlap=2, capacity=10, separation=_time_gap)
+    for i in range(7):
+        assert pending.push([frame(i * 0.1)]) == 0
+    assert pending.full(0) and len(pending.take(0)) == 5  # the first window has no context
+    assert not pending.full(2)  # two left: the next window needs 5 - 2 new groups
+    pending.push([frame(0.7)])
+    taken = pending.take(2)
+    assert [g[0].stamp_ns for g in taken] == [int(round(t * 1e9)) for t in (0.5, 0.6, 0.7)]
+    assert len(pending) == 0 and pending.take(2) == []
+
+
+def test_falling_behind_thins_keyframes_evenly_and_keeps_the_newest():
+    pending = PendingKeyframes(size=4, overlap=1, capacity=3, separation=_time_gap)
+    stamps = [0.0, 0.1, 0.15, 0.3, 0.4]
+    skipped = sum(pending.push([frame(t)]) for t in stamps)
+    kept = [g[0].stamp_ns for g in pending.take(1)]
+    assert skipped == 2
+    # 0.1 goes first (removing it leaves 0.0 -> 0.15, the smallest gap), then 0.3 (0.15 -> 0.4);
+    # the newest keyframe always stays, and what is left spans the whole time range.
+    assert kept == [0, int(0.15e9), int(0.4e9)]
+
+
+def _time_gap(a, b) -> float:
+    return abs(b[0].stamp_ns - a[0].stamp_ns) * 1e-9
 
 
 def test_window_arguments_are_validated():
     with pytest.raises(ValueError, match="overlap"):
-        WindowBuilder(size=4, overlap=4)
+        PendingKeyframes(size=4, overlap=4, capacity=8, separation=_time_gap)
     with pytest.raises(ValueError, match="size"):
-        WindowBuilder(size=1, overlap=0)
+        PendingKeyframes(size=1, overlap=0, capacity=8, separation=_time_gap)
+    with pytest.raises(ValueError, match="capacity"):
+        PendingKeyframes(size=4, overlap=1, capacity=2, separation=_time_gap)

@@ -41,8 +41,10 @@ def test_frames_get_interpolated_pose_priors_and_windows_run_on_the_worker():
     np.testing.assert_allclose(first.T_world_camera[:3, 3], [0.025 + 0.1, 0, 0.5], atol=1e-9)
     outputs = [f.stamp_ns for r in results for f, o in zip(r.frames, r.output_mask, strict=True) if o]
     assert len(outputs) == len(set(outputs)) == 19
-    for r in results:  # exact odometry and an identity backend: map -> odom is identity
-        np.testing.assert_allclose(r.T_map_odom, np.eye(4), atol=1e-9)
+    # Every prior the backend sees is the odometry's, context frames included (never a map estimate).
+    for call in backend.calls:
+        for f in call:
+            np.testing.assert_allclose(f.T_world_base[:3, 3], [f.stamp_ns * 1e-9, 0, 0], atol=1e-9)
 
 
 def test_frame_waits_for_odometry_then_times_out():
@@ -75,24 +77,29 @@ def test_stamps_going_backwards_reset_everything():
     assert len(p.odometry) == 0 and status is FrameStatus.WAITING
 
 
-def test_slow_backend_never_blocks_callers_and_drops_oldest_windows():
+def test_slow_backend_never_blocks_callers_and_thins_keyframes_instead_of_dropping_windows():
     backend = RecordingBackend(delay_s=0.3)
-    p, results = make(backend, use_odometry=False, window_size=2, window_overlap=0, max_interval_s=0.001,
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
                       queue_size=2)
     p.start()
     worst = 0.0
+    start = time.perf_counter()
     for i in range(90):  # 3 s of 30 Hz input
         t0 = time.perf_counter()
         p.add_frame(frame(i / 30))
         worst = max(worst, time.perf_counter() - t0)
-        time.sleep(1 / 30)
-    queued = len(p._queue)
+        time.sleep(max(0.0, start + (i + 1) / 30 - time.perf_counter()))
+    waiting = len(p._pending)
     p.stop()
     assert worst < 0.05, f"add_frame blocked for {worst * 1e3:.0f} ms"
-    assert queued <= 2
+    assert waiting <= 2 * (3 - 1)
     assert backend.max_active == 1
-    assert p.stats.windows_dropped >= 20 and len(backend.calls) >= 5
-    assert p.stats.windows_built == p.stats.windows_dropped + len(backend.calls) + queued
+    assert p.stats.keyframes_skipped >= 40 and len(backend.calls) >= 5
+    # No window is dropped: every one built ran; every one after the first starts with the
+    # newest keyframe the previous one placed.
+    assert p.stats.windows_built - len(backend.calls) <= 1
+    for prev, call in zip(backend.calls, backend.calls[1:], strict=False):
+        assert call[0].key == prev[-1].key
 
 
 def test_backend_failure_is_counted_and_the_worker_survives():
@@ -109,24 +116,20 @@ def test_backend_failure_is_counted_and_the_worker_survives():
     assert len(results) == 1
 
 
-def test_context_frames_carry_previous_estimates():
-    class Shift(RecordingBackend):
-        def infer(self, frames):
-            pred = super().infer(frames)
-            for v in pred.views:
-                v.T_world_camera = v.T_world_camera @ make_pose(np.eye(3), [0, 0, 1.0])
-            return pred
-
-    backend = Shift()
-    p, _ = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001)
+def test_after_a_failed_window_the_next_reattaches_to_the_last_placed_keyframes():
+    backend = RecordingBackend(fail_on=2)
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
+                      queue_size=8)
     p.start()
-    for i in range(5):
-        p.add_frame(frame(i * 0.1, pose=None))
-    p.wait_idle(5)
+    for i in range(9):
+        p.add_frame(frame(i * 0.1))
+        p.wait_idle(5)
     p.stop()
-    ctx = backend.calls[1][0]
-    assert ctx.stamp_ns == backend.calls[0][-1].stamp_ns
-    np.testing.assert_allclose(ctx.T_world_camera[:3, 3], [0, 0, 1.0])
+    calls = [[f.key for f in c] for c in backend.calls]
+    assert p.stats.windows_failed == 1 and len(calls) >= 3
+    # Window 2 failed: window 3 starts from window 1's newest keyframe, not window 2's.
+    assert calls[2][0] == calls[0][-1]
+    assert calls[1][0] == calls[0][-1]
 
 
 def test_partial_window_is_flushed_by_the_age_of_its_oldest_keyframe():
@@ -135,14 +138,17 @@ def test_partial_window_is_flushed_by_the_age_of_its_oldest_keyframe():
     cfg = PipelineConfig(use_odometry=False, window_size=8, window_overlap=2, max_interval_s=0.001,
                          max_window_latency_s=1.5, queue_size=8)
     p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
+    p.start()
     clock[0] = 200.0  # the node waited long for its first input: that alone must not flush
     p.add_frame(frame(0.0))
     p.add_frame(frame(0.1))
     p.poll()
-    assert p.stats.windows_built == 0
     clock[0] = 201.0
     p.poll()
-    assert p.stats.windows_built == 0
+    time.sleep(0.2)
+    assert p.wait_idle(5) and backend.calls == []
     clock[0] = 201.6  # the oldest waiting keyframe is now 1.6 s old
     p.poll()
-    assert p.stats.windows_built == 1 and p._windows.pending == 0
+    assert p.wait_idle(5)
+    p.stop()
+    assert p.stats.windows_built == 1 and len(p._pending) == 0 and len(backend.calls) == 1

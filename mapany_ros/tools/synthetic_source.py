@@ -2,7 +2,9 @@
 
 Publishes ``camera/image_raw`` (rgb8), ``camera/camera_info``, ``odom`` at a higher rate than
 the camera, and the static chain base_link -> camera_link -> camera_optical_frame on /tf_static,
-all stamped on one timeline so the node sees what a real robot sends.
+all stamped on one timeline so the node sees what a real robot sends. Odometry can be exact or
+what real wheel odometry is: drifting (:class:`~mapany_ros.core.synthetic.DriftingOdometry`),
+late (published after the images it covers) and irregular (jittered intervals).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 from nav_msgs.msg import Odometry
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -19,7 +22,7 @@ from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.geometry import invert, make_pose
-from mapany_ros.core.synthetic import SyntheticSequence
+from mapany_ros.core.synthetic import DriftingOdometry, SyntheticSequence
 from mapany_ros.ros import conversions as conv
 
 #: REP 103: a camera_link (x forward, z up) to its optical frame (z forward, x right, y down).
@@ -34,9 +37,16 @@ class SyntheticSource(Node):
     """Plays a :class:`SyntheticSequence` onto ROS topics in (scaled) real time."""
 
     def __init__(self, seq: SyntheticSequence, camera: str = "camera", base_frame: str = "base_link",
-                 odom_frame: str = "odom", odom_rate_hz: float = 50.0, stamp_offset_ns: int | None = None) -> None:
-        super().__init__("synthetic_source")
+                 odom_frame: str = "odom", odom_rate_hz: float = 50.0, stamp_offset_ns: int | None = None,
+                 odometry: DriftingOdometry | None = None, odom_delay_s: float = 0.0, odom_jitter: float = 0.0,
+                 **node_kwargs) -> None:
+        super().__init__("synthetic_source", **node_kwargs)
         self.seq = seq
+        #: None: exact odometry (the scene's true base pose).
+        self.drifting = odometry
+        self.odom_delay_s = odom_delay_s
+        self.odom_jitter = odom_jitter
+        self._rng = np.random.default_rng(0)
         self.camera = camera
         self.base_frame, self.odom_frame = base_frame, odom_frame
         self.optical_frame = f"{camera}_optical_frame"
@@ -64,7 +74,8 @@ class SyntheticSource(Node):
         msg = Odometry()
         msg.header = Header(stamp=conv.ns_to_stamp(self.stamp(t_ns)), frame_id=self.odom_frame)
         msg.child_frame_id = self.base_frame
-        msg.pose.pose = conv.matrix_to_pose(self.seq.scene.base_pose(t_ns * 1e-9))
+        t = t_ns * 1e-9
+        msg.pose.pose = conv.matrix_to_pose(self.drifting.pose(t) if self.drifting else self.seq.scene.base_pose(t))
         return msg
 
     def publish_frame(self, index: int, image: Image | None = None) -> None:
@@ -88,13 +99,17 @@ class SyntheticSource(Node):
         time.sleep(0.2)
         dt_odom = int(1e9 / self.odom_rate_hz)
         t_odom = frames[0].stamp_ns - 2 * dt_odom
+        lead_ns = int((odom_lead_s - self.odom_delay_s) * 1e9)
         start = time.monotonic()
         for i, f in enumerate(frames):
-            while t_odom <= f.stamp_ns + odom_lead_s * 1e9:
+            while t_odom <= f.stamp_ns + lead_ns:
                 self.odom_pub.publish(self.odometry(t_odom))
-                t_odom += dt_odom
+                t_odom += int(dt_odom * (1.0 + self.odom_jitter * self._rng.uniform(-1.0, 1.0)))
             due = start + (f.stamp_ns - frames[0].stamp_ns) * 1e-9 / speed
             time.sleep(max(0.0, due - time.monotonic()))
             self.publish_frame(i)
             if on_image is not None:
                 on_image(self.stamp(f.stamp_ns))
+        while t_odom <= frames[-1].stamp_ns + max(lead_ns, 0) + dt_odom:  # late odometry still covers the last image
+            self.odom_pub.publish(self.odometry(t_odom))
+            t_odom += dt_odom

@@ -1,0 +1,246 @@
+"""Placement with a real model's errors: every window, from its own frame into one map.
+
+The backend is :class:`model_simulator.ModelSimulator`: true geometry in a random frame per window,
+per-window scale error, per-view pose noise, smooth depth noise and one badly wrong view in about
+ten windows. It ignores every prior it gets, so nothing here passes by passing priors through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from core_fakes import RecordingBackend
+from model_simulator import ModelSimulator
+from placement_scenarios import ate, drive, path_length, step_errors
+from scipy.spatial.transform import Rotation
+
+from mapany_ros.core.alignment import Sim3, robust_similarity
+from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.frames import Frame
+from mapany_ros.core.geometry import backproject, invert, make_pose, rotation_angle
+from mapany_ros.core.placement import PlacementConfig, PlacementStatus, TransformSmoother, WindowPlacer
+from mapany_ros.core.placement.placer import R_BODY_OPTICAL
+from mapany_ros.core.synthetic import DriftingOdometry, OdometryErrors, SyntheticScene, make_camera_model
+
+
+@pytest.fixture(scope="module")
+def scene() -> SyntheticScene:
+    return SyntheticScene(0)
+
+
+def rejected_keys(run) -> set[tuple[int, int]]:
+    return {(r.window.index, i) for r in run.results for i in r.placement.rejected_views}
+
+
+def assert_bad_views_rejected(run, sim: ModelSimulator) -> None:
+    assert sim.log.bad_views, "the scenario injected no bad view"
+    missed = [(b.call, b.index) for b in sim.log.bad_views if (b.call, b.index) not in rejected_keys(run)]
+    assert not missed, f"bad views kept: {missed}"
+
+
+def assert_continuous(run, errors: np.ndarray) -> None:
+    """No jump where windows meet: the steps that cross a window boundary are no worse than the
+    ones inside a window, which only carry the model's own per-view noise.
+
+    The simulator gives every view 2 cm RMS of independent pose error; where geometry cannot
+    correct it (a camera seeing only a wall and the floor cannot be slid along the wall) a step
+    between two views keeps sqrt(2) x that, so a rare step beyond 5 cm is the model's, not a jump.
+    """
+    stamps = run.stamps
+    crossing = np.array([run.window_of[a] != run.window_of[b] for a, b in zip(stamps, stamps[1:], strict=False)])
+    assert np.mean(errors > 0.05) <= 0.01, f"{np.sum(errors > 0.05)} of {len(errors)} steps off by more than 5 cm"
+    assert errors.max() <= 0.08, f"a step is off by {errors.max() * 100:.1f} cm"
+    assert np.sqrt(np.mean(errors[crossing] ** 2)) <= 1.5 * np.sqrt(np.mean(errors[~crossing] ** 2)) + 0.005
+
+
+# --------------------------------------------------------------------------- without odometry
+
+
+def test_without_odometry_two_loops_stay_metric_and_continuous(scene):
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
+    run = drive(scene, sim)
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    rmse, _ = ate(est, truth, stamps)
+    _, scale = ate(est, truth, stamps, with_scale=True)
+    length = path_length(truth)
+    assert length > 20.0 and len(stamps) > 250
+    assert rmse <= 0.015 * length, f"ATE {rmse:.3f} m over {length:.1f} m"
+    assert abs(scale - 1.0) <= 0.02, f"scale off by {abs(scale - 1) * 100:.1f} %"
+    assert_continuous(run, step_errors(est, truth, stamps))
+    assert_bad_views_rejected(run, sim)
+    s = run.pipeline.stats
+    assert s.chain_breaks == 0 and s.windows_failed == 0
+    assert len(stamps) >= s.keyframes - s.views_rejected - 1
+
+
+def test_without_odometry_non_metric_windows_chain_with_one_scale(scene):
+    sim = ModelSimulator(scene=scene, metric=False, noise_seed=2)
+    run = drive(scene, sim, loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    rmse, scale = ate(est, truth, stamps, with_scale=True)
+    assert rmse <= 0.015 * path_length(truth)
+    # Arbitrary window scales (0.3x .. 3x) come out as one map scale: the first window's.
+    first = sim.log.frames[0][0]
+    assert abs(scale * first - 1.0) < 0.05, (scale, first)
+    assert run.pipeline.stats.chain_breaks == 0
+
+
+def test_slow_backend_skips_keyframes_but_never_breaks_the_chain(scene):
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=3, delay_s=0.4)
+    run = drive(scene, sim, loops=0.5, pace=4.0, queue_size=1)
+    s = run.pipeline.stats
+    assert s.keyframes_skipped > 20, s
+    assert s.chain_breaks == 0 and s.windows_failed == 0
+    calls = sim.log.calls
+    placed_before: set = set()
+    for call, result in zip(calls, run.results, strict=False):
+        if placed_before:  # every window after the first starts from placed keyframes
+            assert result.window.n_context == 2 and call[0] in placed_before and call[1] in placed_before
+        placed_before |= {f.key for f, ok in zip(result.frames, result.placement.accepted, strict=True) if ok}
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    assert ate(est, truth, stamps)[0] <= 0.015 * path_length(truth)
+
+
+def test_a_window_that_cannot_attach_is_rejected_then_the_map_continues_from_its_last_pose():
+    cam = make_camera_model(64, 48)
+    placer = WindowPlacer(PlacementConfig(use_odometry=False, refine_poses=False, view_consistency=0),
+                          lambda c: None)
+    frames = [Frame(np.zeros((48, 64, 3), np.uint8), i, "camera", "cam", cam) for i in range(6)]
+
+    def window(poses, depth=2.0):
+        views = []
+        for T in poses:
+            d = torch.full((48, 64), depth)
+            views.append(ViewPrediction(d, torch.ones_like(d), torch.ones_like(d, dtype=torch.bool),
+                                        backproject(d, cam.K, T), torch.zeros(48, 64, 3, dtype=torch.uint8), T, cam.K))
+        return WindowPrediction(views)
+
+    step = [make_pose(np.eye(3), [0.1 * i, 0, 0]) for i in range(6)]
+    first = placer.place([[f] for f in frames[:3]], 0, window(step[:3]))
+    assert first.status is PlacementStatus.STARTED
+    last_placed = first.prediction.views[2].T_world_camera
+    # The next windows see the shared frame at half the depth: their overlap cannot fit.
+    broken = [[frames[1]], [frames[2]], [frames[3]]]
+    second = placer.place(broken[:], 2, window(step[1:4], depth=1.0))
+    assert second.status is PlacementStatus.REJECTED and not any(second.accepted)
+    third = placer.place(broken[:], 2, window(step[1:4], depth=1.0))
+    assert third.status is PlacementStatus.RELOCALISED and placer.stats.chain_breaks == 1
+    # Continued from the newest placed pose of the shared frame, not restarted at the origin.
+    np.testing.assert_allclose(third.prediction.views[1].T_world_camera, last_placed, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_extrinsic", [True, False])
+def test_without_odometry_the_map_is_rep103_at_the_first_keyframe(with_extrinsic):
+    T_base_cam = make_pose(R_BODY_OPTICAL @ Rotation.from_euler("x", -5, degrees=True).as_matrix(), [0.3, 0, 0.5])
+    placer = WindowPlacer(PlacementConfig(use_odometry=False), lambda c: T_base_cam if with_extrinsic else None)
+    backend = RecordingBackend()
+    cam = make_camera_model(32, 24)
+    G = make_pose(Rotation.random(random_state=4).as_matrix(), [3.0, -1.0, 2.0])  # the model's own frame
+    frames = [Frame(np.zeros((24, 32, 3), np.uint8), i, "camera", "cam", cam,
+                    T_world_camera=G @ make_pose(np.eye(3), [0, 0, 0.1 * i])) for i in range(3)]
+    pred = backend.infer(frames)
+    for f in frames:
+        f.T_world_camera = None
+    placed = placer.place([[f] for f in frames], 0, pred)
+    T_map_cam0 = placed.prediction.views[0].T_world_camera
+    expected = T_base_cam if with_extrinsic else make_pose(R_BODY_OPTICAL, np.zeros(3))
+    np.testing.assert_allclose(T_map_cam0, expected, atol=1e-6)
+    # The camera looks along map +x (forward), and map z is up.
+    forward = placed.prediction.views[2].T_world_camera[:3, 3] - T_map_cam0[:3, 3]
+    assert forward[0] > 0.19 and abs(forward[1]) < 1e-6
+
+
+# --------------------------------------------------------------------------- with odometry
+
+
+def test_drifting_odometry_is_corrected_by_the_model(scene):
+    errors = OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0, noise_m=0.005, noise_deg=0.2, seed=5)
+    odometry = DriftingOdometry(scene.base_pose, errors)
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=4)
+    run = drive(scene, sim, odometry=odometry, rate_hz=10.0)
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    odo = [odometry.pose(s * 1e-9) for s in stamps]
+    ate_est, ate_odo = ate(est, truth, stamps)[0], ate(odo, truth, stamps)[0]
+    assert ate_est <= 0.5 * ate_odo, f"path ATE {ate_est:.3f} m vs odometry {ate_odo:.3f} m"
+    # map -> odom is the drift: compared with the truth, not with identity.
+    t_end = stamps[-1] * 1e-9
+    T_true = scene.base_pose(t_end) @ invert(odometry.pose(t_end))
+    T_est = run.results[-1].T_map_odom
+    err = np.linalg.norm(T_est[:3, 3] - T_true[:3, 3])
+    assert err < 0.5 * np.linalg.norm(T_true[:3, 3]), (err, T_true[:3, 3])
+    assert np.degrees(rotation_angle(invert(T_true) @ T_est)) < 0.5 * np.degrees(rotation_angle(T_true))
+    assert_bad_views_rejected(run, sim)
+
+
+def test_exact_odometry_and_a_backend_that_agrees_leave_the_map_on_odometry():
+    """A regression test of frame handling: extrinsic, odometry and window frames composed right
+    give zero correction; swapping base and camera, or inverting a pose anywhere, does not."""
+    backend = RecordingBackend()
+    cam = make_camera_model(32, 24)
+    T_base_cam = make_pose(R_BODY_OPTICAL, [0.2, 0.0, 0.5])
+    placer = WindowPlacer(PlacementConfig(use_odometry=True), lambda c: T_base_cam)
+    groups = []
+    for i in range(6):
+        T_odom_base = make_pose(Rotation.from_euler("z", 4 * i, degrees=True).as_matrix(), [0.1 * i, 0.02 * i, 0])
+        groups.append([Frame(np.zeros((24, 32, 3), np.uint8), i, "camera", "cam", cam,
+                             T_world_camera=T_odom_base @ T_base_cam, T_world_base=T_odom_base)])
+    frames = [g[0] for g in groups]
+    G = make_pose(Rotation.random(random_state=7).as_matrix(), [1.0, 2.0, 3.0])
+    pred = backend.infer([Frame(f.image, f.stamp_ns, f.camera, f.frame_id, cam, T_world_camera=G @ f.T_world_camera)
+                          for f in frames])
+    placed = placer.place(groups, 0, pred)
+    assert placed.status is PlacementStatus.PLACED and all(placed.accepted)
+    np.testing.assert_allclose(placed.T_map_odom, np.eye(4), atol=1e-6)
+    for f, v in zip(frames, placed.prediction.views, strict=True):
+        np.testing.assert_allclose(v.T_world_camera, f.T_world_camera, atol=1e-6)
+
+
+def test_a_window_far_from_odometry_is_rejected_and_the_graph_keeps_its_keyframes():
+    backend = RecordingBackend()
+    cam = make_camera_model(32, 24)
+    placer = WindowPlacer(PlacementConfig(use_odometry=True, max_residual_m=0.2, refine_poses=False,
+                                          view_consistency=0), lambda c: np.eye(4))
+    groups = [[Frame(np.zeros((24, 32, 3), np.uint8), i, "camera", "cam", cam,
+                     T_world_camera=make_pose(np.eye(3), [0.2 * i, 0, 0]),
+                     T_world_base=make_pose(np.eye(3), [0.2 * i, 0, 0]))] for i in range(5)]
+    # The model says the robot went twice as far as odometry: 0.4 m off at the end of the window.
+    pred = backend.infer([Frame(g[0].image, i, "camera", "cam", cam,
+                                T_world_camera=make_pose(np.eye(3), [0.4 * i, 0, 0])) for i, g in enumerate(groups)])
+    placed = placer.place(groups, 0, pred)
+    assert placed.status is PlacementStatus.REJECTED and "odometry" in placed.message
+    assert placer.stats.windows_rejected == 1
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_robust_similarity_ignores_a_third_of_gross_outliers():
+    rng = np.random.default_rng(0)
+    truth = Sim3(Rotation.random(random_state=1).as_matrix(), np.array([1.0, -2.0, 0.5]), 1.3)
+    src = rng.uniform(-2, 2, size=(600, 3))
+    dst = truth.apply_points(src) + rng.normal(scale=0.005, size=src.shape)
+    dst[:200] += rng.uniform(-1, 1, size=(200, 3))
+    fit = robust_similarity(src, dst, np.full(600, 0.01))
+    assert abs(fit.transform.scale - 1.3) < 2e-3
+    np.testing.assert_allclose(fit.transform.R, truth.R, atol=2e-3)
+    assert np.mean(fit.weights[:200] < 0.1) > 0.9 and np.mean(fit.weights[200:] > 0.5) > 0.9
+
+
+def test_transform_smoother_takes_the_first_value_then_glides_without_jumps():
+    smoother = TransformSmoother(time_constant_s=0.5)
+    assert smoother.value(0.0) is None
+    smoother.set_target(np.eye(4))
+    np.testing.assert_allclose(smoother.value(0.0), np.eye(4))
+    target = make_pose(Rotation.from_euler("z", 10, degrees=True).as_matrix(), [0.3, 0, 0])
+    smoother.set_target(target)
+    previous = np.eye(4)
+    for k in range(1, 61):  # 3 s at 20 Hz
+        T = smoother.value(0.05 * k)
+        assert np.linalg.norm(T[:3, 3] - previous[:3, 3]) < 0.035
+        previous = T
+    np.testing.assert_allclose(previous, target, atol=2e-3)
