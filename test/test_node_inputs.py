@@ -75,9 +75,9 @@ def test_stamps_going_backwards_reset_with_one_warning(harness_factory, caplog):
     assert sorted(h.collector.out.depth) == sorted(first + second)
 
 
-def test_slow_backend_with_30hz_input_never_blocks_and_counts_drops(harness_factory):
+def test_slow_backend_with_30hz_input_never_blocks_and_thins_keyframes(harness_factory):
     backend = RecordingBackend(delay_s=0.4)
-    h = harness_factory(backend, **{"window.size": 2, "window.overlap": 0, "window.queue_size": 2,
+    h = harness_factory(backend, **{"window.size": 3, "window.overlap": 1, "window.queue_size": 2,
                                      "keyframe.min_translation_m": 0.0, "keyframe.max_interval_s": 0.01,
                                      "odometry.max_wait_s": 1.0})
     h.info()
@@ -94,10 +94,11 @@ def test_slow_backend_with_30hz_input_never_blocks_and_counts_drops(harness_fact
     p = h.node.pipeline
     assert len(h.callback_s) >= 60
     assert max(h.callback_s) < 0.1, f"image callback took {max(h.callback_s) * 1e3:.0f} ms"
-    assert p.stats.windows_dropped > 0
-    assert len(p._queue) <= 2 and len(p._waiting) <= p.config.max_waiting_frames
+    assert p.stats.keyframes_skipped > 0
+    assert len(p._pending) <= 2 * (3 - 1) and len(p._waiting) <= p.config.max_waiting_frames
     assert backend.max_active == 1
-    assert p.stats.windows_built == p.stats.windows_dropped + len(backend.calls) + len(p._queue)
+    # Windows are never dropped: every one built went to the backend (one may still be running).
+    assert p.stats.windows_built - len(backend.calls) in (0, 1)
 
 
 def test_two_synchronised_cameras_share_windows_and_each_gets_its_depth(harness_factory):

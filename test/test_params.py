@@ -76,6 +76,12 @@ def test_launch_file_parameters_and_remappings_exist_on_the_node():
         ({"window.overlap": 8}, "window.overlap"),
         ({"window.size": 1}, r"window.size = 1: must be in \[2"),
         ({"backend": "vggt"}, "backend = 'vggt': must be one of mapanything, planesweep"),
+        ({"backend": "my pkg:Model"}, "package.module:ClassName"),
+        ({"use_odometry": False, "window.overlap": 0}, "window.overlap: 2"),
+        ({"backend": "pkg.mod:Model", "backend_options": "[1, 2]"}, "backend_options"),
+        ({"backend": "pkg.mod:Model", "backend_options": "{a: [}"}, "not valid YAML"),
+        ({"placement.robust_kernel": "l1"}, "placement.robust_kernel"),
+        ({"tf.rate_hz": 0.0}, "tf.rate_hz"),
         ({"device": "tpu"}, "device"),
         ({"planesweep.min_depth_m": 20.0}, "min_depth_m"),
         ({"backend": "planesweep", "use_odometry": False}, "use_odometry: true"),
@@ -83,12 +89,22 @@ def test_launch_file_parameters_and_remappings_exist_on_the_node():
         ({"cameras": ["a", "a"]}, "distinct"),
         ({"map_frame": "/map"}, "map_frame"),
         ({"qos.reliability": "sometimes"}, "qos.reliability"),
-        ({"alignment.max_residual_m": -1.0}, "alignment.max_residual_m"),
+        ({"placement.max_residual_m": -1.0}, "placement.max_residual_m"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_message_naming_them(change, message):
     with pytest.raises(ParameterError, match=message):
         validate({**defaults(), **change})
+
+
+def test_a_plugin_backend_gets_its_options_and_the_placement_its_parameters():
+    config = validate({**defaults(), "backend": "my_models.vggt:VggtBackend",
+                       "backend_options": "{checkpoint: /opt/vggt.pt, window: 12}",
+                       "placement.view_sigma_m": 0.02, "odometry.sigma_rotation_deg_per_m": 2.0})
+    assert config.backend_options == {"checkpoint": "/opt/vggt.pt", "window": 12}
+    assert config.pipeline.placement.view_sigma_m == 0.02
+    assert config.pipeline.placement.odom_sigma_deg_per_m == 2.0
+    assert config.pipeline.placement.use_odometry
 
 
 def test_every_range_is_consistent_with_its_default():

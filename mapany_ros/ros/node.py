@@ -29,6 +29,7 @@ from mapany_ros.core.backends import BackendError, make_backend
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import FrameStatus, Pipeline, WindowResult
+from mapany_ros.core.placement import PlacementStatus, TransformSmoother
 from mapany_ros.ros import conversions as conv
 from mapany_ros.ros.params import PARAMETERS, NodeConfig, ParameterError, validate
 from mapany_ros.ros.static_tf import StaticTransforms
@@ -82,9 +83,10 @@ class MapanyNode(Node):
         self._models: dict[str, CameraModel] = {}
         #: Recent registered depth images per camera, matched to colour images by stamp.
         self._depth_priors: dict[str, collections.deque[tuple[int, np.ndarray]]] = {}
-        self._path = Path()
-        self._path.header.frame_id = self.config["map_frame"]
+        #: Path poses by image stamp, so pose-graph corrections can move earlier ones.
+        self._path: dict[int, np.ndarray] = {}
         self._out_lock = threading.Lock()
+        self._map_odom = TransformSmoother(self.config["tf.smoothing_s"])
         self._static_tf = StaticTransforms()
         self._last_stats = (time.monotonic(), 0, 0)
 
@@ -114,11 +116,14 @@ class MapanyNode(Node):
         self.path_pub = self.create_publisher(Path, "path", OUTPUT_QOS)
         self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
-        self._last_dropped = 0
+        self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
+                             "windows_failed": 0}
         #: Facts about the newest published window (scale, alignment residual, backend timings).
         self._last_window: dict[str, object] = {}
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
+        if self.config["use_odometry"]:
+            self.create_timer(1.0 / self.config["tf.rate_hz"], self._publish_map_odom)
         self.pipeline.start()
 
     def _refuse_parameter_changes(self, params: list) -> SetParametersResult:
@@ -215,7 +220,8 @@ class MapanyNode(Node):
         if reset:
             self.get_logger().warning(f"{cam}/image_raw stamp went backwards (bag loop or restart): buffers reset")
             with self._out_lock:
-                self._path.poses = []
+                self._path.clear()
+                self._map_odom.reset()
         if status is FrameStatus.DROPPED_NO_EXTRINSIC:
             self.warn(f"extrinsic/{cam}", f"{cam}/image_raw dropped: no transform {self.config['base_frame']} -> "
                       f"{msg.header.frame_id} on /tf_static yet (needed with use_odometry)")
@@ -230,16 +236,28 @@ class MapanyNode(Node):
     def _on_timer(self) -> None:
         self._report(self.pipeline.poll())
 
+    def _publish_map_odom(self) -> None:
+        """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate."""
+        now = self.get_clock().now()
+        with self._out_lock:
+            T = self._map_odom.value(now.nanoseconds * 1e-9)
+        if T is None:
+            return
+        stamp = now.nanoseconds + int(self.config["tf.future_tolerance_s"] * 1e9)
+        self.tf_pub.publish(TFMessage(transforms=[conv.matrix_to_transform_stamped(
+            T, self.config["map_frame"], self.config["odom_frame"], stamp)]))
+
     def _on_backend_error(self, exc: Exception) -> None:
         self.warn(f"backend/{type(exc).__name__}", f"window not published: {type(exc).__name__}: {exc}")
 
     def _log_stats(self) -> None:
         status = self.pipeline.status()
         diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
-        behind = status["windows_dropped"] > self._last_dropped
-        self._last_dropped = status["windows_dropped"]
-        diag.level = DiagnosticStatus.WARN if behind else DiagnosticStatus.OK
-        diag.message = "backend behind: windows dropped" if behind else "ok"
+        new = {k: int(status[k]) - v for k, v in self._last_counts.items()}
+        self._last_counts = {k: int(status[k]) for k in self._last_counts}
+        problems = [f"{n} {k.replace('_', ' ')}" for k, n in new.items() if n > 0]
+        diag.level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
+        diag.message = "since last report: " + ", ".join(problems) if problems else "ok"
         diag.values = [KeyValue(key=k, value=str(v)) for k, v in {**status, **self._last_window}.items()]
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[diag]))
         s = self.pipeline.stats
@@ -250,9 +268,12 @@ class MapanyNode(Node):
         self.get_logger().info(
             f"in {(s.frames_in - frames) / dt:.1f} img/s, {(s.windows_done - windows) / dt:.2f} windows/s, "
             f"backend {s.backend_time_s * 1e3:.0f} ms, latency {s.latency_s * 1e3:.0f} ms, keyframes {s.keyframes}, "
-            f"dropped frames {s.frames_dropped}, windows dropped {s.windows_dropped} failed {s.windows_failed}"
-            + (f", metric scale {self._last_window['last_metric_scale']}, alignment residual "
-               f"{self._last_window['last_alignment_residual_m']} m" if self._last_window else "")
+            f"dropped frames {s.frames_dropped}, keyframes skipped {s.keyframes_skipped}, windows failed "
+            f"{s.windows_failed} rejected {s.windows_rejected}, views rejected {s.views_rejected}, chain breaks "
+            f"{s.chain_breaks}"
+            + (f", metric scale {self._last_window['last_metric_scale']}, placement scale "
+               f"{self._last_window['last_placement_scale']}, residual "
+               f"{self._last_window['last_placement_residual_m']} m" if self._last_window else "")
         )
 
     # ------------------------------------------------------------------ outputs (worker thread)
@@ -261,17 +282,21 @@ class MapanyNode(Node):
             self._publish_locked(result)
 
     def _publish_locked(self, result: WindowResult) -> None:
-        pred = result.prediction
+        pred, placement = result.prediction, result.placement
         self._last_window = {
             "last_window_views": len(pred.views),
             "last_metric_scale": "n/a" if pred.metric_scale is None else f"{pred.metric_scale:.4f}",
-            "last_alignment_residual_m": "n/a" if pred.alignment_residual_m is None
-            else f"{pred.alignment_residual_m:.4f}",
+            "last_placement": placement.status.name.lower(),
+            "last_placement_scale": f"{placement.scale:.4f}",
+            "last_placement_residual_m": "n/a" if placement.residual_m is None else f"{placement.residual_m:.4f}",
             **{f"last_{k}_ms": f"{v * 1e3:.1f}" for k, v in pred.timings_s.items()},
+            "last_placement_ms": f"{self.pipeline.stats.placement_time_s * 1e3:.1f}",
         }
+        if placement.status is PlacementStatus.RELOCALISED:
+            self.get_logger().error(f"map chain broken ({placement.message}): continued from the last placed pose")
         map_frame = self.config["map_frame"]
         transforms = []
-        for frame, view, out in zip(result.frames, result.prediction.views, result.output_mask, strict=True):
+        for frame, view, out in zip(result.frames, pred.views, result.output_mask, strict=True):
             if not out:
                 continue
             header = Header(stamp=conv.ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
@@ -288,22 +313,30 @@ class MapanyNode(Node):
             T_base_cam = self.pipeline.extrinsic(frame.camera)
             T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
             if frame.camera == self.config.pipeline.cameras[0]:
-                self._path.poses.append(conv.pose_stamped(T_map_body, map_frame, frame.stamp_ns))
+                self._path[frame.stamp_ns] = T_map_body
                 if not self.config["use_odometry"]:
                     child = self.config["base_frame"] if T_base_cam is not None else frame.frame_id
                     transforms.append(conv.matrix_to_transform_stamped(T_map_body, map_frame, child, frame.stamp_ns))
-        newest = max((f.stamp_ns for f, o in zip(result.frames, result.output_mask, strict=True) if o), default=None)
-        if result.T_map_odom is not None and newest is not None:
-            transforms.append(conv.matrix_to_transform_stamped(
-                result.T_map_odom, map_frame, self.config["odom_frame"], newest))
+        for stamp, T_map_base in placement.corrections.items():  # the pose graph moved earlier keyframes
+            if stamp in self._path:
+                self._path[stamp] = T_map_base
+        if placement.T_map_odom is not None:
+            self._map_odom.set_target(placement.T_map_odom)
         if transforms:
             self.tf_pub.publish(TFMessage(transforms=transforms))
-        if newest is not None:
-            self._path.header.stamp = conv.ns_to_stamp(newest)
-            self.path_pub.publish(self._path)
+        if any(result.output_mask):
+            self.path_pub.publish(self._path_msg())
+
+    def _path_msg(self) -> Path:
+        stamps = sorted(self._path)
+        msg = Path(poses=[conv.pose_stamped(self._path[s], self.config["map_frame"], s) for s in stamps])
+        msg.header = Header(stamp=conv.ns_to_stamp(stamps[-1]), frame_id=self.config["map_frame"])
+        return msg
 
     def destroy_node(self) -> None:
-        self.pipeline.stop()
+        pipeline = getattr(self, "pipeline", None)  # absent when start-up failed before it was built
+        if pipeline is not None:
+            pipeline.stop()
         super().destroy_node()
 
 
@@ -312,7 +345,7 @@ def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     try:
         node = MapanyNode()
-    except (ParameterError, BackendError) as exc:
+    except (ParameterError, BackendError) as exc:  # one clear message, no second traceback
         rclpy.logging.get_logger("mapany_node").fatal(str(exc))
         rclpy.try_shutdown()
         return 2

@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mapany_ros.core.backends import BACKENDS
+import yaml
+
+from mapany_ros.core.backends import BACKENDS, is_backend_name
 from mapany_ros.core.pipeline import PipelineConfig
+from mapany_ros.core.placement import PlacementConfig
+from mapany_ros.core.placement.pose_graph import KERNELS
 
 
 class ParameterError(ValueError):
@@ -35,8 +39,11 @@ class Param:
 
 
 PARAMETERS: tuple[Param, ...] = (
-    Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights) or planesweep "
-          "(classical multi-view stereo, no weights, needs odometry).", choices=BACKENDS),
+    Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights), planesweep (classical "
+          "multi-view stereo, no weights, needs odometry), a name registered under the entry-point group "
+          "mapany_ros.backends, or a plugin class as package.module:ClassName."),
+    Param("backend_options", "", "Keyword arguments for a plugin backend's constructor, as a YAML mapping "
+          "(e.g. '{checkpoint: /opt/model.pt}'); the built-ins take their own parameters below."),
     Param("device", "auto", "Torch device: auto picks CUDA when present.", choices=("auto", "cpu", "cuda")),
     Param("cameras", ["camera"], "Camera namespaces; each C subscribes C/image_raw and C/camera_info."),
     Param("use_odometry", True, "Use odom (nav_msgs/Odometry) + /tf_static extrinsics as metric pose priors."),
@@ -55,6 +62,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across.", 0.001, 10.0),
     Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp before it is dropped.",
           0.0, 10.0),
+    Param("odometry.sigma_translation", 0.05, "Odometry translation error, as a fraction of the distance driven "
+          "(pose-graph noise).", 0.001, 1.0),
+    Param("odometry.sigma_rotation_deg_per_m", 5.0, "Odometry heading error per metre driven (pose-graph noise).",
+          0.01, 180.0),
     Param("qos.reliability", "best_effort", "Reliability of the image, camera_info and odom subscriptions "
           "(sensor data QoS when best_effort).", choices=("best_effort", "reliable")),
     Param("qos.depth", 5, "History depth of the input subscriptions.", 1, 1000),
@@ -74,11 +85,43 @@ PARAMETERS: tuple[Param, ...] = (
     Param("mapanything.use_depth", True, "Feed the registered depth topic C/depth_prior when it is present."),
     Param("mapanything.output_resolution", "input", "Publish depth at the input camera's resolution or the "
           "model's.", choices=("input", "model")),
-    Param("alignment.max_residual_m", 0.5, "Reject a window whose re-anchoring residual exceeds this (0 = never).",
-          0.0, 100.0),
+    Param("placement.max_residual_m", 0.5, "Reject a window whose placement residual exceeds this: RMS distance to "
+          "odometry, or median distance to the placed overlap (0 = never).", 0.0, 100.0),
+    Param("placement.view_consistency", 0.85, "Reject a view whose best depth agreement with a neighbour is below "
+          "this fraction of the window's median, or that leaves its neighbours' path (0 = keep all).", 0.0, 1.0),
+    Param("placement.refine_poses", True, "Refine each window's view poses so their depth maps agree "
+          "(point-to-plane, unobserved directions left alone)."),
+    Param("placement.robust_kernel", "cauchy", "Robust kernel of the pose graph and the overlap fit.",
+          choices=KERNELS),
+    Param("placement.robust_threshold", 2.0, "Kernel width, in standard deviations.", 0.1, 100.0),
+    Param("placement.view_sigma_m", 0.05, "Expected position error of one view of the model (pose-graph noise, "
+          "outlier tests).", 0.001, 10.0),
+    Param("placement.view_sigma_deg", 1.0, "Expected orientation error of one view of the model.", 0.01, 90.0),
+    Param("placement.metric_scale_sigma", 0.03, "Expected scale error of one metric window (how much each window "
+          "may correct the map's scale without odometry).", 0.001, 1.0),
+    Param("placement.graph_windows", 4, "Windows kept in the sliding-window pose graph (with odometry).", 1, 100),
+    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
+    Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
+          "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
+    Param("tf.smoothing_s", 0.5, "Time constant with which map -> odom glides to each new drift estimate.",
+          0.0, 60.0),
 )
 
 BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def plugin_options(text: str) -> dict[str, Any]:
+    """``backend_options`` as keyword arguments: a YAML mapping with string keys (empty: none)."""
+    if not text.strip():
+        return {}
+    try:
+        options = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"backend_options is not valid YAML ({exc}); give a mapping like "
+                             "'{key: value}'") from exc
+    if not isinstance(options, dict) or not all(isinstance(k, str) and k.isidentifier() for k in options):
+        raise ParameterError(f"backend_options = {text!r}: must be a YAML mapping of keyword names to values")
+    return options
 
 
 @dataclass(frozen=True)
@@ -97,6 +140,9 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     """Check every value and the constraints between them; build the configs."""
     for name, value in values.items():
         BY_NAME[name].check(value)
+    if not is_backend_name(values["backend"]):
+        raise ParameterError(f"backend = {values['backend']!r}: must be one of {', '.join(BACKENDS)}, a name "
+                             "registered under mapany_ros.backends, or package.module:ClassName")
     cams = list(values["cameras"])
     if not cams or any(not c or not isinstance(c, str) for c in cams) or len(set(cams)) != len(cams):
         raise ParameterError(f"cameras = {cams!r}: must be a non-empty list of distinct names")
@@ -104,6 +150,9 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         raise ParameterError("window.overlap must be smaller than window.size")
     if values["planesweep.min_depth_m"] >= values["planesweep.max_depth_m"]:
         raise ParameterError("planesweep.min_depth_m must be smaller than planesweep.max_depth_m")
+    if not values["use_odometry"] and values["window.overlap"] < 1:
+        raise ParameterError("window.overlap = 0 with use_odometry: false: windows could not be chained into one "
+                             "map; set window.overlap: 2 (at least 1) or use_odometry: true")
     if values["backend"] == "planesweep" and not values["use_odometry"]:
         raise ParameterError("backend planesweep needs pose priors: set use_odometry: true (odom topic and "
                              "/tf_static extrinsics) or use backend mapanything")
@@ -124,8 +173,23 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         odom_max_wait_s=values["odometry.max_wait_s"],
         queue_size=values["window.queue_size"],
         max_window_latency_s=values["window.max_latency_s"],
+        placement=PlacementConfig(
+            max_residual_m=values["placement.max_residual_m"],
+            view_consistency=values["placement.view_consistency"],
+            refine_poses=values["placement.refine_poses"],
+            robust_kernel=values["placement.robust_kernel"],
+            robust_threshold=values["placement.robust_threshold"],
+            view_sigma_m=values["placement.view_sigma_m"],
+            view_sigma_deg=values["placement.view_sigma_deg"],
+            metric_scale_sigma=values["placement.metric_scale_sigma"],
+            odom_sigma_ratio=values["odometry.sigma_translation"],
+            odom_sigma_deg_per_m=values["odometry.sigma_rotation_deg_per_m"],
+            graph_windows=values["placement.graph_windows"],
+        ),
     )
-    if values["backend"] == "planesweep":
+    if values["backend"] not in BACKENDS:
+        options = plugin_options(values["backend_options"])
+    elif values["backend"] == "planesweep":
         options = {
             "num_planes": values["planesweep.num_planes"],
             "min_depth_m": values["planesweep.min_depth_m"],
@@ -142,6 +206,5 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             "use_pose_prior": values["mapanything.use_pose"],
             "use_depth_prior": values["mapanything.use_depth"],
             "output_resolution": values["mapanything.output_resolution"],
-            "max_residual_m": values["alignment.max_residual_m"],
         }
     return NodeConfig(values, pipeline, options)

@@ -101,9 +101,9 @@ class OutputCollector(Node):
         if when <= t or not s:
             return False
         settled = int(s["windows_built"]) == (
-            int(s["windows_done"]) + int(s["windows_dropped"]) + int(s["windows_failed"]))
-        return (settled and s["backend_busy"] == "False" and int(s["windows_queued"]) == 0
-                and int(s["keyframes_pending"]) == 0 and int(s["frames_waiting_for_odometry"]) == 0)
+            int(s["windows_done"]) + int(s["windows_rejected"]) + int(s["windows_failed"]))
+        return (settled and s["backend_busy"] == "False" and int(s["keyframes_pending"]) == 0
+                and int(s["frames_waiting_for_odometry"]) == 0)
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_message

@@ -1,0 +1,121 @@
+"""mapany_node as its own process with a third-party backend plugin and drifting, late, irregular odometry.
+
+The backend is this folder's model simulator, named ``model_simulator:ModelSimulator`` exactly as a
+user names their own model: it predicts in its own frame with a real model's errors and ignores
+every prior. Over loopback DDS the published path must beat the odometry it was given, and
+map -> odom must come steadily and glide.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from placement_scenarios import ate
+
+from mapany_ros.core.synthetic import (
+    DriftingOdometry,
+    OdometryErrors,
+    SyntheticFrame,
+    SyntheticScene,
+    SyntheticSequence,
+    make_camera_model,
+)
+from mapany_ros.ros import conversions as conv
+
+pytestmark = pytest.mark.ros
+TEST_DIR = Path(__file__).resolve().parent
+
+
+def blank_sequence(scene: SyntheticScene, duration_s: float, rate_hz: float, width: int, height: int
+                   ) -> SyntheticSequence:
+    """The scene's trajectory with blank images: the simulator needs only the stamps."""
+    seq = SyntheticSequence(scene, make_camera_model(width, height), scene.T_base_camera.copy())
+    for i in range(int(duration_s * rate_hz)):
+        t = i / rate_hz
+        T = scene.base_pose(t)
+        seq.frames.append(SyntheticFrame(int(round(t * 1e9)), np.zeros((height, width, 3), np.uint8),
+                                         np.zeros((height, width), np.float32), T, T @ scene.T_base_camera))
+    return seq
+
+
+def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_path, ros_subprocess_env,
+                                                                           rclpy_context):
+    from rclpy.executors import MultiThreadedExecutor
+
+    from mapany_ros.tools.collector import OutputCollector
+    from mapany_ros.tools.synthetic_source import SyntheticSource
+
+    scene = SyntheticScene(0)
+    seq = blank_sequence(scene, duration_s=scene.trajectory.loop_length_m / scene.trajectory.speed_mps,
+                         rate_hz=10.0, width=64, height=48)
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0,
+                                                                noise_m=0.005, noise_deg=0.2, seed=3), t0_s=-1.0)
+    stamp_offset = time.time_ns() + 10**10
+    params = {"/**": {"ros__parameters": {
+        "backend": "model_simulator:ModelSimulator",
+        "backend_options": yaml.safe_dump({"seed": 0, "stamp_offset_ns": stamp_offset, "noise_seed": 4},
+                                          default_flow_style=True),
+        "device": "cpu", "qos": {"reliability": "reliable", "depth": 100}, "stats_period_s": 1.0,
+        "odometry": {"max_wait_s": 1.0},
+    }}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    env = {**ros_subprocess_env, "PYTHONPATH": os.pathsep.join([str(TEST_DIR), ros_subprocess_env["PYTHONPATH"]])}
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
+                             str(params_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    source = SyntheticSource(seq, stamp_offset_ns=stamp_offset, odometry=odometry, odom_delay_s=0.15,
+                             odom_jitter=0.3, context=rclpy_context)
+    collector = OutputCollector(context=rclpy_context)
+    executor = MultiThreadedExecutor(num_threads=2, context=rclpy_context)
+    for n in (source, collector):
+        executor.add_node(n)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    try:
+        deadline = time.monotonic() + 60
+        while source.image_pub.get_subscription_count() == 0 or collector.count_publishers("/path") == 0:
+            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the node did not come up"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        source.play(speed=2.0)
+        t_end = time.monotonic()
+        while not collector.node_idle_since(t_end + 1.5):
+            assert time.monotonic() < t_end + 120, "the node did not finish"
+            time.sleep(0.2)
+    finally:
+        node.terminate()
+        node.wait(15)
+        executor.shutdown()
+        spin.join(10)
+        log.close()
+    text = (tmp_path / "node.log").read_text()
+    assert "model_simulator" in text and "Traceback" not in text, text[-3000:]
+
+    path = collector.out.path
+    assert path is not None and path.header.frame_id == "map" and len(path.poses) > 40
+    stamps = [conv.stamp_to_ns(p.header.stamp) for p in path.poses]
+    est = [conv.pose_to_matrix(p.pose) for p in path.poses]
+    truth = [scene.base_pose((s - stamp_offset) * 1e-9) for s in stamps]
+    odo = [odometry.pose((s - stamp_offset) * 1e-9) for s in stamps]
+    ate_path, ate_odo = ate(est, truth, stamps)[0], ate(odo, truth, stamps)[0]
+    print(f"published path ATE {ate_path:.3f} m over {len(stamps)} keyframes, odometry ATE {ate_odo:.3f} m")
+    assert ate_path <= 0.5 * ate_odo, f"published path ATE {ate_path:.3f} m, odometry's {ate_odo:.3f} m"
+
+    map_odom = sorted((stamp, T) for parent, child, stamp, T in collector.out.tf if (parent, child) == ("map", "odom"))
+    times = np.array([s for s, _ in map_odom]) * 1e-9
+    span = times[-1] - times[0]
+    assert span > 5 and len(times) / span >= 10.0, f"{len(times)} map -> odom in {span:.1f} s"
+    steps = [np.linalg.norm(a[:3, 3] - b[:3, 3]) for (_, a), (_, b) in zip(map_odom, map_odom[1:], strict=False)]
+    print(f"map -> odom: {len(times) / span:.1f} Hz, largest step {max(steps) * 100:.2f} cm")
+    assert max(steps) < 0.05, f"map -> odom jumped {max(steps) * 100:.1f} cm"
+    assert collector.status.get("chain_breaks") == "0"
