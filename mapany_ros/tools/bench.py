@@ -8,6 +8,9 @@ Measured as ratios within one run (these machines are noisy):
 3. Per-keyframe node overhead (conversion, windowing, packing, publishing) as a fraction of the
    backend's time at 640x480, with the real node, the planesweep backend and a subscriber in
    another process (target <= 5 %).
+4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
+5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
+   against a real model's errors (:mod:`mapany_ros.tools.bench_placement`).
 """
 
 from __future__ import annotations
@@ -345,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = bench_node_overhead(tmp)
     from mapany_ros.tools.bench_mapanything import bench_adapter
+    from mapany_ros.tools.bench_placement import bench_placement
 
     print("[bench] MapAnything adapter ...", flush=True)
     results["extra_sections"] = [bench_adapter()]
+    print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
+    results["extra_sections"].append(bench_placement())
     (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
     env = " ".join(f"{k}={os.environ[k]}" for k in ("MAPANY_BENCH_MODEL_PATH", "MAPANY_TEST_MODEL_PATH")
                    if os.environ.get(k))

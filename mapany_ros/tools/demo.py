@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--start", type=float, default=4.0,
                     help="where on the robot's trajectory the recording starts, seconds (the robot is already moving)")
     ap.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
+    ap.add_argument("--odom-delay", type=float, default=0.1,
+                    help="odometry arrives this many seconds after the images it covers (late, as real odometry)")
+    ap.add_argument("--odom-jitter", type=float, default=0.3,
+                    help="odometry intervals vary by up to this fraction (irregular, as real odometry)")
     ap.add_argument("--params", type=Path, default=None, help="node parameters file (default config/demo.yaml)")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(bag_path)
-    source = SyntheticSource(seq)
+    source = SyntheticSource(seq, odom_delay_s=args.odom_delay, odom_jitter=args.odom_jitter)
     collector = OutputCollector()
     recorder = BagRecorder(bag_path, {
         "/camera/image_raw": Image, "/camera/camera_info": CameraInfo, "/odom": Odometry, "/tf_static": TFMessage,
