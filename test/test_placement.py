@@ -216,6 +216,22 @@ def test_a_window_far_from_odometry_is_rejected_and_the_graph_keeps_its_keyframe
     assert placer.stats.windows_rejected == 1
 
 
+def test_metric_views_a_thousand_times_too_deep_are_rejected_even_when_consistent():
+    """Depth in millimetres read as metres: views still agree with each other (everything is far
+    away, parallax vanishes), so only plausibility catches it."""
+    backend = RecordingBackend()
+    cam = make_camera_model(32, 24)
+    placer = WindowPlacer(PlacementConfig(use_odometry=True), lambda c: np.eye(4))
+    groups = [[Frame(np.zeros((24, 32, 3), np.uint8), i, "camera", "cam", cam,
+                     T_world_camera=make_pose(np.eye(3), [0.1 * i, 0, 0]),
+                     T_world_base=make_pose(np.eye(3), [0.1 * i, 0, 0]))] for i in range(4)]
+    pred = backend.infer([g[0] for g in groups])
+    for v in pred.views:
+        v.depth, v.points_world = v.depth * 1000, v.points_world * 1000
+    placed = placer.place(groups, 0, pred)
+    assert not any(placed.accepted) and sorted(placed.rejected_views) == [0, 1, 2, 3]
+
+
 # --------------------------------------------------------------------------- pieces
 
 

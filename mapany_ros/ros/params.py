@@ -89,6 +89,8 @@ PARAMETERS: tuple[Param, ...] = (
           "odometry, or median distance to the placed overlap (0 = never).", 0.0, 100.0),
     Param("placement.view_consistency", 0.85, "Reject a view whose best depth agreement with a neighbour is below "
           "this fraction of the window's median, or that leaves its neighbours' path (0 = keep all).", 0.0, 1.0),
+    Param("placement.max_depth_m", 100.0, "Reject a view of a metric model whose median depth is beyond this "
+          "(a unit slip, millimetres read as metres) (0 = no limit).", 0.0, 1e5),
     Param("placement.refine_poses", True, "Refine each window's view poses so their depth maps agree "
           "(point-to-plane, unobserved directions left alone)."),
     Param("placement.robust_kernel", "cauchy", "Robust kernel of the pose graph and the overlap fit.",
@@ -176,6 +178,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         placement=PlacementConfig(
             max_residual_m=values["placement.max_residual_m"],
             view_consistency=values["placement.view_consistency"],
+            max_depth_m=values["placement.max_depth_m"],
             refine_poses=values["placement.refine_poses"],
             robust_kernel=values["placement.robust_kernel"],
             robust_threshold=values["placement.robust_threshold"],

@@ -423,7 +423,9 @@ class MapAnythingBackend:
         prepared = self._prepare(frames, order)
         timings["preprocess"] = time.perf_counter() - t0
 
-        anchored = {i for i, f in enumerate(frames) if f.T_world_camera is not None}
+        # Views the model gets a pose for: an OOM split shares them out between the halves.
+        posed = self._uses_poses(frames)
+        anchored = {i for i, f in enumerate(frames) if posed and f.T_world_camera is not None}
         parts = self._infer_parts(prepared, order, anchored, timings)
 
         t0 = time.perf_counter()
@@ -607,7 +609,7 @@ class MapAnythingBackend:
     def _view_prediction(
         self, frame: Frame, prep: _Prepared, out: dict[str, Any], T_world: np.ndarray, scale: float
     ) -> ViewPrediction:
-        """Upstream's per-view dict -> ViewPrediction in the world frame at the chosen resolution."""
+        """Upstream's per-view dict -> ViewPrediction in the model's own frame at the chosen resolution."""
         cfg = self.config
         depth = out["depth_z"].reshape(out["depth_z"].shape[-3], out["depth_z"].shape[-2])
         depth = depth.to(self.device, torch.float32)

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 REJECT_CHI2 = 22.46
 #: Least relative scale error assumed for one link of the overlap chain.
 MIN_CHAIN_SCALE_SIGMA = 0.005
+#: Two windows' depths of the frames they share may differ by this factor at most (a unit slip, a
+#: collapsed prediction); beyond, the newer window is rejected.
+MAX_LINK_SCALE = 1.25
 #: Placed views kept as anchors for later windows (context is a few groups of a few cameras).
 MAX_ANCHORS = 64
 #: REP 103 body axes (x forward, y left, z up) -> optical axes (x right, y down, z forward).
@@ -69,6 +72,8 @@ class PlacementConfig:
     view_consistency: float = 0.85
     #: Relative depth difference under which a point agrees with a neighbour's depth.
     consistency_tolerance: float = 0.08
+    #: A metric view whose median depth is beyond this is implausible (0 = no limit).
+    max_depth_m: float = 100.0
     robust_kernel: str = "cauchy"
     robust_threshold: float = 2.0
     view_sigma_m: float = 0.05
@@ -200,6 +205,11 @@ class WindowPlacer:
         """Views that disagree with their neighbours: in geometry (depth), or off their path (pose)."""
         cfg = self.config
         views = prediction.views
+        if prediction.metric and cfg.max_depth_m > 0:  # a unit slip (mm as m) keeps views self-consistent
+            for i, a in enumerate(accepted):
+                d = views[i].depth[views[i].valid & torch.isfinite(views[i].depth)]
+                if a and d.numel() and float(d.median()) > cfg.max_depth_m:
+                    accepted[i] = False
         candidates = [i for i, a in enumerate(accepted) if a]
         for i in inconsistent_views(views, candidates, cfg.view_consistency, tolerance=cfg.consistency_tolerance):
             accepted[i] = False
@@ -298,7 +308,12 @@ class WindowPlacer:
             T[:3, 3] *= scale
             obs.append(Observation(self._kids[groups[group_of[i]][0].stamp_ns], T @ invert(T_base_cam[i])))
         j = self._windows
-        solve = graph.add_window(j, obs, self._window_links(frames, prediction, idx, scale))
+        links, link_scales = self._window_links(frames, prediction, idx, scale)
+        off = [s_ for s_ in link_scales if abs(np.log(s_)) > np.log(MAX_LINK_SCALE)]
+        if off:
+            return self._rejected(prediction, f"depth disagrees with the previous window's on the frames both "
+                                  f"predicted by a factor {off[0]:.3g}", graph.T_map_odom)
+        solve = graph.add_window(j, obs, links)
         limit = self.config.max_residual_m
         if limit > 0 and solve.residual_m > limit:
             graph.remove_window(j)
@@ -324,8 +339,9 @@ class WindowPlacer:
                             scale, solve.residual_m, graph.T_map_odom, corrections)
 
     def _window_links(self, frames: list[Frame], prediction: WindowPrediction, idx: list[int], scale: float
-                      ) -> list[tuple[int, np.ndarray]]:
-        """Rigid transforms to earlier windows from the dense correspondences of the frames they share."""
+                      ) -> tuple[list[tuple[int, np.ndarray]], list[float]]:
+        """Rigid transforms to earlier windows from the dense correspondences of the frames they share,
+        and the relative scale those correspondences show (1 when both windows agree on depth)."""
         graph = self._graph
         assert graph is not None
         by_window: dict[int, list[tuple[np.ndarray, ...]]] = {}
@@ -333,7 +349,7 @@ class WindowPlacer:
             anchor = self._anchors.get(frames[i].key)
             if anchor is not None and anchor.window is not None and graph.has_window(anchor.window):
                 by_window.setdefault(anchor.window, []).append(correspondences(anchor, prediction.views[i]))
-        links = []
+        links, scales = [], []
         cfg = self.config
         for w, parts in by_window.items():
             src = np.concatenate([p[0] for p in parts]) * scale
@@ -342,10 +358,12 @@ class WindowPlacer:
                 continue
             depth = np.concatenate([p[2] for p in parts])
             weight = np.concatenate([p[3] for p in parts])
-            fit = robust_similarity(src, dst, cfg.overlap_sigma * depth + 0.01, weight, kernel=cfg.robust_kernel,
-                                    threshold=cfg.robust_threshold, fit_scale=False)
+            kwargs = dict(kernel=cfg.robust_kernel, threshold=cfg.robust_threshold)
+            sigma = cfg.overlap_sigma * depth + 0.01
+            scales.append(robust_similarity(src, dst, sigma, weight, **kwargs).transform.scale)
+            fit = robust_similarity(src, dst, sigma, weight, fit_scale=False, **kwargs)
             links.append((w, make_pose(fit.transform.R, fit.transform.t)))
-        return links
+        return links, scales
 
     def _odometry_scale(self, frames: list[Frame], T_base_cam: list[np.ndarray], T_win_cam: list[np.ndarray],
                         idx: list[int]) -> float:
