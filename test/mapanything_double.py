@@ -1,7 +1,7 @@
 """Test double for the upstream ``mapanything`` package that enforces its verified contract.
 
 It stands in for ``mapanything.models.MapAnything`` and ``mapanything.utils.image.preprocess_inputs``
-(installed into ``sys.modules`` by :func:`install`) and behaves like a *perfect* model:
+(installed into ``sys.modules`` by :func:`install`) and behaves like a model that *uses its priors*:
 
 * ``preprocess_inputs`` does upstream's real geometry: one aspect bucket (long side 518, sides
   multiples of 14) from the mean aspect ratio, cover-resize, centre crop, K adjusted the way
@@ -10,14 +10,26 @@ It stands in for ``mapanything.models.MapAnything`` and ``mapanything.utils.imag
 * ``MapAnything.infer`` refuses what upstream refuses or crashes on (unknown keys, float64
   tensors, (B, h, w, 1) depth, poses without view 0, intrinsics + ray_directions, depth without
   calibration, fp16 autocast on CPU, concurrent calls) and returns upstream's keys, shapes and
-  dtypes. Its prediction is the ground truth registered by the test (:meth:`MapAnythingDouble.register`,
-  looked up by image content), ray-cast against a :class:`PlaneScene` along the true rays of the
-  camera (distortion included), then expressed the way upstream does: anchored on view 0 *as
-  predicted* with a random rigid offset and a random scale, masked pixels ZEROED.
+  dtypes. What it predicts starts from the ground truth registered by the test
+  (:meth:`MapAnythingDouble.register`, looked up by image content), ray-cast against a scene along
+  the true rays of the camera (distortion included), and then trusts what it is given, as a model
+  fed metric priors does:
 
-The true rays follow the K that preprocess_inputs returns (as the trained network does), not the
-sub-pixel floor of the image resize. An adapter that forgets re-anchoring, rescaling, masking,
-the crop or the distortion therefore returns wrong world-frame geometry, and the tests see it.
+  - ``camera_poses``: relative poses follow the *given* poses (made relative to view 0, as upstream
+    does), not the truth; unposed views get their true pose relative to view 0;
+  - ``depth_z``: depth follows the given depth (holes filled at the prior's scale);
+  - ``intrinsics`` / ``ray_directions``: depth is what triangulation with that calibration gives,
+    the true depth times f_given / f_true on the model grid (pinhole fit of rays), and the output
+    rays are the given ones;
+  - priors without ``is_metric_scale`` give shape only: their scale is the model's own.
+
+  The answer is expressed the way upstream does: anchored on view 0 *as predicted* with a random
+  rigid offset, in metres when a metric prior was given, otherwise at a scale off by up to
+  ``scale_error`` (a new one every call); masked pixels ZEROED.
+
+An adapter that hands over inverted relative poses, a depth prior in millimetres or the K of
+another resolution therefore gets wrong geometry back, and so does one that forgets masking, the
+crop or the distortion.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import PIL.Image
 import torch
 from scipy.spatial.transform import Rotation
 
+from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig
 from mapany_ros.core.frames import CameraModel
 
 DINOV2_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -175,6 +188,7 @@ class _ModelGrid:
 
     truth: _Truth
     A: np.ndarray  # 3x3, model pixel -> input pixel
+    K_model: np.ndarray  # the true camera's K on the model grid
 
 
 def _fingerprint(array: np.ndarray) -> str:
@@ -196,16 +210,15 @@ def _has_float64(value: Any) -> bool:
 
 @dataclass
 class MapAnythingDouble:
-    """Configurable perfect model; one instance backs the fake modules installed by :func:`install`."""
+    """Configurable prior-trusting model; one instance backs the fake modules installed by :func:`install`."""
 
     scene: PlaneScene = field(default_factory=PlaneScene.room)
-    #: Scale of the predicted frame relative to the world (None: random in [0.5, 2]).
-    scale: float | None = None
+    #: Without a metric prior the predicted scale is 1 + U(-scale_error, scale_error), new every call.
+    scale_error: float = 0.05
     seed: int = 0
     #: Raise torch.cuda.OutOfMemoryError for calls with more views than this.
     oom_above: int | None = None
-    #: World-frame error (metres) added to the predicted centre of the view with this image fingerprint.
-    centre_error: dict[str, np.ndarray] = field(default_factory=dict)
+    #: What the model reports as ``metric_scaling_factor`` (upstream's scale head).
     metric_scaling_factor: float = 1.25
     delay_s: float = 0.0
     #: Masked pixels on the model grid: one in ``mask_period`` along a diagonal pattern.
@@ -217,18 +230,16 @@ class MapAnythingDouble:
         self.grids: dict[str, _ModelGrid] = {}
         self.calls: list[dict[str, Any]] = []
         self.preprocess_calls: list[list[dict[str, Any]]] = []
-        self.pred_frames: list[tuple[float, np.ndarray]] = []  # (scale, 4x4 world->pred rigid) per call
+        #: Per call: (scale, 4x4 rigid offset), X_pred = offset(scale * X) for X in view 0's believed camera frame.
+        self.pred_frames: list[tuple[float, np.ndarray]] = []
         self._busy = threading.Lock()
-        self._ray_cache: dict[tuple, tuple[CameraModel, np.ndarray]] = {}
+        self._ray_cache: dict[tuple, tuple[CameraModel, np.ndarray, float]] = {}
 
     # -- registry -------------------------------------------------------------------------
 
     def register(self, image: np.ndarray, camera: CameraModel, T_world_camera: np.ndarray) -> None:
-        """Declare the true camera and pose of an image; infer predicts exactly this geometry."""
+        """Declare the true camera and pose of an image: what infer starts from before its priors."""
         self.truths[_fingerprint(image)] = _Truth(camera, np.asarray(T_world_camera, dtype=np.float64))
-
-    def add_centre_error(self, image: np.ndarray, error_m: np.ndarray) -> None:
-        self.centre_error[_fingerprint(image)] = np.asarray(error_m, dtype=np.float64)
 
     # -- mapanything.utils.image.preprocess_inputs ----------------------------------------
 
@@ -313,7 +324,7 @@ class MapAnythingDouble:
                 truth = _Truth(CameraModel(W, H, K0), np.eye(4))
             K_model = _crop_K(truth.camera.K, s, (W, H), (Wr, Hr), left, top)
             self.grids[_fingerprint(pv["img"].numpy())] = _ModelGrid(
-                truth, truth.camera.K @ np.linalg.inv(K_model)
+                truth, truth.camera.K @ np.linalg.inv(K_model), K_model
             )
             out.append(pv)
         return out
@@ -383,37 +394,32 @@ class MapAnythingDouble:
             if key not in self.grids:
                 raise AssertionError(f"view {i}: img is not an output of preprocess_inputs")
             grids.append(self.grids[key])
-        # Predicted frame: anchored on view 0 as predicted, random rigid offset, random scale.
-        scale = self.scale if self.scale is not None else float(self.rng.uniform(0.5, 2.0))
-        R_off = Rotation.random(random_state=int(self.rng.integers(1 << 31))).as_matrix()
-        t_off = self.rng.normal(size=3)
-        T0 = grids[0].truth.T_world_camera
-        G = np.eye(4)
-        G[:3, :3] = R_off @ T0[:3, :3].T
-        G[:3, 3] = t_off - R_off @ T0[:3, :3].T @ T0[:3, 3]
-        self.pred_frames.append((scale, G))
+        relative = _relative_poses(views, grids)
+        # Predicted frame: anchored on view 0 as predicted, random rigid offset, metric only with metric priors.
+        metric = any(_is_metric(v) and ("camera_poses" in v or "depth_z" in v) for v in views)
+        scale = 1.0 if metric else 1.0 + self.scale_error * float(self.rng.uniform(-1.0, 1.0))
+        offset = np.eye(4)
+        offset[:3, :3] = Rotation.random(random_state=int(self.rng.integers(1 << 31))).as_matrix()
+        offset[:3, 3] = self.rng.normal(size=3)
+        self.pred_frames.append((scale, offset))
         v, u = np.mgrid[0:h, 0:w].astype(np.float64)
         pattern = (u // 9 + v // 7) % self.mask_period == 0
         outputs = []
-        for view, grid in zip(views, grids):
-            A = grid.A
-            key = (id(grid.truth.camera), A.tobytes(), h, w)
-            if key not in self._ray_cache:  # same camera, same grid: the same rays
-                u_in = A[0, 0] * u + A[0, 1] * v + A[0, 2]
-                v_in = A[1, 0] * u + A[1, 1] * v + A[1, 2]
-                self._ray_cache[key] = (
-                    grid.truth.camera,
-                    true_rays(grid.truth.camera, u_in.ravel(), v_in.ravel()),
-                )
-            rays = self._ray_cache[key][1]
+        for view, grid, rel in zip(views, grids, relative):
+            true_rays, true_focal = self._true_rays(grid, h, w)
             T = grid.truth.T_world_camera
-            err = self._centre_error_for(grid)
-            t = self.scene.ray_distance(T[:3, 3] + err, rays @ T[:3, :3].T).reshape(h, w)
+            t = self.scene.ray_distance(T[:3, 3], true_rays.reshape(-1, 3) @ T[:3, :3].T).reshape(h, w)
             hit = np.isfinite(t)
             t = np.where(hit, t, 1.0)
-            pts_cam = rays.reshape(h, w, 3) * t[..., None] * scale
-            R_pred = G[:3, :3] @ T[:3, :3]
-            c_pred = scale * (G[:3, :3] @ (T[:3, 3] + err) + G[:3, 3] - t_off) + t_off
+            rays, focal_ratio = _believed_rays(view, grid, true_rays, true_focal)
+            # Triangulation with known poses scales depth with the focal length it is told.
+            depth = true_rays[..., 2] * t * focal_ratio
+            if "depth_z" in view:
+                depth = _follow_depth_prior(depth, view["depth_z"][0].double().cpu().numpy(), _is_metric(view))
+            depth = depth * scale
+            pts_cam = rays / rays[..., 2:3] * depth[..., None]
+            R_pred = offset[:3, :3] @ rel[:3, :3]
+            c_pred = offset[:3, 3] + scale * offset[:3, :3] @ rel[:3, 3]
             pts_world = pts_cam @ R_pred.T + c_pred
             non_ambiguous = hit & ~pattern
             conf = 1.0 + 5.0 / (1.0 + t)
@@ -424,13 +430,13 @@ class MapAnythingDouble:
             out = {
                 "pts3d": pts_world,
                 "pts3d_cam": pts_cam,
-                "ray_directions": rays.reshape(h, w, 3),
-                "depth_along_ray": (t * scale)[..., None],
-                "depth_z": pts_cam[..., 2:3],
+                "ray_directions": rays,
+                "depth_along_ray": np.linalg.norm(pts_cam, axis=-1)[..., None],
+                "depth_z": depth[..., None],
                 "cam_trans": c_pred,
                 "cam_quats": Rotation.from_matrix(R_pred).as_quat(),
                 "camera_poses": pose,
-                "intrinsics": _pinhole_from_rays(rays.reshape(h, w, 3)),
+                "intrinsics": _pinhole_from_rays(rays),
                 "metric_scaling_factor": np.array([self.metric_scaling_factor]),
                 "conf": conf,
                 "non_ambiguous_mask": non_ambiguous,
@@ -450,11 +456,19 @@ class MapAnythingDouble:
             )
         return outputs
 
-    def _centre_error_for(self, grid: _ModelGrid) -> np.ndarray:
-        for key, truth in self.truths.items():
-            if truth is grid.truth and key in self.centre_error:
-                return self.centre_error[key]
-        return np.zeros(3)
+    def _true_rays(self, grid: _ModelGrid, h: int, w: int) -> tuple[np.ndarray, float]:
+        """(h, w, 3) unit rays of the true camera through the model grid's pixels and the focal
+        length of their pinhole fit (cached: same camera, same grid, the same rays)."""
+        A = grid.A
+        key = (id(grid.truth.camera), A.tobytes(), h, w)
+        if key not in self._ray_cache:
+            v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+            u_in = A[0, 0] * u + A[0, 1] * v + A[0, 2]
+            v_in = A[1, 0] * u + A[1, 1] * v + A[1, 2]
+            rays = true_rays(grid.truth.camera, u_in.ravel(), v_in.ravel()).reshape(h, w, 3)
+            self._ray_cache[key] = (grid.truth.camera, rays, _focal(_pinhole_from_rays(rays)))
+        _, rays, focal = self._ray_cache[key]
+        return rays, focal
 
     @staticmethod
     def _validate(views: list[dict[str, Any]]) -> None:
@@ -515,6 +529,85 @@ class MapAnythingDouble:
             raise ValueError(
                 f"Camera pose constraint violation: views {posed} have camera_poses but view 0 does not"
             )
+
+
+def _is_metric(view: dict[str, Any]) -> bool:
+    flag = view.get("is_metric_scale")
+    return flag is not None and bool(flag.reshape(-1)[0])
+
+
+def _pose_matrix(poses: Any) -> np.ndarray:
+    """Upstream's processed camera_poses, (B, 4, 4) or (quats xyzw, trans), as a float64 4x4."""
+    if isinstance(poses, tuple):
+        T = np.eye(4)
+        T[:3, :3] = Rotation.from_quat(poses[0].reshape(-1, 4)[0].double().cpu().numpy()).as_matrix()
+        T[:3, 3] = poses[1].reshape(-1, 3)[0].double().cpu().numpy()
+        return T
+    return poses.reshape(-1, 4, 4)[0].double().cpu().numpy()
+
+
+def _relative_poses(views: list[dict[str, Any]], grids: list[_ModelGrid]) -> list[np.ndarray]:
+    """Each view's pose in view 0's camera frame, in metres, as a model trusting its pose priors sees it.
+
+    Posed views follow the given poses relative to the given view 0 (upstream's own conversion);
+    unposed views get the truth relative to view 0. Poses without ``is_metric_scale`` give only
+    directions: their translations take the truth's mean length (the model's own scale).
+    """
+    T0_inv = np.linalg.inv(grids[0].truth.T_world_camera)
+    truth = [T0_inv @ g.truth.T_world_camera for g in grids]
+    posed = [i for i, v in enumerate(views) if "camera_poses" in v]
+    if not posed:
+        return truth
+    P0_inv = np.linalg.inv(_pose_matrix(views[0]["camera_poses"]))
+    relative = list(truth)
+    for i in posed:
+        relative[i] = P0_inv @ _pose_matrix(views[i]["camera_poses"])
+    if not all(_is_metric(views[i]) for i in posed):
+        given = [np.linalg.norm(relative[i][:3, 3]) for i in posed]
+        true = [np.linalg.norm(truth[i][:3, 3]) for i in posed]
+        if max(given) > 0:
+            factor = np.mean([n for n in true if n > 0]) / np.mean([n for n in given if n > 0])
+            for i in posed:
+                relative[i][:3, 3] *= factor
+    return relative
+
+
+def _believed_rays(
+    view: dict[str, Any], grid: _ModelGrid, rays: np.ndarray, true_focal: float
+) -> tuple[np.ndarray, float]:
+    """The unit rays the model works with and f_given / f_true (1 when it gets no calibration).
+
+    K is compared with the true K of the model grid, ray directions with the pinhole fit of the
+    true rays: like with like, so right calibration gives exactly the true depth.
+    """
+    h, w = rays.shape[:2]
+    if "intrinsics" in view:
+        K = view["intrinsics"][0].double().cpu().numpy()
+        v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+        given = np.stack([u, v, np.ones_like(u)], axis=-1) @ np.linalg.inv(K).T
+        return given / np.linalg.norm(given, axis=-1, keepdims=True), _focal(K) / _focal(grid.K_model)
+    if "ray_directions" in view:
+        given = view["ray_directions"][0].double().cpu().numpy()
+        given = given / np.linalg.norm(given, axis=-1, keepdims=True)
+        return given, _focal(_pinhole_from_rays(given)) / true_focal
+    return rays, 1.0
+
+
+def _follow_depth_prior(depth: np.ndarray, prior: np.ndarray, metric: bool) -> np.ndarray:
+    """Depth that follows the prior where it has values and fills its holes at the prior's scale.
+
+    A prior without ``is_metric_scale`` gives only shape: it is first brought to the model's scale.
+    """
+    given = np.isfinite(prior) & (prior > 0)
+    if not given.any():
+        return depth
+    if not metric:
+        prior = prior * np.median(depth[given] / prior[given])
+    return np.where(given, prior, depth * np.median(prior[given] / depth[given]))
+
+
+def _focal(K: np.ndarray) -> float:
+    return float(np.sqrt(K[0, 0] * K[1, 1]))
 
 
 def _crop_K(
@@ -709,3 +802,49 @@ def install(monkeypatch: Any, double: MapAnythingDouble) -> type[FakeMapAnything
     ):
         monkeypatch.setitem(sys.modules, name, module)
     return cls
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up shared by the adapter tests
+
+
+@dataclass
+class DoubleEnv:
+    """The installed double, its model class, an offline cache and a safetensors model directory."""
+
+    double: MapAnythingDouble
+    cls: type[FakeMapAnything]
+    cache: Path
+    model_dir: Path
+    tmp: Path
+
+
+def double_env(tmp_path: Path, monkeypatch: Any, request: Any, double: MapAnythingDouble) -> DoubleEnv:
+    """Install ``double``, write the model and the DINOv2 hub code, forbid the network.
+
+    Loading the backend sets TORCH_HOME, HF_HUB_OFFLINE and torch's hub dir; they are restored
+    after the test (``request`` is the test's pytest request).
+    """
+    cls = install(monkeypatch, double)
+    cache = tmp_path / "cache"
+    write_fake_dinov2_hub(cache / "torch" / "hub")
+    model_dir = write_model_dir(tmp_path / "model")
+    for var in ("TORCH_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    old_hub = torch.hub.get_dir()
+    request.addfinalizer(lambda: torch.hub.set_dir(old_hub))
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"network access during load: {args}")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    return DoubleEnv(double, cls, cache, model_dir, tmp_path)
+
+
+def make_backend(env: DoubleEnv, **overrides: Any) -> MapAnythingBackend:
+    """A CPU MapAnythingBackend on the double's model directory, without warm-up unless asked."""
+    fields: dict[str, Any] = dict(
+        model_path=str(env.model_dir), cache_dir=str(env.cache), device="cpu", warmup=False
+    )
+    fields.update(overrides)
+    return MapAnythingBackend(MapAnythingConfig(**fields))

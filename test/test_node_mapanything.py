@@ -99,7 +99,7 @@ def test_node_runs_mapanything_on_the_synthetic_scene_through_the_contract_doubl
     h = harness_factory(None, model=seq.camera_model, **{
         "backend": "mapanything", "device": "cpu", "mapanything.model_path": str(model_dir),
         "mapanything.cache_dir": str(tmp_path / "cache"), "window.size": 4, "window.overlap": 1,
-        "keyframe.min_translation_m": 0.01, "alignment.max_residual_m": 0.05, "stats_period_s": 0.5,
+        "keyframe.min_translation_m": 0.01, "placement.max_residual_m": 0.05, "stats_period_s": 0.5,
     })
     h.info()
     h.tf_pub.publish(TFMessage(transforms=[conv.matrix_to_transform_stamped(
@@ -124,10 +124,10 @@ def test_node_runs_mapanything_on_the_synthetic_scene_through_the_contract_doubl
         if (p, c) == ("map", "odom"):
             np.testing.assert_allclose(T, np.eye(4), atol=2e-3)
     assert len(double.calls) >= 2 and h.node.pipeline.stats.windows_failed == 0
-    # The window's metric scale factor and alignment residual reach /diagnostics.
+    # The window's metric scale factor and placement residual reach /diagnostics.
     assert h._wait(lambda: "last_metric_scale" in h.collector.status, 5)
     assert float(h.collector.status["last_metric_scale"]) == pytest.approx(double.metric_scaling_factor)
-    assert float(h.collector.status["last_alignment_residual_m"]) < 1e-3
+    assert float(h.collector.status["last_placement_residual_m"]) < 1e-3
 
 
 @pytest.mark.mapanything
@@ -139,7 +139,7 @@ def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
     h = harness_factory(None, model=CAMERA, **{
         "backend": "mapanything", "device": "cpu", "mapanything.model_path": model_path,
         "mapanything.cache_dir": os.environ.get("MAPANY_TEST_CACHE_DIR", ""), "window.size": 3,
-        "window.overlap": 1, "keyframe.min_translation_m": 0.01, "alignment.max_residual_m": 0.0,
+        "window.overlap": 1, "keyframe.min_translation_m": 0.01, "placement.max_residual_m": 0.0,
         "window.queue_size": 8,
     })
     h.info()
