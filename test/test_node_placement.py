@@ -119,3 +119,21 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     print(f"map -> odom: {len(times) / span:.1f} Hz, largest step {max(steps) * 100:.2f} cm")
     assert max(steps) < 0.05, f"map -> odom jumped {max(steps) * 100:.1f} cm"
     assert collector.status.get("chain_breaks") == "0"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"backend": "no_such_package.models:Model"}, "cannot import module 'no_such_package.models'"),
+    ({"backend": "model_simulator:NoSuchClass"}, "has no class 'NoSuchClass'"),
+    ({"backend": "model_simulator:ModelSimulator", "backend_options": "{seeed: 1}"}, "does not take these options"),
+    ({"backend": "planesweep", "use_odometry": False}, "use_odometry: true"),
+])
+def test_a_start_up_failure_exits_with_one_clear_message(tmp_path, ros_subprocess_env, overrides, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"device": "cpu", **overrides}}}))
+    env = {**ros_subprocess_env, "PYTHONPATH": os.pathsep.join([str(TEST_DIR), ros_subprocess_env["PYTHONPATH"]])}
+    proc = subprocess.run([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file", str(params)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert message in text and "Traceback" not in text, text
+    assert sum("FATAL" in line for line in text.splitlines()) == 1, text
