@@ -33,6 +33,7 @@ from mapany_ros.core.alignment import Sim3, rigidify, robust_similarity, weighte
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, is_rigid, make_pose
+from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.overlap import Anchor, correspondences, make_anchor
 from mapany_ros.core.placement.pose_graph import GraphConfig, Observation, PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
@@ -48,6 +49,8 @@ MIN_CHAIN_SCALE_SIGMA = 0.005
 #: Two windows' depths of the frames they share may differ by this factor at most (a unit slip, a
 #: collapsed prediction); beyond, the newer window is rejected.
 MAX_LINK_SCALE = 1.25
+#: Points sampled per view for the view checks and the refinement.
+STACK_SAMPLES = 1000
 #: Placed views kept as anchors for later windows (context is a few groups of a few cameras).
 MAX_ANCHORS = 64
 #: REP 103 body axes (x forward, y left, z up) -> optical axes (x right, y down, z forward).
@@ -184,9 +187,9 @@ class WindowPlacer:
             raise ValueError(f"backend returned {len(views)} views for {len(frames)} frames")
         usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
         accepted = [i in usable for i in range(len(views))]
-        self._reject_outliers(frames, prediction, accepted)
-        if self.config.refine_poses:
-            prediction = self._refine(prediction, accepted)
+        stack = self._reject_outliers(frames, prediction, accepted)
+        if self.config.refine_poses and stack is not None:
+            prediction = self._refine(prediction, stack, accepted)
         group_of = [gi for gi, g in enumerate(groups) for _ in g]
         self._windows += 1
         if self._graph is not None:
@@ -201,8 +204,10 @@ class WindowPlacer:
         """Metres -> window units: 1 for a metric window, else from the last placed window's scale."""
         return 1.0 if prediction.metric else 1.0 / self._scale
 
-    def _reject_outliers(self, frames: list[Frame], prediction: WindowPrediction, accepted: list[bool]) -> None:
-        """Views that disagree with their neighbours: in geometry (depth), or off their path (pose)."""
+    def _reject_outliers(self, frames: list[Frame], prediction: WindowPrediction, accepted: list[bool]
+                         ) -> ViewStack | None:
+        """Views that disagree with their neighbours: implausible, in geometry (depth), or off their
+        path (pose). Returns the window's views stacked for refinement (None for fewer than two)."""
         cfg = self.config
         views = prediction.views
         if prediction.metric and cfg.max_depth_m > 0:  # a unit slip (mm as m) keeps views self-consistent
@@ -211,10 +216,13 @@ class WindowPlacer:
                 if a and d.numel() and float(d.median()) > cfg.max_depth_m:
                     accepted[i] = False
         candidates = [i for i, a in enumerate(accepted) if a]
-        for i in inconsistent_views(views, candidates, cfg.view_consistency, tolerance=cfg.consistency_tolerance):
-            accepted[i] = False
+        if len(candidates) < 2:
+            return None
+        stack = ViewStack(views, candidates, STACK_SAMPLES, normals=True)
         if cfg.view_consistency <= 0:
-            return
+            return stack
+        for i in inconsistent_views(stack, cfg.view_consistency, tolerance=cfg.consistency_tolerance):
+            accepted[i] = False
         units = self._units(prediction)
         for camera in sorted({f.camera for f in frames}):
             idx = [i for i, a in enumerate(accepted) if a and frames[i].camera == camera]
@@ -222,23 +230,24 @@ class WindowPlacer:
                                 sigma_m=cfg.view_sigma_m * units, sigma_rad=np.radians(cfg.view_sigma_deg))
             for k in out:
                 accepted[idx[k]] = False
+        return stack
 
-    def _refine(self, prediction: WindowPrediction, accepted: list[bool]) -> WindowPrediction:
+    def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool]) -> WindowPrediction:
         """Refine the accepted views' poses; a view that had to move far more than the model's
         noise to agree with its neighbours is rejected, and the rest refined again without it."""
         cfg = self.config
         kwargs = dict(prior_sigma_m=cfg.view_sigma_m * self._units(prediction),
                       prior_sigma_rad=np.radians(cfg.view_sigma_deg), depth_sigma=cfg.overlap_sigma / 2,
                       kernel_threshold=cfg.robust_threshold)
-        candidates = [i for i, a in enumerate(accepted) if a]
-        ref = refine_window_poses(prediction.views, candidates, **kwargs)
+        active = [i for i, a in enumerate(accepted) if a]
+        ref = refine_window_poses(prediction.views, stack, active, **kwargs)
         # Relative to the window's typical correction: a common shift of all views is no verdict.
         typical = float(np.median(list(ref.correction_chi2.values()))) if ref.correction_chi2 else 0.0
         bad = [i for i, chi2 in ref.correction_chi2.items() if chi2 > max(REJECT_CHI2, 4 * typical)]
-        if bad and len(bad) <= len(candidates) - 2:
+        if bad and len(bad) <= len(active) - 2:
             for i in bad:
                 accepted[i] = False
-            ref = refine_window_poses(prediction.views, [i for i in candidates if i not in bad], **kwargs)
+            ref = refine_window_poses(prediction.views, stack, [i for i in active if i not in bad], **kwargs)
         return dataclasses.replace(prediction, views=ref.views)
 
     def _bookkeep(self, groups: list[list[Frame]], n_context: int, frames: list[Frame], group_of: list[int],

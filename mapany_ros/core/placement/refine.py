@@ -45,7 +45,7 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``."""
     a = stack.associate(T)
-    Tt = torch.as_tensor(T, dtype=torch.float64, device=stack.device)
+    Tt = torch.as_tensor(T, dtype=torch.float32, device=stack.device)
     I, J = stack.I, stack.J
     p = stack.src[I]  # (P, S, 3) camera i
     r = ((a.Y - a.Q) * a.normal).sum(-1)
@@ -56,10 +56,10 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     # r = n . (R_ji (p + w_i x p + v_i) + ... - Q), camera-local perturbations of both poses.
     Jc = torch.cat([torch.cross(p, nR, dim=-1), nR, -torch.cross(a.Y, a.normal, dim=-1), -a.normal], dim=-1)
     count = a.planar.sum(1)
-    use = (count >= MIN_PAIR_POINTS).double()[:, None]
+    use = (count >= MIN_PAIR_POINTS).float()[:, None]
     Jw = Jc * w[..., None]
-    Hb = torch.bmm(Jw.transpose(1, 2), Jc) * use[..., None]
-    gb = torch.bmm(Jw.transpose(1, 2), r[..., None])[..., 0] * use
+    Hb = (torch.bmm(Jw.transpose(1, 2), Jc) * use[..., None]).double()
+    gb = (torch.bmm(Jw.transpose(1, 2), r[..., None])[..., 0] * use).double()
     return Hb, gb, count
 
 
@@ -99,19 +99,22 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray
 
 
 def refine_window_poses(
-    views: Sequence[ViewPrediction], candidates: Sequence[int], *, prior_sigma_m: float, prior_sigma_rad: float,
-    depth_sigma: float = 0.01, kernel_threshold: float = 2.0, samples: int = 1000, iterations: int = 5,
+    views: Sequence[ViewPrediction], stack: ViewStack, active: Sequence[int], *, prior_sigma_m: float,
+    prior_sigma_rad: float, depth_sigma: float = 0.01, kernel_threshold: float = 2.0, iterations: int = 5,
 ) -> Refinement:
-    """Refine the candidates' poses (points move with them); other views are returned as they are.
+    """Refine the ``active`` views' poses (points move with them); other views are returned as they are.
 
-    ``depth_sigma`` is the relative depth noise that whitens residuals before the kernel;
-    ``prior_sigma_*`` is how far the model's own poses are trusted.
+    ``stack`` holds the window's views (built with normals; its pairs are pruned to those that see
+    each other). ``depth_sigma`` is the relative depth noise that whitens residuals before the
+    kernel; ``prior_sigma_*`` is how far the model's own poses are trusted.
     """
     out = list(views)
-    if len(candidates) < 2:
-        return Refinement(out, {i: 0.0 for i in candidates})
-    stack = ViewStack(views, candidates, samples, normals=True, smooth_radius=1)
-    n = len(candidates)
+    slots = [a for a, i in enumerate(stack.candidates) if i in set(active)]
+    if len(slots) < 2:
+        return Refinement(out, {stack.candidates[a]: 0.0 for a in slots})
+    n = len(stack.candidates)
+    on = torch.zeros(n, dtype=torch.bool, device=stack.device)
+    on[slots] = True
     T = stack.T0.copy()
     prior = np.array([1 / prior_sigma_rad**2] * 3 + [1 / prior_sigma_m**2] * 3)
     P = np.tile(prior, n)
@@ -119,23 +122,24 @@ def refine_window_poses(
     for it in range(iterations):
         Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
         if it == 0:  # views that do not see each other now will not after a small correction
-            used = count >= MIN_PAIR_POINTS // 2
-            Hb, gb = Hb[used], gb[used]
-            stack.keep_pairs(used)
-        H, g = _assemble(stack, Hb, gb)
+            stack.keep_pairs(count >= MIN_PAIR_POINTS // 2)
+            Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
+        use = (on[stack.I] & on[stack.J]).double()  # pairs of views being refined
+        H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
         H = H.cpu().numpy()
         B = _observed_directions(H, prior, n)
         g = g.cpu().numpy() + P * xi
         y = np.linalg.solve(B.T @ (H + np.diag(P)) @ B, -(B.T @ g)) if B.shape[1] else np.zeros(0)
         step = B @ y
         xi += step
-        for a in range(n):
+        for a in slots:
             s = step[6 * a : 6 * a + 6]
             T[a] = T[a] @ make_pose(Rotation.from_rotvec(s[:3]).as_matrix(), s[3:])
         if np.abs(step).max() < 1e-4:
             break
     chi2 = {}
-    for a, i in enumerate(stack.candidates):
+    for a in slots:
+        i = stack.candidates[a]
         delta = invert(stack.T0[a]) @ T[a]
         e = np.concatenate([Rotation.from_matrix(delta[:3, :3]).as_rotvec(), delta[:3, 3]])
         chi2[i] = float(np.sum(e**2 * prior))

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from mapany_ros.core.backends.base import ViewPrediction
 from mapany_ros.core.geometry import invert, make_pose, rotation_angle
 from mapany_ros.core.placement.multiview import ViewStack
 
@@ -38,9 +37,8 @@ def agreement_matrix(stack: ViewStack, T: np.ndarray, *, tolerance: float = 0.05
     return A
 
 
-def inconsistent_views(views: Sequence[ViewPrediction], candidates: Sequence[int], threshold: float, *,
-                       tolerance: float = 0.08, samples: int = 1500) -> list[int]:
-    """The candidates whose best agreement with any neighbour is below ``threshold`` x the window's median.
+def inconsistent_views(stack: ViewStack, threshold: float, *, tolerance: float = 0.08) -> list[int]:
+    """The stack's views whose best agreement with any neighbour is below ``threshold`` x the window's median.
 
     A good view has at least one good neighbour, so its best agreement is high even beside a bad
     view; a bad view agrees with nobody. Judged against the window's median, so a model whose
@@ -48,9 +46,8 @@ def inconsistent_views(views: Sequence[ViewPrediction], candidates: Sequence[int
     is no consensus to judge by (one of two disagreeing views is wrong, but which?): nothing is
     rejected here, and the priors (odometry, the placed overlap) decide instead.
     """
-    if threshold <= 0 or len(candidates) < 3:
+    if threshold <= 0 or len(stack.candidates) < 3:
         return []
-    stack = ViewStack(views, candidates, samples)
     A = agreement_matrix(stack, stack.T0, tolerance=tolerance)
     best = np.array([np.nanmax(row) if np.any(np.isfinite(row)) else np.nan for row in A])
     if np.sum(np.isfinite(best)) < 3:
