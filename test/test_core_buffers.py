@@ -74,19 +74,19 @@ def test_pending_keyframes_fill_windows_oldest_first():
     pending = PendingKeyframes(size=5, overlap=2, capacity=10, separation=_time_gap)
     for i in range(7):
         assert pending.push([frame(i * 0.1)]) == 0
-    assert pending.full(0) and len(pending.take(0)) == 5  # the first window has no context
+    assert pending.full(0) and len(pending.take(pending.new_per_window(0))) == 5  # the first window: no context
     assert not pending.full(2)  # two left: the next window needs 5 - 2 new groups
     pending.push([frame(0.7)])
-    taken = pending.take(2)
+    taken = pending.take(pending.new_per_window(2))
     assert [g[0].stamp_ns for g in taken] == [int(round(t * 1e9)) for t in (0.5, 0.6, 0.7)]
-    assert len(pending) == 0 and pending.take(2) == []
+    assert len(pending) == 0 and pending.take(3) == []
 
 
 def test_falling_behind_thins_keyframes_evenly_and_keeps_the_newest():
     pending = PendingKeyframes(size=4, overlap=1, capacity=3, separation=_time_gap)
     stamps = [0.0, 0.1, 0.15, 0.3, 0.4]
     skipped = sum(pending.push([frame(t)]) for t in stamps)
-    kept = [g[0].stamp_ns for g in pending.take(1)]
+    kept = [g[0].stamp_ns for g in pending.take(pending.new_per_window(1))]
     assert skipped == 2
     # 0.1 goes first (removing it leaves 0.0 -> 0.15, the smallest gap), then 0.3 (0.15 -> 0.4);
     # the newest keyframe always stays, and what is left spans the whole time range.

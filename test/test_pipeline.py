@@ -48,7 +48,7 @@ def test_frames_get_interpolated_pose_priors_and_windows_run_on_the_worker():
 
 
 def test_frame_waits_for_odometry_then_times_out():
-    clock = [0.0]
+    clock = [0]
     backend = RecordingBackend()
     cfg = PipelineConfig(window_size=4, window_overlap=1, odom_max_wait_s=0.5)
     p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
@@ -57,7 +57,9 @@ def test_frame_waits_for_odometry_then_times_out():
     assert p.add_frame(frame(0.05))[0] is FrameStatus.WAITING
     assert p.add_odometry(int(0.1e9), base_pose(0.1)) == [FrameStatus.ACCEPTED]
     assert p.add_frame(frame(0.2))[0] is FrameStatus.WAITING
-    clock[0] = 1.0
+    clock[0] = int(0.6e9)  # message time: 0.4 s after the image's stamp, still within the wait
+    assert p.poll() == []
+    clock[0] = int(0.75e9)
     assert p.poll() == [FrameStatus.DROPPED_ODOM_TIMEOUT]
     assert p.stats.frames_dropped == 1
 
@@ -67,14 +69,25 @@ def test_missing_extrinsic_drops_frames():
     assert p.add_frame(frame(0.0))[0] is FrameStatus.DROPPED_NO_EXTRINSIC
 
 
-def test_stamps_going_backwards_reset_everything():
+def test_a_long_jump_back_resets_everything_and_duplicates_are_dropped():
+    resets = []
     p, _ = make(RecordingBackend())
+    p._on_reset = resets.append
     p.add_odometry(0, base_pose(0))
     p.add_odometry(int(0.1e9), base_pose(0.1))
     assert p.add_frame(frame(0.05)) == (FrameStatus.ACCEPTED, False)
-    status, reset = p.add_frame(frame(0.02))
-    assert reset and p.stats.resets == 1
+    assert p.add_frame(frame(0.05)) == (FrameStatus.DROPPED_DUPLICATE, False)
+    assert p.add_frame(frame(0.02)) == (FrameStatus.DROPPED_OUT_OF_ORDER, False)
+    assert p.stats.resets == 0 and len(p.odometry) == 2
+    for t in np.arange(0.2, 5.05, 0.1):
+        p.add_odometry(int(round(t * 1e9)), base_pose(t))
+    assert p.add_frame(frame(4.9)) == (FrameStatus.ACCEPTED, False)
+    status, reset = p.add_frame(frame(2.0))  # 2.9 s back from the newest image: the bag looped
+    assert reset and p.stats.resets == 1 and "jumped back" in resets[0]
     assert len(p.odometry) == 0 and status is FrameStatus.WAITING
+    p.add_odometry(int(5.0e9), base_pose(5.0))
+    p.add_odometry(int(1.0e9), base_pose(1.0))  # odometry 4 s back resets again, and says so
+    assert p.stats.resets == 2 and "odometry" in resets[1]
 
 
 def test_slow_backend_never_blocks_callers_and_thins_keyframes_instead_of_dropping_windows():
@@ -133,22 +146,61 @@ def test_after_a_failed_window_the_next_reattaches_to_the_last_placed_keyframes(
 
 
 def test_partial_window_is_flushed_by_the_age_of_its_oldest_keyframe():
-    clock = [100.0]
+    clock = [100 * 10**9]
     backend = RecordingBackend()
     cfg = PipelineConfig(use_odometry=False, window_size=8, window_overlap=2, max_interval_s=0.001,
                          max_window_latency_s=1.5, queue_size=8)
     p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
     p.start()
-    clock[0] = 200.0  # the node waited long for its first input: that alone must not flush
+    clock[0] = 200 * 10**9  # the node waited long for its first input: that alone must not flush
     p.add_frame(frame(0.0))
     p.add_frame(frame(0.1))
     p.poll()
-    clock[0] = 201.0
+    clock[0] = 201 * 10**9
     p.poll()
     time.sleep(0.2)
     assert p.wait_idle(5) and backend.calls == []
-    clock[0] = 201.6  # the oldest waiting keyframe is now 1.6 s old
+    clock[0] = int(201.6e9)  # the oldest waiting keyframe is now 1.6 s old
     p.poll()
     assert p.wait_idle(5)
     p.stop()
     assert p.stats.windows_built == 1 and len(p._pending) == 0 and len(backend.calls) == 1
+
+
+def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
+    """Offline (synchronous, bag time) and live (worker thread, a clock running at 0.3x / 4x, a
+    pause) build the same windows from the same stream, partial flushes included."""
+
+    def run(pace: float | None, pause_at: int | None = None) -> list[list[int]]:
+        backend = RecordingBackend()
+        clock = [0]
+        cfg = PipelineConfig(use_odometry=False, window_size=4, window_overlap=1, max_interval_s=0.01,
+                             max_window_latency_s=0.35, queue_size=8, thin_keyframes=pace is not None)
+        p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
+        if pace is not None:
+            p.start()
+        # Bursts of frames with gaps longer than the latency limit: partial windows in between.
+        stamps = [t for burst in range(4) for t in (burst * 1.0 + 0.1 * np.arange(5 - burst % 2))]
+        for i, t in enumerate(stamps):
+            if pace is not None:
+                time.sleep(0.02 if i != pause_at else 0.3)
+            clock[0] = int(round(t * 1e9))
+            p.poll()
+            p.add_frame(frame(t))
+            if pace is None:
+                p.process_ready()
+            else:
+                p.wait_idle(5)
+        clock[0] += int(1e9)
+        p.poll()
+        if pace is None:
+            p.process_ready()
+        else:
+            p.wait_idle(5)
+            p.stop()
+        return [[f.stamp_ns for f in call] for call in backend.calls]
+
+    offline = run(None)
+    assert len(offline) >= 5
+    assert run(0.3) == offline
+    assert run(4.0, pause_at=7) == offline

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
+from mapany_ros.core.fusion import FusionConfig, VoxelMap
 from mapany_ros.core.keyframes import KeyframeSelector
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStatus, WindowPlacer
@@ -39,6 +41,8 @@ class FrameStatus(enum.Enum):
     DROPPED_TOO_OLD = "image stamp is older than all buffered odometry"
     DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic received on /tf_static yet"
     DROPPED_WAIT_QUEUE = "too many frames waiting for odometry"
+    DROPPED_DUPLICATE = "same stamp as the previous image of this camera"
+    DROPPED_OUT_OF_ORDER = "stamp older than the previous image of this camera"
 
 
 @dataclass
@@ -59,8 +63,14 @@ class PipelineConfig:
     max_waiting_frames: int = 60
     #: Windows' worth of keyframes that may wait for the backend before keyframes are thinned.
     queue_size: int = 2
+    #: False for offline processing: every keyframe waits for the backend, none is thinned.
+    thin_keyframes: bool = True
     max_window_latency_s: float = 2.0
+    #: A stamp this far behind the newest one means the input restarted (bag loop): reset.
+    reset_jump_s: float = 1.0
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
+    #: The fused voxel map of every placed keyframe (None: no map).
+    fusion: FusionConfig | None = dataclasses.field(default_factory=FusionConfig)
 
     def __post_init__(self) -> None:
         self.placement = dataclasses.replace(self.placement, use_odometry=self.use_odometry)
@@ -77,7 +87,7 @@ class WindowResult:
     #: Per frame: this window outputs it (a new keyframe) and placement accepted it.
     output_mask: list[bool]
     placement: PlacedWindow
-    #: Seconds from the window's oldest keyframe being queued to its placed prediction.
+    #: Seconds (node clock) from the window's oldest new keyframe being queued to its placed prediction.
     latency_s: float
 
     @property
@@ -100,17 +110,29 @@ class PipelineStats:
     resets: int = 0
     backend_time_s: float = 0.0
     placement_time_s: float = 0.0
+    fusion_time_s: float = 0.0
     latency_s: float = 0.0
 
 
 @dataclass
 class _Waiting:
     frame: Frame
-    arrived: float
+    deadline_ns: int
+
+
+def _monotonic_ns() -> int:
+    return time.monotonic_ns()
 
 
 class Pipeline:
-    """Frames + odometry in, :class:`WindowResult` out through ``on_result`` (worker thread)."""
+    """Frames + odometry in, :class:`WindowResult` out through ``on_result``.
+
+    Time is message time: ``clock`` returns "now" in nanoseconds of the same clock the stamps
+    use (the node passes its ROS clock, so ``use_sim_time`` replay at any rate, or paused, makes
+    the same decisions; offline processing passes the bag's time). Waits and flushes count from
+    the later of a frame's stamp and its arrival, so stamps from another epoch (a bag replayed
+    without sim time) still get their full wait.
+    """
 
     def __init__(
         self,
@@ -118,12 +140,14 @@ class Pipeline:
         backend: Backend,
         on_result: Callable[[WindowResult], None],
         on_error: Callable[[Exception], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], int] = _monotonic_ns,
+        on_reset: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self._on_result = on_result
         self._on_error = on_error or (lambda exc: None)
+        self._on_reset = on_reset or (lambda reason: None)
         self._clock = clock
         self.stats = PipelineStats()
         self.odometry = OdometryBuffer(max_gap_s=config.odom_max_gap_s)
@@ -133,17 +157,21 @@ class Pipeline:
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
         new_per_window = config.window_size - config.window_overlap
-        self._pending = PendingKeyframes(
-            config.window_size, config.window_overlap, max(config.window_size, config.queue_size * new_per_window),
-            self._separation,
-        )
+        capacity = max(config.window_size, config.queue_size * new_per_window) if config.thin_keyframes else 1 << 30
+        self._pending = PendingKeyframes(config.window_size, config.window_overlap, capacity, self._separation)
         self.placer = WindowPlacer(config.placement, self.extrinsic)
+        device = getattr(backend, "device", None)
+        #: Fused in the worker, on the backend's device, before anything leaves it.
+        self.map = VoxelMap(config.fusion, device if isinstance(device, torch.device) else "cpu") \
+            if config.fusion is not None else None
         self._waiting: deque[_Waiting] = deque()
         self._last_stamp: dict[str, int] = {}
-        self._arrival: dict[int, float] = {}  # group stamp -> when its keyframe was queued
+        self._due: dict[int, int] = {}  # group stamp -> node time after which it flushes a partial window
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
         self._cv = threading.Condition(self._lock)
-        self._flush = False
+        #: How many of the oldest waiting groups must go out even as a partial window (frozen when
+        #: decided, so keyframes arriving later do not join it: the same windows at any replay rate).
+        self._flush_count = 0
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
         self._generation = 0  # bumped by every reset: results of an older generation are dropped
         self._placer_generation = 0
@@ -185,42 +213,50 @@ class Pipeline:
     def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray) -> list[FrameStatus]:
         """Buffer an odometry sample; returns the fate of frames it released or timed out.
 
-        Raises ValueError for a pose that is not finite and rigid. A stamp older than the newest
-        sample by more than a second means the source restarted (bag loop): buffers are reset.
+        Raises ValueError for a pose that is not finite and rigid. A stamp more than
+        ``reset_jump_s`` older than the newest sample means the source restarted (bag loop): every
+        buffer and the map are reset.
         """
-        with self._lock:
+        with self._cv:
             newest = self.odometry.newest_ns
-            if newest is not None and stamp_ns < newest - 1_000_000_000:
-                self._reset_locked()
+            if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
+                self._reset_locked(f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s")
             self.odometry.add(stamp_ns, T_odom_base)
             return self._release_waiting_locked()
 
     def add_frame(self, frame: Frame) -> tuple[FrameStatus, bool]:
         """Hand over one camera frame; returns its status and whether buffers were reset.
 
-        A stamp that goes backwards on a camera (a bag played in a loop) resets every buffer
-        first, so stale odometry, context frames and the map are never mixed with new ones.
+        A stamp more than ``reset_jump_s`` behind the previous one of its camera (a bag played in a
+        loop) resets every buffer first, so stale odometry, context frames and the map are never
+        mixed with new ones; a duplicate or slightly older stamp is dropped instead.
         """
-        with self._lock:
+        with self._cv:
             self.stats.frames_in += 1
             reset = False
             last = self._last_stamp.get(frame.camera)
             if last is not None and frame.stamp_ns <= last:
-                self._reset_locked()
+                if last - frame.stamp_ns <= self.config.reset_jump_s * 1e9:
+                    self.stats.frames_dropped += 1
+                    dup = frame.stamp_ns == last
+                    return (FrameStatus.DROPPED_DUPLICATE if dup else FrameStatus.DROPPED_OUT_OF_ORDER), False
+                self._reset_locked(f"{frame.camera} image stamp jumped back {(last - frame.stamp_ns) * 1e-9:.2f} s")
                 reset = True
             self._last_stamp[frame.camera] = frame.stamp_ns
+            self._check_latency_locked(frame.stamp_ns)
             if not self.config.use_odometry:
                 self._accept_locked(frame)
                 return FrameStatus.ACCEPTED, reset
             if frame.camera not in self._extrinsics:
                 self.stats.frames_dropped += 1
                 return FrameStatus.DROPPED_NO_EXTRINSIC, reset
+            deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
             if len(self._waiting) >= self.config.max_waiting_frames:
                 self._waiting.popleft()
                 self.stats.frames_dropped += 1
-                self._waiting.append(_Waiting(frame, self._clock()))
+                self._waiting.append(_Waiting(frame, deadline))
                 return FrameStatus.DROPPED_WAIT_QUEUE, reset
-            self._waiting.append(_Waiting(frame, self._clock()))
+            self._waiting.append(_Waiting(frame, deadline))
             statuses = self._release_waiting_locked()
             if self._waiting and self._waiting[-1].frame is frame:
                 return FrameStatus.WAITING, reset
@@ -230,22 +266,29 @@ class Pipeline:
         """Time-driven work: drop frames whose odometry never came, flush stalled keyframes."""
         with self._cv:
             statuses = self._release_waiting_locked()
-            oldest = self._pending.oldest
-            waited = self._clock() - self._arrival[oldest[0].stamp_ns] if oldest is not None else 0.0
-            if waited > self.config.max_window_latency_s:
-                self._flush = True
-                self._cv.notify_all()
+            self._check_latency_locked(self._clock())
             return statuses
+
+    def _check_latency_locked(self, now_ns: int) -> None:
+        """Ask for a partial window once the oldest waiting keyframe is older than the latency limit.
+
+        Also called with each image's stamp before it is taken in, so replay at any rate decides
+        at the same point of the data as offline processing.
+        """
+        oldest = self._pending.oldest
+        if oldest is not None and self._flush_count == 0 and now_ns > self._due[oldest[0].stamp_ns]:
+            self._flush_count = len(self._pending)
+            self._cv.notify_all()
 
     def flush(self) -> None:
         """Send the keyframes still waiting for a window to the backend (end of input)."""
         with self._cv:
-            self._flush = True
+            self._flush_count = len(self._pending)
             self._cv.notify_all()
 
-    def reset(self) -> None:
-        with self._lock:
-            self._reset_locked()
+    def reset(self, reason: str = "reset requested") -> None:
+        with self._cv:
+            self._reset_locked(reason)
 
     def status(self) -> dict[str, float | int | bool]:
         """Counters plus the work in flight, for diagnostics and for tools that wait for idle."""
@@ -262,16 +305,17 @@ class Pipeline:
         """How far apart two keyframe groups are, in units of the keyframe thresholds (>= 1 = distinct)."""
         return self._keyframes.separation(a[0].stamp_ns, _pose_of(a), b[0].stamp_ns, _pose_of(b))
 
-    def _reset_locked(self) -> None:
+    def _reset_locked(self, reason: str) -> None:
         self.stats.resets += 1
+        self._on_reset(reason)
         self.odometry.clear()
         self._sync.clear()
         self._keyframes.reset()
         self._pending.clear()
-        self._arrival.clear()
+        self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._flush = False
+        self._flush_count = 0
         self._n_context = 0
         self._generation += 1
 
@@ -282,7 +326,7 @@ class Pipeline:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
             if status is Lookup.WAIT:
-                if now - item.arrived <= self.config.odom_max_wait_s:
+                if now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_ODOM_TIMEOUT)
             elif status is Lookup.GAP:
@@ -306,18 +350,38 @@ class Pipeline:
             if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
                 continue
             self.stats.keyframes += 1
-            self._arrival[group[0].stamp_ns] = self._clock()
+            stamp = group[0].stamp_ns
+            self._due[stamp] = max(stamp, self._clock()) + int(self.config.max_window_latency_s * 1e9)
             self.stats.keyframes_skipped += self._pending.push(group)
             self._cv.notify_all()
 
     def _ready_locked(self) -> bool:
-        """A window can be sent: a whole one is waiting, or a flush asks for a partial one."""
-        if self._generation != self._placer_generation:
-            return True  # the worker has to reset the map
-        n = len(self._pending)
-        if n == 0 or (self._n_context == 0 and n == 1 and len(self.config.cameras) == 1):
-            return False  # a multi-view backend needs two views
-        return self._pending.full(self._n_context) or self._flush
+        """A window can be sent: a map reset is due, or :meth:`_next_size_locked` says how many groups go."""
+        return self._generation != self._placer_generation or self._next_size_locked() > 0
+
+    def _next_size_locked(self) -> int:
+        """New groups the next window takes now: a whole window's worth, or a flushed partial one (0: wait)."""
+        waiting = len(self._pending)
+        whole = self._pending.new_per_window(self._n_context)
+        if self._flush_count == 0:
+            return whole if waiting >= whole else 0
+        n = min(self._flush_count, whole, waiting)
+        if (self._n_context + n) * len(self.config.cameras) < 2:  # a multi-view backend needs two views
+            n = min(2, whole, waiting) if self._n_context + waiting >= 2 else 0
+        return n
+
+    def process_ready(self) -> int:
+        """Run every window that can be sent now in the caller's thread (offline processing,
+        without :meth:`start`); returns how many ran."""
+        ran = 0
+        while True:
+            with self._cv:
+                if not self._ready_locked():
+                    return ran
+                job = self._take_locked()
+            if job is not None:
+                self._run_job(job)
+                ran += 1
 
     def _run(self) -> None:
         while True:
@@ -326,54 +390,86 @@ class Pipeline:
                     self._cv.wait()
                 if self._stop:
                     return
-                if self._generation != self._placer_generation:
-                    self.placer.reset()
-                    self._placer_generation = self._generation
-                    self._cv.notify_all()
-                    continue
-                new = self._pending.take(self._n_context)
-                if not len(self._pending):
-                    self._flush = False
-                arrived = min(self._arrival.pop(g[0].stamp_ns, self._clock()) for g in new)
-                context = self.placer.context(self._n_context)
-                window = Window(self.stats.windows_built, context + new, len(context))
-                self.stats.windows_built += 1
-                generation = self._generation
-                self._busy = True
-            try:
-                self._process(window, arrived, generation)
-            except Exception as exc:  # the worker must survive any backend failure
-                with self._lock:
-                    self.stats.windows_failed += 1
-                self._on_error(exc)
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+                job = self._take_locked()
+            if job is not None:
+                self._run_job(job)
 
-    def _process(self, window: Window, arrived: float, generation: int) -> None:
+    def _take_locked(self) -> tuple[Window, int, int] | None:
+        """The next window (placed context + the oldest waiting keyframes), or None after a map reset."""
+        if self._generation != self._placer_generation:
+            self.placer.reset()
+            if self.map is not None:
+                self.map.reset()
+            self._placer_generation = self._generation
+            self._cv.notify_all()
+            return None
+        new = self._pending.take(self._next_size_locked())
+        self._flush_count = max(0, self._flush_count - len(new))
+        oldest = min(g[0].stamp_ns for g in new)
+        queued = self._due.get(oldest, oldest) - int(self.config.max_window_latency_s * 1e9)
+        for g in new:
+            self._due.pop(g[0].stamp_ns, None)
+        context = self.placer.context(self._n_context)
+        window = Window(self.stats.windows_built, context + new, len(context))
+        self.stats.windows_built += 1
+        self._busy = True
+        return window, queued, self._generation
+
+    def _run_job(self, job: tuple[Window, int, int]) -> None:
+        window, queued, generation = job
+        try:
+            self._process(window, queued, generation)
+        except Exception as exc:  # the worker must survive any backend failure
+            with self._lock:
+                self.stats.windows_failed += 1
+            self._on_error(exc)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+    def _process(self, window: Window, queued_ns: int, generation: int) -> None:
         frames = window.frames
         t0 = time.perf_counter()
         prediction = self.backend.infer(frames)
         t1 = time.perf_counter()
         placed = self.placer.place(window.groups, window.n_context, prediction)
+        t2 = time.perf_counter()
+        if self.map is not None and placed.status is not PlacementStatus.REJECTED:
+            self._fuse(window, placed)
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         p = self.placer.stats
         with self._lock:
             if generation != self._generation:
                 return  # the input restarted while this window was running: its map is gone
             s = self.stats
-            s.backend_time_s, s.placement_time_s = t1 - t0, t2 - t1
+            s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
             s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
             self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
             if placed.status is PlacementStatus.REJECTED:
                 return
             s.windows_done += 1
-            s.latency_s = self._clock() - arrived
+            s.latency_s = max(0.0, (self._clock() - queued_ns) * 1e-9)
         mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
         self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s))
+
+
+    def _fuse(self, window: Window, placed: PlacedWindow) -> None:
+        """Integrate the window's new keyframes into the map; move earlier ones the pose graph corrected."""
+        voxel_map = self.map
+        assert voxel_map is not None
+        for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
+                                        strict=True):
+            if out and ok:
+                voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
+                                    view.confidence, view.valid)
+        for stamp, T_map_base in placed.corrections.items():
+            for camera in self.config.cameras:
+                T_base_camera = self.extrinsic(camera)
+                if T_base_camera is not None:
+                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

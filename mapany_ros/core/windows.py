@@ -96,9 +96,8 @@ class PendingKeyframes:
         """Enough groups for a whole window after ``n_context`` context groups."""
         return len(self._groups) >= self.new_per_window(n_context)
 
-    def take(self, n_context: int) -> list[Group]:
-        """The oldest groups for one window (all of them when fewer are waiting)."""
-        n = self.new_per_window(n_context)
+    def take(self, n: int) -> list[Group]:
+        """The ``n`` oldest groups (fewer when fewer are waiting)."""
         taken, self._groups = self._groups[:n], self._groups[n:]
         if taken:
             self._last_sent = taken[-1]
