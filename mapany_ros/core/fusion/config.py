@@ -1,0 +1,60 @@
+"""FusionConfig: the few knobs of the fused voxel map, each checked against its range."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields
+
+#: A pixel weighs at most this many median-confidence pixels, so one overconfident view cannot own a voxel.
+MAX_PIXEL_WEIGHT = 4.0
+
+# name: (lowest, highest) allowed value, both inclusive
+_RANGES: dict[str, tuple[float, float]] = {
+    "voxel_size_m": (0.001, 10.0),
+    "max_voxels": (1, 2**31 - 1),
+    "max_depth_m": (0.01, 1000.0),
+    "min_confidence": (0.0, MAX_PIXEL_WEIGHT),
+    "min_weight": (0.0, 1e9),
+    "pixel_stride": (1, 64),
+    "keep_keyframes": (0, 10_000),
+    "repose_translation_m": (0.0, 100.0),
+    "repose_rotation_deg": (0.0, 180.0),
+    "evict_radius_m": (0.0, 1e6),
+}
+_INT_FIELDS = ("max_voxels", "pixel_stride", "keep_keyframes")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How the map fuses keyframes; a value out of range is a ValueError naming the field."""
+
+    voxel_size_m: float = 0.05
+    #: Memory budget: the map holds at most this many voxels after each integrate or update_pose.
+    max_voxels: int = 2_000_000
+    #: Farther pixels are ignored: depth error grows with distance, and so would the map's.
+    max_depth_m: float = 10.0
+    #: Pixels whose confidence / the keyframe's median valid confidence is below this are ignored.
+    min_confidence: float = 0.25
+    #: points() returns voxels whose summed normalised confidence reaches this: 2 = two median pixels, so
+    #: a lone stray sample does not make a voxel.
+    min_weight: float = 2.0
+    #: Integrate every n-th pixel in both directions; 4 keeps 5 cm voxels filled out to ~5 m at 640x480.
+    pixel_stride: int = 4
+    #: Recent keyframes whose contribution update_pose can still move; older ones are frozen.
+    keep_keyframes: int = 16
+    #: update_pose ignores a change smaller than both of these.
+    repose_translation_m: float = 0.01
+    repose_rotation_deg: float = 0.5
+    #: Over budget, drop the voxels farther than this from the newest camera, then the farthest;
+    #: 0 drops the least recently updated voxels instead.
+    evict_radius_m: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lo, hi = _RANGES[f.name]
+            is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if f.name in _INT_FIELDS and not is_int:
+                raise ValueError(f"FusionConfig.{f.name} must be an integer in [{lo}, {hi}], got {value!r}")
+            if not (is_int or isinstance(value, numbers.Real)) or not lo <= value <= hi:
+                raise ValueError(f"FusionConfig.{f.name} must be a number in [{lo}, {hi}], got {value!r}")

@@ -1,0 +1,401 @@
+"""The fused voxel map: accuracy on the synthetic scene, exact pose correction, the budget, PLY, inputs."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from mapany_ros.core.fusion import FusionConfig, VoxelMap, read_ply, write_ply
+from mapany_ros.core.geometry import make_pose
+from mapany_ros.core.metrics import gt_points
+from mapany_ros.core.synthetic import make_camera_model
+from mapany_ros.tools.bench_fusion import (
+    SyntheticKeyframe,
+    map_quality,
+    scene_surface_distance,
+    synthetic_keyframes,
+    true_surface_samples,
+)
+
+W, H = 64, 48
+K_SMALL = make_camera_model(W, H).K
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """The map's tensors are small: one torch thread is faster, and immune to a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """20 keyframes 0.5 m apart around the seed-0 room, 160x120, 1 % depth noise."""
+    return synthetic_keyframes(160, 120, 20, spacing_s=1.0, noise=0.01)
+
+
+def integrate(vmap: VoxelMap, K: np.ndarray, kf: SyntheticKeyframe, T: np.ndarray | None = None) -> None:
+    pose = kf.T_map_camera if T is None else T
+    vmap.integrate(kf.key, kf.depth, K, pose, kf.rgb, kf.confidence)
+
+
+def look_at(eye: np.ndarray, forward: np.ndarray) -> np.ndarray:
+    """Optical camera (x right, y down, z forward) at ``eye`` looking along horizontal ``forward``."""
+    z = forward / np.linalg.norm(forward)
+    y = np.array([0.0, 0.0, -1.0])
+    return make_pose(np.stack([np.cross(y, z), y, z], axis=1), eye)
+
+
+def wall(distance: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Depth and random colours of a fronto-parallel wall filling a W x H view."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    return np.full((H, W), distance, dtype=np.float32), rgb
+
+
+def assert_same_points(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], atol: float = 1e-5) -> None:
+    """Same point sets (any order): positions within ``atol``, colours within 1, confidences within 1e-5."""
+    assert len(a[0]) == len(b[0]) > 0
+    dist, match = cKDTree(b[0]).query(a[0], k=1)
+    assert dist.max() <= atol
+    assert len(np.unique(match)) == len(match)
+    assert np.abs(a[1].astype(int) - b[1][match].astype(int)).max() <= 1
+    np.testing.assert_allclose(a[2], b[2][match], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ accuracy
+
+
+def test_ground_truth_distance_is_exact_on_true_surface(synthetic) -> None:
+    scene, K, kfs = synthetic
+    surface = true_surface_samples(K, kfs[:3], 10.0)
+    assert np.percentile(scene_surface_distance(scene, surface), 99) < 1e-3
+    behind = gt_points(kfs[0].true_depth + 0.1, K, kfs[0].T_map_camera).reshape(-1, 3)  # 10 cm deeper
+    assert np.median(scene_surface_distance(scene, behind)) > 0.05
+
+
+def test_fused_synthetic_map_is_accurate_and_complete(synthetic) -> None:
+    scene, K, kfs = synthetic
+    vmap = VoxelMap(FusionConfig(voxel_size_m=0.05, pixel_stride=1))
+    for kf in kfs:
+        integrate(vmap, K, kf)
+    xyz, rgb, conf = vmap.points()
+    assert xyz.dtype == np.float32 and rgb.dtype == np.uint8 and conf.dtype == np.float32
+    assert xyz.shape == rgb.shape == (len(conf), 3)
+    assert np.all(conf >= vmap.config.min_weight)
+    quality = map_quality(scene, xyz, true_surface_samples(K, kfs, vmap.config.max_depth_m)[::5])
+    assert quality["accuracy_median_m"] <= 0.02, quality
+    assert quality["completeness"] >= 0.80, quality
+    assert vmap.keyframes_integrated == len(kfs)
+
+
+def test_wall_points_land_exactly_on_the_wall() -> None:
+    """Back-projection through K on the stride grid: a noise-free wall gives points on the wall, edge to edge."""
+    depth, rgb = wall(2.0)
+    vmap = VoxelMap(FusionConfig(pixel_stride=3, min_weight=0.0))
+    vmap.integrate("kf", depth, K_SMALL, look_at(np.array([1.0, -3.0, 0.5]), np.array([0, 1.0, 0])), rgb)
+    xyz, _, _ = vmap.points()
+    np.testing.assert_allclose(xyz[:, 1], -1.0, atol=1e-5)  # the wall plane y = -3 + 2
+    u = np.arange(0, W, 3)  # sampled columns; x right = world +x, y down = world -z
+    v = np.arange(0, H, 3)
+    x_lo, x_hi = 1.0 + 2.0 * (u[[0, -1]] - K_SMALL[0, 2]) / K_SMALL[0, 0]
+    z_hi, z_lo = 0.5 - 2.0 * (v[[0, -1]] - K_SMALL[1, 2]) / K_SMALL[1, 1]
+    assert abs(xyz[:, 0].min() - x_lo) < 0.05 and abs(xyz[:, 0].max() - x_hi) < 0.05
+    assert abs(xyz[:, 2].min() - z_lo) < 0.05 and abs(xyz[:, 2].max() - z_hi) < 0.05
+
+
+# ------------------------------------------------------------------------------ pose correction
+
+
+def test_update_pose_equals_integrating_at_the_true_pose(synthetic) -> None:
+    _, K, kfs = synthetic
+    cfg = FusionConfig(pixel_stride=1, min_weight=0.0)
+    wrong = kfs[1].T_map_camera @ make_pose(np.eye(3), [0.06, -0.05, 0.06])  # 9.8 cm off
+    truth, corrected = VoxelMap(cfg), VoxelMap(cfg)
+    for kf in kfs[:3]:
+        integrate(truth, K, kf)
+        integrate(corrected, K, kf, wrong if kf is kfs[1] else None)
+    before = corrected.points()
+    with pytest.raises(AssertionError):
+        assert_same_points(before, truth.points())
+    assert corrected.update_pose(kfs[1].key, kfs[1].T_map_camera)
+    assert_same_points(corrected.points(), truth.points())
+    assert corrected.keyframes_reposed == 1
+
+
+def test_rotation_correction_is_exact_too(synthetic) -> None:
+    _, K, kfs = synthetic
+    cfg = FusionConfig(pixel_stride=2, min_weight=0.0)
+    yaw = np.deg2rad(3.0)
+    turn = make_pose(np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]]), [0, 0, 0])
+    truth, corrected = VoxelMap(cfg), VoxelMap(cfg)
+    integrate(truth, K, kfs[4])
+    integrate(corrected, K, kfs[4], kfs[4].T_map_camera @ turn)
+    assert corrected.update_pose(kfs[4].key, kfs[4].T_map_camera)
+    assert_same_points(corrected.points(), truth.points())
+
+
+def test_frozen_unknown_and_small_corrections_do_not_move(synthetic) -> None:
+    _, K, kfs = synthetic
+    vmap = VoxelMap(FusionConfig(keep_keyframes=2, repose_translation_m=0.01, repose_rotation_deg=0.5))
+    for kf in kfs[:3]:
+        integrate(vmap, K, kf)
+    assert vmap.num_recent_keyframes == 2
+    before = vmap.points()
+    shift = make_pose(np.eye(3), [0.0, 0.0, 0.006])
+    assert not vmap.update_pose(kfs[0].key, kfs[0].T_map_camera @ make_pose(np.eye(3), [0.3, 0, 0]))  # frozen
+    assert not vmap.update_pose(("cam", -1), kfs[2].T_map_camera)  # unknown
+    assert not vmap.update_pose(kfs[2].key, kfs[2].T_map_camera @ shift)  # 6 mm < 1 cm
+    for got, want in zip(vmap.points(), before):
+        np.testing.assert_array_equal(got, want)
+    assert vmap.update_pose(kfs[2].key, kfs[2].T_map_camera @ shift @ shift)  # 12 mm from the integrated pose
+    assert vmap.keyframes_reposed == 1
+
+
+# ------------------------------------------------------------------------------ budget
+
+
+def test_long_path_stays_within_budget_and_keeps_the_near_map() -> None:
+    cfg = FusionConfig(max_voxels=3000, keep_keyframes=4, pixel_stride=1, evict_radius_m=3.0)
+    vmap = VoxelMap(cfg)
+    depth, rgb = wall(2.0)
+    n_pixels = W * H
+    grid_bytes = (cfg.max_voxels + n_pixels) * (8 + 28 + 4 + 4 + 16)  # slot arrays (may hold one keyframe over) + index
+    keyframe_bytes = n_pixels * (12 + 4 + 3) + n_pixels * (8 + 28 + 4)  # samples + their voxel sums
+    bound = grid_bytes + cfg.keep_keyframes * keyframe_bytes
+    n = 320
+    for i in range(n):
+        vmap.integrate(("cam", i), depth, K_SMALL, look_at(np.array([0.25 * i, 0.0, 0.0]), np.array([0, 1.0, 0])), rgb)
+        assert vmap.num_voxels <= cfg.max_voxels
+        assert vmap.memory_bytes <= bound
+    assert vmap.voxels_evicted >= n * 100  # the path adds ~170 voxels per keyframe
+    x_last = 0.25 * (n - 1)
+    xyz, _, _ = vmap.points()
+    assert xyz[:, 0].min() > x_last - 6.0  # far voxels went first
+    newest = VoxelMap(FusionConfig(pixel_stride=1))
+    newest.integrate("last", depth, K_SMALL, look_at(np.array([x_last, 0.0, 0.0]), np.array([0, 1.0, 0])), rgb)
+    in_map = {tuple(v) for v in np.floor(xyz / cfg.voxel_size_m).astype(int)}
+    seen = np.floor(newest.points()[0] / cfg.voxel_size_m).astype(int)
+    assert np.mean([tuple(v) in in_map for v in seen]) > 0.99  # what the robot sees now is all there
+
+
+@pytest.mark.parametrize("radius, kept_wall_y", [(4.0, 2.0), (0.0, -8.0)])
+def test_eviction_drops_far_voxels_or_stale_ones(radius: float, kept_wall_y: float) -> None:
+    """A near wall seen first, a far one after: radius eviction keeps the near, LRU the recent far one."""
+    vmap = VoxelMap(FusionConfig(max_voxels=3500, pixel_stride=1, evict_radius_m=radius))
+    origin = np.zeros(3)
+    for i, (distance, forward) in enumerate([(2.0, [0, 1.0, 0])] * 3 + [(8.0, [0, -1.0, 0])] * 3):
+        depth, rgb = wall(distance, seed=i)
+        vmap.integrate(i, depth, K_SMALL, look_at(origin, np.array(forward)), rgb)
+        assert vmap.num_voxels <= 3500
+    xyz, _, _ = vmap.points()
+    assert vmap.voxels_evicted > 1000
+    assert np.mean(np.abs(xyz[:, 1] - kept_wall_y) < 0.1) > 0.95
+
+
+def test_correcting_a_keyframe_leaves_voxels_rebuilt_after_its_eviction_alone() -> None:
+    """A keyframe's evicted voxels, seen again by a later keyframe, are not subtracted by its correction."""
+    cfg = FusionConfig(max_voxels=4000, pixel_stride=1, evict_radius_m=5.0, min_weight=0.0)
+    here, there = look_at(np.zeros(3), np.array([0, 1.0, 0])), look_at(np.array([20.0, 0, 0]), np.array([0, 1.0, 0]))
+    moved = here @ make_pose(np.eye(3), [0.03, 0.0, 0.0])
+    (depth, rgb_a), (_, rgb_c) = wall(2.0, seed=1), wall(2.0, seed=2)
+    vmap = VoxelMap(cfg)
+    vmap.integrate("a", depth, K_SMALL, here, rgb_a)
+    vmap.integrate("b", depth, K_SMALL, there, rgb_a)  # over budget: a's voxels are far now
+    vmap.integrate("c", depth, K_SMALL, here, rgb_c)  # over budget: b's are; a's voxels come back
+    assert vmap.voxels_evicted >= 2 * 2000
+    assert vmap.update_pose("a", moved)
+    reference = VoxelMap(cfg)
+    reference.integrate("c", depth, K_SMALL, here, rgb_c)
+    reference.integrate("a", depth, K_SMALL, moved, rgb_a)
+    assert_same_points(vmap.points(), reference.points())
+
+
+# ------------------------------------------------------------------------------ confidence and validity
+
+
+def test_confidence_scale_does_not_matter_but_low_confidence_pixels_drop() -> None:
+    depth, rgb = wall(2.0)
+    T = look_at(np.zeros(3), np.array([0, 1.0, 0]))
+    conf = np.ones((H, W), np.float32)
+    conf[:, : W // 4] = 0.01  # a quarter of the image far below the median
+    maps = []
+    for scale in (0.5, 100.0):  # plane sweep's [0, 1] vs MapAnything's >= 1
+        vmap = VoxelMap(FusionConfig(pixel_stride=1))
+        vmap.integrate("kf", depth, K_SMALL, T, rgb, confidence=conf * scale)
+        maps.append(vmap.points())
+    assert_same_points(*maps)
+    xyz = maps[0][0]
+    x_left = 2.0 * (W // 4 - K_SMALL[0, 2]) / K_SMALL[0, 0]  # where the confident pixels begin
+    assert xyz[:, 0].min() > x_left - 0.06
+    valid = np.ones((H, W), bool)
+    valid[:, W // 2 :] = False
+    vmap = VoxelMap(FusionConfig(pixel_stride=1))
+    vmap.integrate("kf", torch.from_numpy(depth), K_SMALL, T, torch.from_numpy(rgb), valid=torch.from_numpy(valid))
+    assert vmap.points()[0][:, 0].max() < 0.06
+
+
+# ------------------------------------------------------------------------------ PLY, reset
+
+
+def test_ply_round_trip_gives_the_same_points(synthetic, tmp_path) -> None:
+    _, K, kfs = synthetic
+    vmap = VoxelMap(FusionConfig(pixel_stride=2))
+    for kf in kfs[:3]:
+        integrate(vmap, K, kf)
+    path = tmp_path / "map.ply"
+    assert vmap.save_ply(path) == len(vmap.points()[0])
+    assert path.read_bytes().startswith(b"ply\nformat binary_little_endian 1.0\nelement vertex ")
+    for got, want in zip(read_ply(path), vmap.points()):
+        np.testing.assert_array_equal(got, want)
+    loaded = VoxelMap(FusionConfig(pixel_stride=2))
+    xyz, _, _ = loaded.load_ply(path)
+    assert len(xyz) == len(vmap.points()[0])
+    assert_same_points(loaded.points(), vmap.points())
+
+
+def test_read_ply_refuses_what_it_cannot_read_faithfully(tmp_path) -> None:
+    ascii_ply = tmp_path / "ascii.ply"
+    ascii_ply.write_bytes(b"ply\nformat ascii 1.0\nelement vertex 0\nend_header\n")
+    with pytest.raises(ValueError, match="binary_little_endian"):
+        read_ply(ascii_ply)
+    no_conf = tmp_path / "noconf.ply"
+    header = "ply\nformat binary_little_endian 1.0\nelement vertex 1\n"
+    header += "".join(f"property float {a}\n" for a in "xyz") + "".join(f"property uchar {c}\n" for c in "rgb")
+    no_conf.write_bytes((header + "end_header\n").encode() + bytes(15))
+    with pytest.raises(ValueError, match="confidence"):
+        read_ply(no_conf)
+    far = tmp_path / "far.ply"
+    write_ply(far, np.array([[0.0, 0.0, 1e6]]), np.zeros((1, 3), np.uint8), np.ones(1))
+    with pytest.raises(ValueError, match="beyond the voxel keys"):
+        VoxelMap(FusionConfig()).load_ply(far)
+
+
+def test_reset_empties_the_map(synthetic) -> None:
+    _, K, kfs = synthetic
+    vmap = VoxelMap(FusionConfig(pixel_stride=2))
+    integrate(vmap, K, kfs[0])
+    full_bytes = vmap.memory_bytes
+    vmap.reset()
+    xyz, rgb, conf = vmap.points()
+    assert xyz.shape == (0, 3) and rgb.shape == (0, 3) and conf.shape == (0,)
+    assert vmap.num_voxels == vmap.keyframes_integrated == vmap.num_recent_keyframes == 0
+    assert vmap.memory_bytes < full_bytes
+    integrate(vmap, K, kfs[0])  # the same key is new again
+    assert vmap.num_voxels > 0
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_config_rejects_values_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"voxel_size_m must be a number in \[0.001, 10.0\], got 0"):
+        FusionConfig(voxel_size_m=0)
+    with pytest.raises(ValueError, match="pixel_stride must be an integer"):
+        FusionConfig(pixel_stride=1.5)
+    with pytest.raises(ValueError, match="max_voxels"):
+        FusionConfig(max_voxels=0)
+    with pytest.raises(ValueError, match="repose_rotation_deg"):
+        FusionConfig(repose_rotation_deg=float("nan"))
+
+
+def _bad_inputs() -> list[tuple[dict, str]]:
+    depth, rgb = wall(2.0)
+    T = np.eye(4)
+    T_nan = T.copy()
+    T_nan[0, 3] = np.nan
+    T_sheared = T.copy()
+    T_sheared[0, 1] = 0.5
+    ok = dict(key="kf", depth=depth, K=K_SMALL, T_map_camera=T, colors=rgb)
+    return [
+        ({**ok, "depth": np.stack([depth] * 2)}, "depth must be a floating-point \\(h, w\\) image"),
+        ({**ok, "depth": depth.astype(np.int32)}, "depth must be a floating-point"),
+        ({**ok, "colors": rgb[:-1]}, r"colors must have shape \(48, 64, 3\)"),
+        ({**ok, "colors": rgb.astype(np.float32)}, "colors must be of dtype torch.uint8"),
+        ({**ok, "confidence": np.ones((H, W + 1), np.float32)}, "confidence must have shape"),
+        ({**ok, "valid": np.ones((H, W), np.uint8)}, "valid must be of dtype torch.bool"),
+        ({**ok, "K": K_SMALL[:2]}, "K must be a finite 3x3"),
+        ({**ok, "K": -K_SMALL}, "positive focal lengths"),
+        ({**ok, "T_map_camera": T_nan}, "T_map_camera must be a finite 4x4 rigid transform"),
+        ({**ok, "T_map_camera": T_sheared}, "T_map_camera must be a finite 4x4 rigid transform"),
+        ({**ok, "T_map_camera": make_pose(np.eye(3), [1e6, 0, 0])}, "voxel keys reach"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, message", _bad_inputs())
+def test_bad_input_is_a_clear_value_error(kwargs: dict, message: str) -> None:
+    vmap = VoxelMap(FusionConfig())
+    with pytest.raises(ValueError, match=message):
+        vmap.integrate(**kwargs)
+    assert vmap.num_voxels == 0 and vmap.keyframes_integrated == 0
+
+
+def test_a_keyframe_without_valid_depth_adds_nothing() -> None:
+    depth, rgb = wall(2.0)
+    vmap = VoxelMap(FusionConfig())
+    vmap.integrate("nan", np.full_like(depth, np.nan), K_SMALL, np.eye(4), rgb)
+    vmap.integrate("far", depth + 100.0, K_SMALL, np.eye(4), rgb)  # beyond max_depth_m
+    vmap.integrate("unsure", depth, K_SMALL, np.eye(4), rgb, confidence=np.zeros_like(depth))
+    assert vmap.keyframes_integrated == 3 and vmap.num_voxels == 0
+    assert vmap.update_pose("nan", make_pose(np.eye(3), [1.0, 0, 0]))
+
+
+def test_duplicate_key_and_bad_corrected_pose_are_refused() -> None:
+    depth, rgb = wall(2.0)
+    vmap = VoxelMap(FusionConfig())
+    vmap.integrate("kf", depth, K_SMALL, np.eye(4), rgb)
+    with pytest.raises(ValueError, match="already in the map"):
+        vmap.integrate("kf", depth, K_SMALL, np.eye(4), rgb)
+    with pytest.raises(ValueError, match="T_map_camera must be a finite"):
+        vmap.update_pose("kf", np.full((4, 4), np.inf))
+
+
+# ------------------------------------------------------------------------------ threads, devices
+
+
+def test_points_from_another_thread_while_integrating(synthetic) -> None:
+    _, K, kfs = synthetic
+    cfg = FusionConfig(pixel_stride=2)
+    vmap = VoxelMap(cfg)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for kf in kfs[:8]:
+                integrate(vmap, K, kf)
+                vmap.update_pose(kf.key, kf.T_map_camera @ make_pose(np.eye(3), [0.02, 0, 0]))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    running = True
+    while running:
+        running = thread.is_alive()
+        xyz, rgb, conf = vmap.points()
+        assert len(xyz) == len(rgb) == len(conf)
+    thread.join()
+    assert not errors
+    reference = VoxelMap(cfg)
+    for kf in kfs[:8]:
+        integrate(reference, K, kf, kf.T_map_camera @ make_pose(np.eye(3), [0.02, 0, 0]))
+    assert_same_points(vmap.points(), reference.points(), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_map_matches_cpu_map(synthetic) -> None:
+    _, K, kfs = synthetic
+    cfg = FusionConfig(pixel_stride=2)
+    cpu, gpu = VoxelMap(cfg, "cpu"), VoxelMap(cfg, "cuda")
+    for kf in kfs[:5]:
+        integrate(cpu, K, kf)
+        gpu.integrate(kf.key, torch.as_tensor(kf.depth, device="cuda"), K, kf.T_map_camera,
+                      torch.as_tensor(kf.rgb, device="cuda"), torch.as_tensor(kf.confidence, device="cuda"))
+    assert gpu.update_pose(kfs[4].key, kfs[4].T_map_camera @ make_pose(np.eye(3), [0.05, 0, 0]))
+    assert cpu.update_pose(kfs[4].key, kfs[4].T_map_camera @ make_pose(np.eye(3), [0.05, 0, 0]))
+    assert_same_points(gpu.points(), cpu.points(), atol=1e-4)
