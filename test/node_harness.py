@@ -57,20 +57,16 @@ class Harness:
             self.warnings.append(key)
             original_warn(key, message)
 
-        self.node.warn = warn
+        self.node.warn = self.node.inputs.warn = warn
         self.callback_s: list[float] = []
-        original_on_image = self.node._on_image
+        original_on_image = self.node.inputs.on_image
 
-        def timed(cam, msg):
+        def timed(cam, msg, now_ns):
             t0 = time.perf_counter()
-            original_on_image(cam, msg)
+            original_on_image(cam, msg, now_ns)
             self.callback_s.append(time.perf_counter() - t0)
 
-        # Subscriptions captured the bound method: route through the timing wrapper instead.
-        for sub in self.node.subscriptions:
-            if sub.topic_name.endswith("/image_raw"):
-                cam = sub.topic_name.strip("/").rsplit("/", 1)[0]
-                sub.callback = lambda m, c=cam: timed(c, m)
+        self.node.inputs.on_image = timed  # the subscriptions call through inputs at each message
         self.cameras = list(overrides.get("cameras", ["camera"]))
         self.driver = rclpy.create_node("driver", context=context)
         self.image_pubs = {c: self.driver.create_publisher(Image, f"{c}/image_raw", RELIABLE) for c in self.cameras}

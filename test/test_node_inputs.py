@@ -37,10 +37,16 @@ def test_bad_input_is_warned_dropped_and_good_input_still_flows(harness_factory)
     h.image_pub.publish(small)
     bad_odom = Odometry()
     bad_odom.header = h.header(0.06)
+    bad_odom.header.frame_id, bad_odom.child_frame_id = "odom", "base_link"
     bad_odom.pose.pose.position.x = float("nan")
     bad_odom.pose.pose.orientation.w = 1.0
     h.odom_pub.publish(bad_odom)
-    assert h._wait(lambda: {"image/camera", "size/camera", "odom"} <= set(h.warnings))
+    foreign = Odometry()  # another robot's odometry, or a misconfigured odom_frame
+    foreign.header = h.header(0.07)
+    foreign.header.frame_id, foreign.child_frame_id = "map", "other_base"
+    foreign.pose.pose.orientation.w = 1.0
+    h.odom_pub.publish(foreign)
+    assert h._wait(lambda: {"image/camera", "size/camera", "odom", "odom_frames"} <= set(h.warnings))
     assert h.warnings.count("image/camera") >= 1
     stamps = h.good_stream(1.0, 7)
     assert h._wait(lambda: h.collector.out.depth_count >= 7 and h.collector.out.points_count >= 7
@@ -147,5 +153,5 @@ def test_parameters_cannot_change_at_run_time(harness_factory):
 
     h = harness_factory(RecordingBackend())
     result = h.node.set_parameters([Parameter("window.size", value=4)])[0]
-    assert not result.successful and "restart" in result.reason
+    assert not result.successful and "read-only" in result.reason
     assert h.node.get_parameter("window.size").value == 3

@@ -193,26 +193,33 @@ def depth_to_image_msg(depth_m: np.ndarray | torch.Tensor, header: Header | None
 # --------------------------------------------------------------------------- camera info
 
 
-def camera_info_to_model(msg: CameraInfo) -> CameraModel:
+def camera_info_to_model(msg: CameraInfo, rectified: bool = False) -> CameraModel:
     """:class:`CameraModel` from a CameraInfo, rejecting intrinsics that cannot be used.
 
     Uncalibrated drivers publish all-zero K; catching that here gives a clear error instead of
-    divisions by zero deep inside a backend. Binning and ROI are not applied.
+    divisions by zero deep inside a backend. Binning and ROI are not applied. For a rectified
+    image (image_proc's ``image_rect``) the camera is P's left 3x3 without distortion, as the
+    CameraInfo convention defines it; D and K describe only the raw image.
     """
     width, height = int(msg.width), int(msg.height)
     if width <= 0 or height <= 0:
         raise ConversionError(f"CameraInfo has an empty image size {width}x{height}")
-    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3).copy()
+    if rectified:
+        P = np.asarray(msg.p, dtype=np.float64).reshape(3, 4)
+        K, D, model = P[:, :3].copy(), np.zeros(5), "plumb_bob"
+        what = "P"
+    else:
+        K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3).copy()
+        D, model, what = np.asarray(msg.d, dtype=np.float64).copy(), str(msg.distortion_model), "K"
     if not np.all(np.isfinite(K)):
-        raise ConversionError(f"CameraInfo K is not finite: {K.ravel().tolist()}")
+        raise ConversionError(f"CameraInfo {what} is not finite: {K.ravel().tolist()}")
     if K[0, 0] <= 0 or K[1, 1] <= 0:
         raise ConversionError(
-            f"CameraInfo K has fx={K[0, 0]}, fy={K[1, 1]}; both must be > 0 (camera not calibrated?)"
+            f"CameraInfo {what} has fx={K[0, 0]}, fy={K[1, 1]}; both must be > 0 (camera not calibrated?)"
         )
-    D = np.asarray(msg.d, dtype=np.float64).copy()
     if not np.all(np.isfinite(D)):
         raise ConversionError(f"CameraInfo D is not finite: {D.tolist()}")
-    return CameraModel(width=width, height=height, K=K, distortion_model=str(msg.distortion_model), D=D)
+    return CameraModel(width=width, height=height, K=K, distortion_model=model, D=D)
 
 
 def model_to_camera_info(model: CameraModel, header: Header | None = None) -> CameraInfo:
@@ -333,6 +340,32 @@ def pointcloud2_from_points(
     msg.is_bigendian = _HOST_BIG_ENDIAN
     msg.point_step = CLOUD_POINT_STEP
     msg.row_step = CLOUD_POINT_STEP * n
+    msg.is_dense = True
+    msg.data = data
+    return msg
+
+
+def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, header: Header | None = None
+              ) -> PointCloud2:
+    """The fused map as a PointCloud2: x, y, z, rgb as :func:`pointcloud2_from_points`, plus a
+    float32 ``confidence`` at offset 16 (20 bytes a point), for RViz's intensity colouring."""
+    points = np.asarray(points, dtype=np.float32)
+    n = int(points.shape[0])
+    if np.asarray(confidence).shape != (n,):
+        raise ConversionError(f"confidence must be (N,) like points {points.shape}, got {np.shape(confidence)}")
+    step = CLOUD_POINT_STEP + 4
+    data, view = _message_buffer(n * step)
+    out = view.reshape(n, step)
+    packed = _pack_cloud_numpy(points, np.asarray(colors, dtype=np.uint8))
+    out[:, :CLOUD_POINT_STEP] = packed
+    out[:, CLOUD_POINT_STEP:] = np.ascontiguousarray(confidence, dtype=np.float32).view(np.uint8).reshape(n, 4)
+    msg = PointCloud2()
+    msg.header = header if header is not None else Header()
+    msg.height, msg.width = 1, n
+    msg.fields = [*_cloud_fields(), PointField(name="confidence", offset=16, datatype=PointField.FLOAT32, count=1)]
+    msg.is_bigendian = _HOST_BIG_ENDIAN
+    msg.point_step = step
+    msg.row_step = step * n
     msg.is_dense = True
     msg.data = data
     return msg

@@ -1,40 +1,42 @@
 """mapany_node: the thin rclpy layer around the ROS-free pipeline.
 
-Callbacks only convert messages and hand them to :class:`~mapany_ros.core.pipeline.Pipeline`;
-the backend runs on the pipeline's worker thread, which also publishes the results. Bad input
-gets a throttled warning naming what is wrong and is dropped; nothing else is lost.
+Callbacks hand messages to :class:`~mapany_ros.ros.inputs.InputHandler` (conversion, checks,
+pipeline); the backend runs on the pipeline's worker thread, which publishes what
+:class:`~mapany_ros.ros.outputs.OutputBuilder` makes of each placed window. Time is the node's
+ROS clock, so ``use_sim_time`` replay behaves as offline processing does. Bad input gets a
+throttled warning naming what is wrong and is dropped; nothing else is lost.
 """
 
 from __future__ import annotations
 
-import collections
+import difflib
 import sys
 import threading
 import time
 from typing import Any
 
-import numpy as np
 import rclpy
-import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry, Path
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
+from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.backends import BackendError, make_backend
-from mapany_ros.core.frames import CameraModel, Frame
-from mapany_ros.core.geometry import invert
-from mapany_ros.core.pipeline import FrameStatus, Pipeline, WindowResult
+from mapany_ros.core.pipeline import Pipeline, WindowResult
 from mapany_ros.core.placement import PlacementStatus, TransformSmoother
 from mapany_ros.ros import conversions as conv
+from mapany_ros.ros.inputs import InputHandler
+from mapany_ros.ros.outputs import OutputBuilder, depth_topics
 from mapany_ros.ros.params import PARAMETERS, NodeConfig, ParameterError, validate
-from mapany_ros.ros.static_tf import StaticTransforms
 
 WARN_PERIOD_S = 5.0
+#: Parameters rclpy itself declares or reads; never reported as unknown.
+ROS_PARAMETERS = ("use_sim_time", "start_type_description_service", "qos_overrides.")
 
 
 def input_qos(reliability: str, depth: int) -> QoSProfile:
@@ -48,14 +50,16 @@ def input_qos(reliability: str, depth: int) -> QoSProfile:
 
 
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
-TF_STATIC_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
+#: For what a late RViz or Foxglove should still get: the latest path (and map).
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 def _descriptor(p) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=p.description)
+    """Description, range or choices, and read-only: the model is loaded with these values."""
+    d = ParameterDescriptor(description=p.description, read_only=True)
     if p.choices:
         d.additional_constraints = "one of: " + ", ".join(p.choices)
     if p.low is not None:
@@ -73,52 +77,59 @@ class MapanyNode(Node):
         super().__init__("mapany_node", **kwargs)
         for p in PARAMETERS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
-        values = {p.name: self.get_parameter(p.name).value for p in PARAMETERS}
-        self.config: NodeConfig = validate(values)
-        # Everything is read once at start (the model is loaded with it): refuse changes at run time
-        # instead of silently ignoring them.
-        self.add_on_set_parameters_callback(self._refuse_parameter_changes)
+        self._warn_unknown_overrides()
+        self.config: NodeConfig = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
         self._warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self._models: dict[str, CameraModel] = {}
-        #: Recent registered depth images per camera, matched to colour images by stamp.
-        self._depth_priors: dict[str, collections.deque[tuple[int, np.ndarray]]] = {}
-        #: Path poses by image stamp, so pose-graph corrections can move earlier ones.
-        self._path: dict[int, np.ndarray] = {}
         self._out_lock = threading.Lock()
         self._map_odom = TransformSmoother(self.config["tf.smoothing_s"])
-        self._static_tf = StaticTransforms()
-        self._last_stats = (time.monotonic(), 0, 0)
 
         self.get_logger().info(f"loading backend {self.config['backend']!r} ...")
         t0 = time.perf_counter()
         self.backend = make_backend(self.config["backend"], self.config["device"], **self.config.backend_options)
         self.get_logger().info(f"backend {self.backend.name!r} ready in {time.perf_counter() - t0:.1f} s")
-        self.pipeline = Pipeline(self.config.pipeline, self.backend, self._publish_result, self._on_backend_error)
+        self.pipeline = Pipeline(self.config.pipeline, self.backend, self._publish_result, self._on_backend_error,
+                                 clock=self._now_ns, on_reset=self._on_reset)
+        self.inputs = InputHandler(self.config, self.pipeline, self.warn)
+        self.outputs = OutputBuilder(self.config, self.pipeline.extrinsic)
 
         qos = input_qos(self.config["qos.reliability"], self.config["qos.depth"])
-        self._pubs: dict[str, dict[str, Any]] = {}
+        self._pubs: dict[str, Any] = {}
         for cam in self.config.pipeline.cameras:
-            self.create_subscription(Image, f"{cam}/image_raw", lambda m, c=cam: self._on_image(c, m), qos)
-            self.create_subscription(CameraInfo, f"{cam}/camera_info", lambda m, c=cam: self._on_info(c, m), qos)
+            if self.config["image_transport"] == "compressed":
+                self.create_subscription(CompressedImage, f"{cam}/image_raw/compressed",
+                                         lambda m, c=cam: self.inputs.on_compressed_image(c, m, self._now_ns()), qos)
+            else:
+                self.create_subscription(Image, f"{cam}/image_raw",
+                                         lambda m, c=cam: self.inputs.on_image(c, m, self._now_ns()), qos)
+            self.create_subscription(CameraInfo, f"{cam}/camera_info",
+                                     lambda m, c=cam: self.inputs.on_camera_info(c, m), qos)
             if self.config["backend"] == "mapanything" and self.config["mapanything.use_depth"]:
-                self._depth_priors[cam] = collections.deque(maxlen=10)
-                self.create_subscription(Image, f"{cam}/depth_prior", lambda m, c=cam: self._on_depth_prior(c, m), qos)
-            self._pubs[cam] = {
-                "depth": self.create_publisher(Image, f"{cam}/depth", OUTPUT_QOS),
-                "info": self.create_publisher(CameraInfo, f"{cam}/depth/camera_info", OUTPUT_QOS),
-                "conf": self.create_publisher(Image, f"{cam}/confidence", OUTPUT_QOS),
-            }
+                self.create_subscription(Image, f"{cam}/depth_prior",
+                                         lambda m, c=cam: self.inputs.on_depth_prior(c, m), qos)
+            topics = depth_topics(cam)
+            self._pubs[topics["depth"]] = self.create_publisher(Image, topics["depth"], OUTPUT_QOS)
+            self._pubs[topics["info"]] = self.create_publisher(CameraInfo, topics["info"], OUTPUT_QOS)
+            self._pubs[topics["conf"]] = self.create_publisher(Image, topics["conf"], OUTPUT_QOS)
         if self.config["use_odometry"]:
-            self.create_subscription(Odometry, "odom", self._on_odom, qos)
-        self.create_subscription(TFMessage, "/tf_static", self._on_tf_static, TF_STATIC_QOS)
-        self.points_pub = self.create_publisher(PointCloud2, "points", OUTPUT_QOS)
-        self.path_pub = self.create_publisher(Path, "path", OUTPUT_QOS)
-        self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
+            self.create_subscription(Odometry, "odom", self._on_odometry, qos)
+        self.create_subscription(TFMessage, "/tf_static", self.inputs.on_tf_static, TF_STATIC_QOS)
+        self._pubs["points"] = self.create_publisher(PointCloud2, "points", OUTPUT_QOS)
+        self._pubs["path"] = self.create_publisher(Path, "path", LATCHED_QOS)
+        self._pubs["/tf"] = self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
+        if self.pipeline.map is not None:
+            self.map_pub = self.create_publisher(PointCloud2, "map_points", LATCHED_QOS)
+            self._map_published = -1
+            self.create_timer(self.config["map.publish_period_s"], self._publish_map)
+            self.create_service(Trigger, "~/save_map", self._save_map)
+        self.create_service(Trigger, "~/reset", self._reset)
+        self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
-                             "windows_failed": 0}
-        #: Facts about the newest published window (scale, alignment residual, backend timings).
+                             "windows_failed": 0, "frames_dropped": 0}
+        self._last_images: dict[str, int] = {}
+        self._last_stats_ns = self._now_ns()
+        #: Facts about the newest published window (scale, residual, backend timings).
         self._last_window: dict[str, object] = {}
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
@@ -126,10 +137,19 @@ class MapanyNode(Node):
             self.create_timer(1.0 / self.config["tf.rate_hz"], self._publish_map_odom)
         self.pipeline.start()
 
-    def _refuse_parameter_changes(self, params: list) -> SetParametersResult:
-        names = ", ".join(p.name for p in params)
-        reason = f"{names}: mapany_node reads its parameters at start; restart it to change them"
-        return SetParametersResult(successful=False, reason=reason)
+    def _now_ns(self) -> int:
+        """The node's ROS clock (sim time under use_sim_time)."""
+        return self.get_clock().now().nanoseconds
+
+    def _warn_unknown_overrides(self) -> None:
+        """A misspelled override (``-p model.path:=...``) is ignored by rclpy: name it, and the nearest one."""
+        declared = [p.name for p in PARAMETERS]
+        for name in sorted(getattr(self, "_parameter_overrides", {})):
+            if name in declared or name.startswith(ROS_PARAMETERS):
+                continue
+            near = difflib.get_close_matches(name, declared, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else "; `ros2 param list` shows the parameters"
+            self.get_logger().warning(f"parameter {name!r} is not a parameter of mapany_node and is ignored{hint}")
 
     # ------------------------------------------------------------------ warnings
     def warn(self, key: str, message: str) -> None:
@@ -143,145 +163,104 @@ class MapanyNode(Node):
         self.get_logger().warning(message + (f" ({extra} more since last warning)" if extra else ""))
 
     # ------------------------------------------------------------------ callbacks
-    def _on_info(self, cam: str, msg: CameraInfo) -> None:
-        try:
-            self._models[cam] = conv.camera_info_to_model(msg)
-        except conv.ConversionError as exc:
-            self.warn(f"info/{cam}", f"{cam}/camera_info dropped: {exc}")
+    def _on_odometry(self, msg: Odometry) -> None:
+        self._last_odom_ns = self._now_ns()
+        self.inputs.on_odometry(msg)
 
-    def _on_depth_prior(self, cam: str, msg: Image) -> None:
-        try:
-            depth = conv.depth_image_to_array(msg)
-        except conv.ConversionError as exc:
-            self.warn(f"depth_prior/{cam}", f"{cam}/depth_prior dropped: {exc}")
-            return
-        self._depth_priors[cam].append((conv.stamp_to_ns(msg.header.stamp), depth))
-
-    def _matching_depth(self, cam: str, stamp_ns: int, size: tuple[int, int]) -> np.ndarray | None:
-        """The registered depth image with the colour image's stamp (within sync tolerance), if any."""
-        tol = int(self.config["sync.tolerance_s"] * 1e9)
-        for t, depth in reversed(self._depth_priors.get(cam, ())):
-            if abs(t - stamp_ns) <= tol:
-                if depth.shape != (size[1], size[0]):
-                    self.warn(f"depth_prior_size/{cam}", f"{cam}/depth_prior is {depth.shape[1]}x{depth.shape[0]}, "
-                              f"image is {size[0]}x{size[1]}: depth must be registered to the colour camera")
-                    return None
-                return depth
-        return None
-
-    def _on_tf_static(self, msg: TFMessage) -> None:
-        try:
-            self._static_tf.add(msg)
-        except conv.ConversionError as exc:
-            self.warn("tf_static", f"/tf_static transform dropped: {exc}")
-        for cam in self.config.pipeline.cameras:
-            frame_id = self._static_tf.camera_frames.get(cam)
-            if frame_id is None:
-                continue
-            T = self._static_tf.lookup(self.config["base_frame"], frame_id)
-            if T is not None:
-                self.pipeline.set_extrinsic(cam, T)
-
-    def _on_odom(self, msg: Odometry) -> None:
-        try:
-            T = conv.odometry_to_matrix(msg)
-            statuses = self.pipeline.add_odometry(conv.stamp_to_ns(msg.header.stamp), T)
-        except (conv.ConversionError, ValueError) as exc:
-            self.warn("odom", f"odom message dropped: {exc}")
-            return
-        self._report(statuses)
-
-    def _on_image(self, cam: str, msg: Image) -> None:
-        model = self._models.get(cam)
-        if model is None:
-            self.warn(f"noinfo/{cam}", f"{cam}/image_raw dropped: no {cam}/camera_info received yet")
-            return
-        try:
-            rgb = conv.image_to_rgb(msg)
-        except conv.ConversionError as exc:
-            self.warn(f"image/{cam}", f"{cam}/image_raw dropped: {exc}")
-            return
-        if (msg.width, msg.height) != (model.width, model.height):
-            self.warn(f"size/{cam}", f"{cam}/image_raw dropped: image is {msg.width}x{msg.height} but "
-                      f"{cam}/camera_info says {model.width}x{model.height}")
-            return
-        if not msg.header.frame_id:
-            self.warn(f"frame/{cam}", f"{cam}/image_raw dropped: empty header.frame_id")
-            return
-        self._static_tf.camera_frames[cam] = msg.header.frame_id
-        if self.config["use_odometry"] and self.pipeline.extrinsic(cam) is None:
-            T = self._static_tf.lookup(self.config["base_frame"], msg.header.frame_id)
-            if T is not None:
-                self.pipeline.set_extrinsic(cam, T)
-        stamp = conv.stamp_to_ns(msg.header.stamp)
-        frame = Frame(rgb, stamp, cam, msg.header.frame_id, model,
-                      depth=self._matching_depth(cam, stamp, (model.width, model.height)))
-        status, reset = self.pipeline.add_frame(frame)
-        if reset:
-            self.get_logger().warning(f"{cam}/image_raw stamp went backwards (bag loop or restart): buffers reset")
-            with self._out_lock:
-                self._path.clear()
-                self._map_odom.reset()
-        if status is FrameStatus.DROPPED_NO_EXTRINSIC:
-            self.warn(f"extrinsic/{cam}", f"{cam}/image_raw dropped: no transform {self.config['base_frame']} -> "
-                      f"{msg.header.frame_id} on /tf_static yet (needed with use_odometry)")
-        else:
-            self._report([status])
-
-    def _report(self, statuses: list[FrameStatus]) -> None:
-        for s in statuses:
-            if s not in (FrameStatus.ACCEPTED, FrameStatus.WAITING):
-                self.warn(f"status/{s.name}", f"image dropped: {s.value}")
+    def _on_reset(self, reason: str) -> None:
+        self.get_logger().warning(f"input restarted ({reason}): buffers, map and path reset")
+        with self._out_lock:
+            self.outputs.reset()
+            self._map_odom.reset()
 
     def _on_timer(self) -> None:
-        self._report(self.pipeline.poll())
+        self.inputs.report(self.pipeline.poll())
 
     def _publish_map_odom(self) -> None:
         """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate."""
-        now = self.get_clock().now()
+        now = self._now_ns()
         with self._out_lock:
-            T = self._map_odom.value(now.nanoseconds * 1e-9)
-        if T is None:
+            T = self._map_odom.value(now * 1e-9)
+        if T is not None:
+            self.tf_pub.publish(self.outputs.map_odom(T, now + int(self.config["tf.future_tolerance_s"] * 1e9)))
+
+    def _publish_map(self) -> None:
+        """The fused map, when it changed, at most every map.publish_period_s (transient local)."""
+        voxel_map = self.pipeline.map
+        assert voxel_map is not None
+        version = voxel_map.keyframes_integrated + voxel_map.keyframes_reposed
+        if version == self._map_published:
             return
-        stamp = now.nanoseconds + int(self.config["tf.future_tolerance_s"] * 1e9)
-        self.tf_pub.publish(TFMessage(transforms=[conv.matrix_to_transform_stamped(
-            T, self.config["map_frame"], self.config["odom_frame"], stamp)]))
+        self._map_published = version
+        xyz, rgb, confidence = voxel_map.points()
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config["map_frame"])
+        self.map_pub.publish(conv.map_cloud(xyz, rgb, confidence, header))
+
+    def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        voxel_map = self.pipeline.map
+        assert voxel_map is not None
+        path = self.config["map.save_path"]
+        try:
+            n = voxel_map.save_ply(path)
+        except OSError as exc:
+            response.success, response.message = False, f"cannot write {path}: {exc} (set map.save_path)"
+            return response
+        response.success, response.message = True, f"wrote {n} points to {path}"
+        self.get_logger().info(response.message)
+        return response
+
+    def _reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Empty the map and the path and start a new map; the input keeps flowing."""
+        self.pipeline.reset("~/reset service")
+        if self.pipeline.map is not None:
+            self.pipeline.map.reset()
+            self._map_published = -1
+        response.success, response.message = True, "map and path reset; mapping continues"
+        return response
 
     def _on_backend_error(self, exc: Exception) -> None:
         self.warn(f"backend/{type(exc).__name__}", f"window not published: {type(exc).__name__}: {exc}")
 
+    # ------------------------------------------------------------------ diagnostics
     def _log_stats(self) -> None:
         status = self.pipeline.status()
-        diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
+        now = self._now_ns()
+        dt = max((now - self._last_stats_ns) * 1e-9, 1e-6)
+        self._last_stats_ns = now
         new = {k: int(status[k]) - v for k, v in self._last_counts.items()}
         self._last_counts = {k: int(status[k]) for k in self._last_counts}
-        problems = [f"{n} {k.replace('_', ' ')}" for k, n in new.items() if n > 0]
-        diag.level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
-        diag.message = "since last report: " + ", ".join(problems) if problems else "ok"
-        diag.values = [KeyValue(key=k, value=str(v)) for k, v in {**status, **self._last_window}.items()]
+        rates = {cam: (self.inputs.images[cam] - self._last_images.get(cam, 0)) / dt
+                 for cam in self.config.pipeline.cameras}
+        self._last_images = dict(self.inputs.images)
+        errors = [f"{new[k]} {k.replace('_', ' ')}" for k in ("windows_failed", "chain_breaks") if new[k] > 0]
+        warnings = [f"{new[k]} {k.replace('_', ' ')}" for k in ("keyframes_skipped", "windows_rejected",
+                                                               "views_rejected", "frames_dropped") if new[k] > 0]
+        stale_s = self.config["diagnostics.stale_input_s"]
+        for cam in self.config.pipeline.cameras:
+            last = self.inputs.last_image_ns.get(cam)
+            if last is None or (now - last) * 1e-9 > stale_s:
+                warnings.append(f"no image from {cam} for {stale_s:g} s")
+        if self.config["use_odometry"] and (self._last_odom_ns is None or (now - self._last_odom_ns) * 1e-9 > stale_s):
+            warnings.append(f"no odometry for {stale_s:g} s")
+        diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
+        diag.level = DiagnosticStatus.ERROR if errors else DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
+        diag.message = "; ".join(errors + warnings) if errors or warnings else "ok"
+        values = {**status, **{f"input_rate_hz/{c}": f"{r:.2f}" for c, r in rates.items()}, **self._last_window}
+        diag.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[diag]))
         s = self.pipeline.stats
-        now = time.monotonic()
-        t, frames, windows = self._last_stats
-        dt = max(now - t, 1e-6)
-        self._last_stats = (now, s.frames_in, s.windows_done)
         self.get_logger().info(
-            f"in {(s.frames_in - frames) / dt:.1f} img/s, {(s.windows_done - windows) / dt:.2f} windows/s, "
-            f"backend {s.backend_time_s * 1e3:.0f} ms, latency {s.latency_s * 1e3:.0f} ms, keyframes {s.keyframes}, "
-            f"dropped frames {s.frames_dropped}, keyframes skipped {s.keyframes_skipped}, windows failed "
-            f"{s.windows_failed} rejected {s.windows_rejected}, views rejected {s.views_rejected}, chain breaks "
-            f"{s.chain_breaks}"
-            + (f", metric scale {self._last_window['last_metric_scale']}, placement scale "
-               f"{self._last_window['last_placement_scale']}, residual "
+            f"in {', '.join(f'{c} {r:.1f}' for c, r in rates.items())} img/s, keyframes {s.keyframes} "
+            f"(skipped {s.keyframes_skipped}), windows {s.windows_done} (failed {s.windows_failed}, rejected "
+            f"{s.windows_rejected}), views rejected {s.views_rejected}, chain breaks {s.chain_breaks}, backend "
+            f"{s.backend_time_s * 1e3:.0f} ms, placement {s.placement_time_s * 1e3:.0f} ms, latency "
+            f"{s.latency_s * 1e3:.0f} ms, dropped frames {s.frames_dropped}"
+            + (f", placement scale {self._last_window['last_placement_scale']}, residual "
                f"{self._last_window['last_placement_residual_m']} m" if self._last_window else "")
         )
 
     # ------------------------------------------------------------------ outputs (worker thread)
     def _publish_result(self, result: WindowResult) -> None:
-        with self._out_lock:
-            self._publish_locked(result)
-
-    def _publish_locked(self, result: WindowResult) -> None:
         pred, placement = result.prediction, result.placement
         self._last_window = {
             "last_window_views": len(pred.views),
@@ -294,44 +273,12 @@ class MapanyNode(Node):
         }
         if placement.status is PlacementStatus.RELOCALISED:
             self.get_logger().error(f"map chain broken ({placement.message}): continued from the last placed pose")
-        map_frame = self.config["map_frame"]
-        transforms = []
-        for frame, view, out in zip(result.frames, pred.views, result.output_mask, strict=True):
-            if not out:
-                continue
-            header = Header(stamp=conv.ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
-            pubs = self._pubs[frame.camera]
-            depth = view.depth.detach().float().cpu().numpy()
-            pubs["depth"].publish(conv.depth_to_image_msg(depth, header))
-            pubs["info"].publish(conv.model_to_camera_info(
-                CameraModel(view.width, view.height, view.K, "plumb_bob", np.zeros(5)), header))
-            pubs["conf"].publish(conv.float_image_msg(view.confidence.detach().float().cpu().numpy(), header))
-            valid = view.valid & torch.isfinite(view.depth)
-            cloud = conv.pointcloud2_from_points(
-                view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))
-            self.points_pub.publish(cloud)
-            T_base_cam = self.pipeline.extrinsic(frame.camera)
-            T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
-            if frame.camera == self.config.pipeline.cameras[0]:
-                self._path[frame.stamp_ns] = T_map_body
-                if not self.config["use_odometry"]:
-                    child = self.config["base_frame"] if T_base_cam is not None else frame.frame_id
-                    transforms.append(conv.matrix_to_transform_stamped(T_map_body, map_frame, child, frame.stamp_ns))
-        for stamp, T_map_base in placement.corrections.items():  # the pose graph moved earlier keyframes
-            if stamp in self._path:
-                self._path[stamp] = T_map_base
-        if placement.T_map_odom is not None:
-            self._map_odom.set_target(placement.T_map_odom)
-        if transforms:
-            self.tf_pub.publish(TFMessage(transforms=transforms))
-        if any(result.output_mask):
-            self.path_pub.publish(self._path_msg())
-
-    def _path_msg(self) -> Path:
-        stamps = sorted(self._path)
-        msg = Path(poses=[conv.pose_stamped(self._path[s], self.config["map_frame"], s) for s in stamps])
-        msg.header = Header(stamp=conv.ns_to_stamp(stamps[-1]), frame_id=self.config["map_frame"])
-        return msg
+        with self._out_lock:
+            messages = self.outputs.window(result)
+            if placement.T_map_odom is not None:
+                self._map_odom.set_target(placement.T_map_odom)
+        for topic, msg in messages:
+            self._pubs[topic].publish(msg)
 
     def destroy_node(self) -> None:
         pipeline = getattr(self, "pipeline", None)  # absent when start-up failed before it was built

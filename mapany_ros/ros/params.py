@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from mapany_ros.core.backends import BACKENDS, is_backend_name
+from mapany_ros.core.fusion import FusionConfig
 from mapany_ros.core.pipeline import PipelineConfig
 from mapany_ros.core.placement import PlacementConfig
 from mapany_ros.core.placement.pose_graph import KERNELS
@@ -45,7 +46,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("backend_options", "", "Keyword arguments for a plugin backend's constructor, as a YAML mapping "
           "(e.g. '{checkpoint: /opt/model.pt}'); the built-ins take their own parameters below."),
     Param("device", "auto", "Torch device: auto picks CUDA when present.", choices=("auto", "cpu", "cuda")),
-    Param("cameras", ["camera"], "Camera namespaces; each C subscribes C/image_raw and C/camera_info."),
+    Param("cameras", ["camera"], "Camera namespaces; each C subscribes C/image_raw (or C/image_raw/compressed) "
+          "and C/camera_info."),
+    Param("image_transport", "raw", "raw: sensor_msgs/Image on C/image_raw; compressed: sensor_msgs/CompressedImage "
+          "(jpeg, png) on C/image_raw/compressed, as image_transport names it.", choices=("raw", "compressed")),
+    Param("image_rectified", False, "The images are rectified (image_proc's image_rect remapped to C/image_raw): "
+          "the camera is CameraInfo P, without distortion."),
     Param("use_odometry", True, "Use odom (nav_msgs/Odometry) + /tf_static extrinsics as metric pose priors."),
     Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
     Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
@@ -69,7 +75,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("qos.reliability", "best_effort", "Reliability of the image, camera_info and odom subscriptions "
           "(sensor data QoS when best_effort).", choices=("best_effort", "reliable")),
     Param("qos.depth", 5, "History depth of the input subscriptions.", 1, 1000),
-    Param("stats_period_s", 5.0, "Period of the rate / latency / drop log line.", 0.5, 3600.0),
+    Param("stats_period_s", 5.0, "Period of the rate / latency / drop log line and of /diagnostics.", 0.5, 3600.0),
+    Param("time.reset_jump_s", 1.0, "A stamp this far behind the newest (a bag played in a loop) resets the "
+          "buffers, the map and the path; smaller steps back are dropped with a warning.", 0.01, 3600.0),
+    Param("path.max_poses", 10000, "Longest published path; the oldest poses go first.", 1, 1_000_000),
+    Param("diagnostics.stale_input_s", 2.0, "A camera or odometry silent for this long is reported stale (WARN).",
+          0.1, 3600.0),
     Param("planesweep.num_planes", 64, "Depth hypotheses, uniform in inverse depth.", 8, 512),
     Param("planesweep.min_depth_m", 0.3, "Nearest depth swept.", 0.01, 100.0),
     Param("planesweep.max_depth_m", 15.0, "Farthest depth swept.", 0.1, 1000.0),
@@ -102,6 +113,22 @@ PARAMETERS: tuple[Param, ...] = (
     Param("placement.metric_scale_sigma", 0.03, "Expected scale error of one metric window (how much each window "
           "may correct the map's scale without odometry).", 0.001, 1.0),
     Param("placement.graph_windows", 4, "Windows kept in the sliding-window pose graph (with odometry).", 1, 100),
+    Param("map.enabled", True, "Fuse every placed keyframe into a voxel map (map_points, ~/save_map, ~/reset)."),
+    Param("map.voxel_size_m", 0.05, "Voxel edge of the fused map.", 0.005, 10.0),
+    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map, in voxels (about 60 bytes each).",
+          1000, 200_000_000),
+    Param("map.max_depth_m", 10.0, "Depth beyond this is not fused (its error grows with distance).", 0.1, 1000.0),
+    Param("map.min_weight", 2.0, "A voxel is published once its summed confidence reaches this (in median "
+          "pixels): one stray sample makes no voxel.", 0.0, 1e6),
+    Param("map.pixel_stride", 4, "Fuse every n-th pixel in both directions.", 1, 64),
+    Param("map.keep_keyframes", 16, "Recent keyframes whose contribution moves when the pose graph corrects "
+          "them; older ones are frozen.", 0, 10_000),
+    Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
+          "(0: the least recently seen first).", 0.0, 1e6),
+    Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
+          0.1, 3600.0),
+    Param("map.save_path", "mapany_map.ply", "Where ~/save_map writes the fused map (PLY; relative to the "
+          "node's working directory)."),
     Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
@@ -161,6 +188,16 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     for frame in ("map_frame", "odom_frame", "base_frame"):
         if not values[frame] or values[frame].startswith("/"):
             raise ParameterError(f"{frame} = {values[frame]!r}: must be a non-empty frame id without leading '/'")
+    fusion = None
+    if values["map.enabled"]:
+        try:
+            fusion = FusionConfig(
+                voxel_size_m=values["map.voxel_size_m"], max_voxels=values["map.max_voxels"],
+                max_depth_m=values["map.max_depth_m"], min_weight=values["map.min_weight"],
+                pixel_stride=values["map.pixel_stride"], keep_keyframes=values["map.keep_keyframes"],
+                evict_radius_m=values["map.evict_radius_m"])
+        except ValueError as exc:
+            raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
     pipeline = PipelineConfig(
         cameras=tuple(cams),
         use_odometry=values["use_odometry"],
@@ -175,6 +212,8 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         odom_max_wait_s=values["odometry.max_wait_s"],
         queue_size=values["window.queue_size"],
         max_window_latency_s=values["window.max_latency_s"],
+        reset_jump_s=values["time.reset_jump_s"],
+        fusion=fusion,
         placement=PlacementConfig(
             max_residual_m=values["placement.max_residual_m"],
             view_consistency=values["placement.view_consistency"],

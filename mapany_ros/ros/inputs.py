@@ -1,0 +1,149 @@
+"""What the node does with each input message, without rclpy: shared by mapany_node and offline processing.
+
+Messages may be rclpy's or ones deserialised from a bag with ``rosbags`` (same field names), so a bag
+processed offline goes through exactly the conversions, checks and warnings the live node applies.
+Bad input is reported through ``warn(key, message)`` (the node throttles it per key) and dropped;
+nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mapany_ros.core.frames import CameraModel, Frame
+from mapany_ros.core.pipeline import FrameStatus, Pipeline
+from mapany_ros.ros import conversions as conv
+from mapany_ros.ros.compressed import compressed_to_rgb
+from mapany_ros.ros.params import NodeConfig
+from mapany_ros.ros.static_tf import StaticTransforms
+
+
+class InputHandler:
+    """camera_info, images (raw or compressed), depth priors, odometry and /tf_static into a :class:`Pipeline`."""
+
+    def __init__(self, config: NodeConfig, pipeline: Pipeline, warn: Callable[[str, str], None]) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.warn = warn
+        self.models: dict[str, CameraModel] = {}
+        #: Recent registered depth images per camera, matched to colour images by stamp.
+        self.depth_priors: dict[str, collections.deque[tuple[int, np.ndarray]]] = {
+            cam: collections.deque(maxlen=10) for cam in config.pipeline.cameras}
+        self.static_tf = StaticTransforms()
+        #: Images accepted per camera (for the input rate on /diagnostics).
+        self.images: collections.Counter[str] = collections.Counter()
+        #: Node-clock time of the newest image per camera (stale inputs).
+        self.last_image_ns: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ camera_info, depth, TF
+    def on_camera_info(self, cam: str, msg: Any) -> None:
+        try:
+            self.models[cam] = conv.camera_info_to_model(msg, rectified=self.config["image_rectified"])
+        except conv.ConversionError as exc:
+            self.warn(f"info/{cam}", f"{cam}/camera_info dropped: {exc}")
+
+    def on_depth_prior(self, cam: str, msg: Any) -> None:
+        try:
+            depth = conv.depth_image_to_array(msg)
+        except conv.ConversionError as exc:
+            self.warn(f"depth_prior/{cam}", f"{cam}/depth_prior dropped: {exc}")
+            return
+        self.depth_priors[cam].append((conv.stamp_to_ns(msg.header.stamp), depth))
+
+    def _matching_depth(self, cam: str, stamp_ns: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The registered depth image with the colour image's stamp (within sync tolerance), if any."""
+        tol = int(self.config["sync.tolerance_s"] * 1e9)
+        for t, depth in reversed(self.depth_priors.get(cam, ())):
+            if abs(t - stamp_ns) <= tol:
+                if depth.shape != (size[1], size[0]):
+                    self.warn(f"depth_prior_size/{cam}", f"{cam}/depth_prior is {depth.shape[1]}x{depth.shape[0]}, "
+                              f"image is {size[0]}x{size[1]}: depth must be registered to the colour camera")
+                    return None
+                return depth
+        return None
+
+    def on_tf_static(self, msg: Any) -> None:
+        try:
+            self.static_tf.add(msg)
+        except conv.ConversionError as exc:
+            self.warn("tf_static", f"/tf_static transform dropped: {exc}")
+        for cam in self.config.pipeline.cameras:
+            self._update_extrinsic(cam)
+
+    def _update_extrinsic(self, cam: str) -> None:
+        frame_id = self.static_tf.camera_frames.get(cam)
+        if frame_id is not None:
+            T = self.static_tf.lookup(self.config["base_frame"], frame_id)
+            if T is not None:
+                self.pipeline.set_extrinsic(cam, T)
+
+    # ------------------------------------------------------------------ odometry
+    def on_odometry(self, msg: Any) -> None:
+        odom_frame, base_frame = self.config["odom_frame"], self.config["base_frame"]
+        parent, child = msg.header.frame_id.lstrip("/"), msg.child_frame_id.lstrip("/")
+        if parent != odom_frame or (child and child != base_frame):
+            self.warn("odom_frames", f"odom message dropped: it is {parent!r} -> {child!r}, the node expects "
+                      f"{odom_frame!r} -> {base_frame!r} (set odom_frame / base_frame)")
+            return
+        try:
+            T = conv.odometry_to_matrix(msg)
+            statuses = self.pipeline.add_odometry(conv.stamp_to_ns(msg.header.stamp), T)
+        except (conv.ConversionError, ValueError) as exc:
+            self.warn("odom", f"odom message dropped: {exc}")
+            return
+        self.report(statuses)
+
+    # ------------------------------------------------------------------ images
+    def on_image(self, cam: str, msg: Any, now_ns: int) -> None:
+        """A sensor_msgs/Image of camera ``cam``."""
+        try:
+            rgb = conv.image_to_rgb(msg)
+        except conv.ConversionError as exc:
+            self.warn(f"image/{cam}", f"{cam}/image_raw dropped: {exc}")
+            return
+        self._take_image(cam, rgb, msg.header, "image_raw", now_ns)
+
+    def on_compressed_image(self, cam: str, msg: Any, now_ns: int) -> None:
+        """A sensor_msgs/CompressedImage (image_transport's compressed transport) of camera ``cam``."""
+        try:
+            rgb = compressed_to_rgb(msg)
+        except conv.ConversionError as exc:
+            self.warn(f"image/{cam}", f"{cam}/image_raw/compressed dropped: {exc}")
+            return
+        self._take_image(cam, rgb, msg.header, "image_raw/compressed", now_ns)
+
+    def _take_image(self, cam: str, rgb: np.ndarray, header: Any, topic: str, now_ns: int) -> None:
+        model = self.models.get(cam)
+        if model is None:
+            self.warn(f"noinfo/{cam}", f"{cam}/{topic} dropped: no {cam}/camera_info received yet")
+            return
+        h, w = rgb.shape[:2]
+        if (w, h) != (model.width, model.height):
+            self.warn(f"size/{cam}", f"{cam}/{topic} dropped: image is {w}x{h} but "
+                      f"{cam}/camera_info says {model.width}x{model.height}")
+            return
+        if not header.frame_id:
+            self.warn(f"frame/{cam}", f"{cam}/{topic} dropped: empty header.frame_id")
+            return
+        self.images[cam] += 1
+        self.last_image_ns[cam] = now_ns
+        self.static_tf.camera_frames[cam] = header.frame_id
+        if self.pipeline.extrinsic(cam) is None:  # used without odometry too: the map's REP 103 axes
+            self._update_extrinsic(cam)
+        stamp = conv.stamp_to_ns(header.stamp)
+        frame = Frame(rgb, stamp, cam, header.frame_id, model, depth=self._matching_depth(cam, stamp, (w, h)))
+        status, _ = self.pipeline.add_frame(frame)
+        if status is FrameStatus.DROPPED_NO_EXTRINSIC:
+            self.warn(f"extrinsic/{cam}", f"{cam}/{topic} dropped: no transform {self.config['base_frame']} -> "
+                      f"{header.frame_id} on /tf_static yet (needed with use_odometry)")
+        else:
+            self.report([status], cam)
+
+    def report(self, statuses: list[FrameStatus], cam: str = "") -> None:
+        for s in statuses:
+            if s not in (FrameStatus.ACCEPTED, FrameStatus.WAITING):
+                self.warn(f"status/{s.name}", f"{cam + ' ' if cam else ''}image dropped: {s.value}")
