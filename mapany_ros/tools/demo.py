@@ -46,12 +46,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="odometry intervals vary by up to this fraction (irregular, as real odometry)")
     ap.add_argument("--params", type=Path, default=None, help="node parameters file (default config/demo.yaml)")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    ap.add_argument("--bag", type=Path, default=None,
+                    help="write the synthetic robot with ground truth to this rosbag2 folder and exit (no node)")
+    ap.add_argument("--bag-format", choices=("raw", "jpeg", "png"), default="raw", help="image topic of --bag")
+    ap.add_argument("--bag-storage", choices=("mcap", "sqlite3"), default="mcap", help="storage of --bag")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bag is not None:  # no node, no DDS: the robot's inputs and ground truth as a bag
+        from mapany_ros.tools.synthetic_bag import write_synthetic_bag
+
+        write_synthetic_bag(args.bag, seed=args.seed, width=args.width, height=args.height,
+                            duration_s=args.duration, rate_hz=args.rate, start_s=args.start,
+                            odom_delay_s=args.odom_delay, image_format=args.bag_format, storage=args.bag_storage)
+        print(f"[demo] wrote {args.bag}")
+        return 0
     apply_localhost_dds()
     # Imported after the DDS environment is set: nothing may touch rclpy before that.
     import rclpy

@@ -263,7 +263,9 @@ class PlaneSweepBackend:
     def _prepare(self, frame: Frame) -> _View:
         """Resize to the working grid (and half of it), to luminance, with window statistics."""
         w, h = self.working_size(frame.width, frame.height)
-        img = torch.as_tensor(np.ascontiguousarray(frame.image), device=self.device)
+        image = np.ascontiguousarray(frame.image)
+        # A frame read from a bag is a read-only view of the message: torch wants a writable array.
+        img = torch.as_tensor(image if image.flags.writeable else image.copy(), device=self.device)
         rgb = _resize(img.permute(2, 0, 1)[None].float(), h, w)
         colors = rgb[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
         luma = torch.tensor(_LUMA, device=self.device).view(1, 3, 1, 1)

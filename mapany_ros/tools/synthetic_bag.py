@@ -1,0 +1,234 @@
+"""A rosbag2 of the synthetic robot with its ground truth, for offline runs and ``mapany-ros eval``.
+
+The bag holds what the robot's drivers would record - camera (raw or compressed as
+image_transport sends it), camera_info, wheel odometry (exact or drifting, optionally late) and
+the static base -> camera chain - plus what no real robot has: the true base pose and the true
+z-depth at every image stamp. Playing it into the node and scoring the outputs against the
+ground-truth topics needs no live scene. Messages are built with the ROS layer's converters and
+serialised with rclpy (no ROS context needed), so they are exactly what the node publishes and
+reads; the log time of every message is its header stamp (odometry: plus its delay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nav_msgs.msg import Odometry
+from PIL import Image as PILImage
+from rclpy.serialization import serialize_message
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+
+from mapany_ros.core.geometry import invert
+from mapany_ros.core.synthetic import DriftingOdometry, OdometryErrors, SyntheticScene, make_sequence
+from mapany_ros.ros import conversions as conv
+from mapany_ros.tools.recorder import ros_type_name
+from mapany_ros.tools.synthetic_source import T_LINK_OPTICAL
+
+CAMERA = "camera"
+BASE_FRAME = "base_link"
+ODOM_FRAME = "odom"
+MAP_FRAME = "map"
+LINK_FRAME = f"{CAMERA}_link"
+OPTICAL_FRAME = f"{CAMERA}_optical_frame"
+
+IMAGE_TOPIC = f"/{CAMERA}/image_raw"
+COMPRESSED_TOPIC = f"/{CAMERA}/image_raw/compressed"
+INFO_TOPIC = f"/{CAMERA}/camera_info"
+ODOM_TOPIC = "/odom"
+TF_STATIC_TOPIC = "/tf_static"
+GT_ODOM_TOPIC = "/ground_truth/odom"
+GT_DEPTH_TOPIC = "/ground_truth/depth"
+GT_INFO_TOPIC = "/ground_truth/camera_info"
+
+#: image_transport's compressed transport names the source encoding and what it compressed.
+COMPRESSED_FORMATS = {"jpeg": "rgb8; jpeg compressed bgr8", "png": "rgb8; png compressed bgr8"}
+STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+
+_NO_TIME = QosTime(0, 0)
+#: /tf_static is latched: ``ros2 bag play`` offers it transient-local again, as the recorder saw it.
+_LATCHED_QOS = Qos(QosHistory.KEEP_LAST, 1, QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, _NO_TIME,
+                   _NO_TIME, QosLiveliness.AUTOMATIC, _NO_TIME, False)
+
+
+@dataclass(frozen=True)
+class _Message:
+    log_ns: int
+    topic: str
+    data: bytes
+
+
+def _compressed(rgb: np.ndarray, image_format: str, header: Header) -> CompressedImage:
+    """CompressedImage as image_transport's compressed publisher sends an rgb8 image.
+
+    The stream is an ordinary JPEG / PNG of the colours (OpenCV's bgr8 order only concerns the
+    array it encodes from), so Pillow's encoding of the RGB array is the same image. Quality and
+    PNG level are image_transport's defaults.
+    """
+    buf = io.BytesIO()
+    if image_format == "jpeg":
+        PILImage.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    else:
+        PILImage.fromarray(rgb).save(buf, format="PNG", compress_level=3)
+    return CompressedImage(header=header, format=COMPRESSED_FORMATS[image_format], data=buf.getvalue())
+
+
+def _odometry(T: np.ndarray, stamp_ns: int, parent: str) -> Odometry:
+    msg = Odometry()
+    msg.header = Header(stamp=conv.ns_to_stamp(stamp_ns), frame_id=parent)
+    msg.child_frame_id = BASE_FRAME
+    msg.pose.pose = conv.matrix_to_pose(T)
+    return msg
+
+
+def write_synthetic_bag(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    width: int = 320,
+    height: int = 240,
+    duration_s: float = 8.0,
+    rate_hz: float = 10.0,
+    start_s: float = 4.0,
+    storage: str = "mcap",
+    image_format: str = "raw",
+    odometry_errors: OdometryErrors | None = None,
+    odom_rate_hz: float = 50.0,
+    odom_delay_s: float = 0.0,
+    stamp_offset_ns: int = 1_700_000_000 * 10**9,
+    overwrite: bool = False,
+    scene: SyntheticScene | None = None,
+) -> Path:
+    """Render the synthetic robot and write it, with ground truth, to the rosbag2 ``out_dir``.
+
+    ``start_s`` is where on the scene's trajectory the recording starts (the robot is already
+    moving); ``stamp_offset_ns`` maps sequence time to ROS stamps. Odometry starts at the truth
+    at its first sample (so ``odom`` coincides with the ground truth's ``map`` there), runs at
+    ``odom_rate_hz`` from two periods before the first image to two after the last, and with
+    ``odometry_errors`` drifts as :class:`DriftingOdometry` does. ``odom_delay_s`` delays its
+    log time only (late odometry); stamps stay on the images' timeline. ``scene``: one already
+    built (building takes seconds), which ``seed`` then no longer chooses. Returns ``out_dir``.
+    """
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if image_format not in ("raw", *COMPRESSED_FORMATS):
+        raise ValueError(f"image_format must be raw, jpeg or png, got {image_format!r}")
+    if odom_rate_hz <= 0 or odom_delay_s < 0:
+        raise ValueError("need odom_rate_hz > 0 and odom_delay_s >= 0")
+    n_frames = int(round(duration_s * rate_hz))
+    if n_frames < 1:
+        raise ValueError(f"duration_s * rate_hz gives no frame ({duration_s} s at {rate_hz} Hz)")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists; remove it or pass overwrite=True")
+        shutil.rmtree(out_dir)
+    seq = make_sequence(seed, width, height, n_frames, rate_hz, start_s=start_s, scene=scene)
+    dt_odom = int(round(1e9 / odom_rate_hz))
+    odom_ns = np.arange(seq.frames[0].stamp_ns - 2 * dt_odom, seq.frames[-1].stamp_ns + 2 * dt_odom + 1, dt_odom)
+    drifting = None
+    if odometry_errors is not None and not odometry_errors.exact:
+        drifting = DriftingOdometry(seq.scene.base_pose, odometry_errors, t0_s=odom_ns[0] * 1e-9)
+
+    messages: list[_Message] = []
+
+    def add(log_ns: int, topic: str, msg: object) -> None:
+        messages.append(_Message(int(log_ns), topic, serialize_message(msg)))
+
+    start_ns = stamp_offset_ns + int(odom_ns[0])
+    T_base_link = seq.T_base_camera @ invert(T_LINK_OPTICAL)
+    add(start_ns, TF_STATIC_TOPIC, TFMessage(transforms=[
+        conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, LINK_FRAME, start_ns),
+        conv.matrix_to_transform_stamped(T_LINK_OPTICAL, LINK_FRAME, OPTICAL_FRAME, start_ns),
+    ]))
+    for t_ns in odom_ns:
+        t_s = int(t_ns) * 1e-9
+        T = drifting.pose(t_s) if drifting is not None else seq.scene.base_pose(t_s)
+        stamp = stamp_offset_ns + int(t_ns)
+        add(stamp + int(round(odom_delay_s * 1e9)), ODOM_TOPIC, _odometry(T, stamp, ODOM_FRAME))
+    image_topic = IMAGE_TOPIC if image_format == "raw" else COMPRESSED_TOPIC
+    for f in seq.frames:
+        stamp = stamp_offset_ns + f.stamp_ns
+        header = Header(stamp=conv.ns_to_stamp(stamp), frame_id=OPTICAL_FRAME)
+        info = conv.model_to_camera_info(seq.camera_model, header)
+        add(stamp, INFO_TOPIC, info)
+        add(stamp, image_topic,
+            conv.rgb_to_image_msg(f.rgb, header) if image_format == "raw" else _compressed(f.rgb, image_format, header))
+        add(stamp, GT_ODOM_TOPIC, _odometry(f.T_odom_base, stamp, MAP_FRAME))
+        add(stamp, GT_DEPTH_TOPIC, conv.depth_to_image_msg(f.depth, header))
+        add(stamp, GT_INFO_TOPIC, info)
+
+    types = {TF_STATIC_TOPIC: TFMessage, ODOM_TOPIC: Odometry, INFO_TOPIC: CameraInfo,
+             image_topic: Image if image_format == "raw" else CompressedImage,
+             GT_ODOM_TOPIC: Odometry, GT_DEPTH_TOPIC: Image, GT_INFO_TOPIC: CameraInfo}
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    with Writer(out_dir, version=9, storage_plugin=STORAGES[storage]) as writer:
+        conns = {
+            topic: writer.add_connection(topic, ros_type_name(cls), typestore=typestore,
+                                         offered_qos_profiles=[_LATCHED_QOS] if topic == TF_STATIC_TOPIC else ())
+            for topic, cls in types.items()
+        }
+        # Stable sort: at equal log times the order of creation (static TF first) is kept.
+        for m in sorted(messages, key=lambda m: m.log_ns):
+            writer.write(conns[m.topic], m.log_ns, m.data)
+    return out_dir
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m mapany_ros.tools.synthetic_bag", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="bag folder to create")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic scene seed")
+    ap.add_argument("--width", type=int, default=320, help="camera width in pixels")
+    ap.add_argument("--height", type=int, default=240, help="camera height in pixels")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds of robot motion")
+    ap.add_argument("--rate", type=float, default=10.0, help="camera rate in Hz")
+    ap.add_argument("--start", type=float, default=4.0, help="where on the trajectory the bag starts, seconds")
+    ap.add_argument("--format", choices=("raw", "jpeg", "png"), default="raw",
+                    help="raw: sensor_msgs/Image; jpeg / png: image_transport's compressed topic")
+    ap.add_argument("--storage", choices=tuple(STORAGES), default="mcap", help="rosbag2 storage plugin")
+    ap.add_argument("--odom-rate", type=float, default=50.0, help="odometry rate in Hz")
+    ap.add_argument("--odom-delay", type=float, default=0.0,
+                    help="odometry is logged this many seconds after its stamp (late odometry)")
+    ap.add_argument("--odom-scale-error", type=float, default=0.0,
+                    help="odometry translations are too long by this fraction")
+    ap.add_argument("--odom-yaw-drift", type=float, default=0.0, help="odometry heading drift, degrees per metre")
+    ap.add_argument("--odom-noise-m", type=float, default=0.0, help="odometry random walk, metres per sqrt(metre)")
+    ap.add_argument("--odom-noise-deg", type=float, default=0.0, help="odometry heading random walk, deg per sqrt(m)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the bag folder when it exists")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    errors = OdometryErrors(scale_error=args.odom_scale_error, yaw_drift_deg_per_m=args.odom_yaw_drift,
+                            noise_m=args.odom_noise_m, noise_deg=args.odom_noise_deg, seed=args.seed)
+    try:
+        path = write_synthetic_bag(
+            args.out, seed=args.seed, width=args.width, height=args.height, duration_s=args.duration,
+            rate_hz=args.rate, start_s=args.start, storage=args.storage, image_format=args.format,
+            odometry_errors=errors, odom_rate_hz=args.odom_rate, odom_delay_s=args.odom_delay,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as e:
+        print(f"synthetic_bag: error: {e}", file=sys.stderr)
+        return 2
+    odom = "exact" if errors.exact else (f"scale error {errors.scale_error:+.1%}, yaw drift "
+                                         f"{errors.yaw_drift_deg_per_m} deg/m")
+    print(f"wrote {path} ({args.storage}, {args.format} images, {int(round(args.duration * args.rate))} frames "
+          f"{args.width}x{args.height}, odometry {odom}) with ground truth on /ground_truth/*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
