@@ -50,6 +50,8 @@ def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_en
     assert acc["valid_fraction_min"] >= 0.60
     assert acc["point_error_median_m"] <= 0.05
     assert acc["map_odom_translation_m"] <= 0.01 and acc["map_odom_rotation_deg"] <= 0.5
+    # The fused map, against the true surfaces the keyframes saw.
+    assert acc["map_accuracy_median_m"] <= 0.02 and acc["map_completeness"] >= 0.80
     assert proc.returncode == 0
 
     bag = read_bag(out / "demo_bag")
@@ -76,6 +78,9 @@ def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_en
     assert [f.name for f in clouds[0].fields] == ["x", "y", "z", "rgb"]
     tf = [t for m in bag["/tf"] for t in m.transforms]
     assert any(t.header.frame_id == "map" and t.child_frame_id == "odom" for t in tf)
+    fused = bag["/map_points"][-1]
+    assert fused.header.frame_id == "map" and fused.width > 1000
+    assert [f.name for f in fused.fields] == ["x", "y", "z", "rgb", "confidence"]
     path = bag["/path"][-1]
     assert path.header.frame_id == "map" and len(path.poses) == len(depth)
     assert (out / "demo.png").stat().st_size > 10_000 and (out / "points.ply").stat().st_size > 10_000

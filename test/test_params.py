@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -51,23 +50,68 @@ def test_config_files_hold_valid_known_parameters():
     assert config["backend"] == "planesweep" and config.pipeline.use_odometry
 
 
-def test_launch_file_parameters_and_remappings_exist_on_the_node():
-    tree = ast.parse((ROOT / "launch" / "mapany.launch.py").read_text())
-    node_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Node"
-                     and any(k.arg == "executable" and ast.literal_eval(k.value) == "mapany_node" for k in n.keywords))
-    kw = {k.arg: k.value for k in node_call.keywords}
-    overrides = [d for d in kw["parameters"].elts if isinstance(d, ast.Dict)]
-    for d in overrides:
-        for key in d.keys:
-            assert ast.literal_eval(key) in BY_NAME
-    remapped = {ast.literal_eval(t.elts[0]) for t in kw["remappings"].elts}
-    node_inputs = {f"{c}/image_raw" for c in BY_NAME["cameras"].default} | {
-        f"{c}/camera_info" for c in BY_NAME["cameras"].default} | {"odom"}
-    assert remapped <= node_inputs and remapped
-    declared = {ast.literal_eval(c.args[0]) for c in ast.walk(tree)
-                if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "DeclareLaunchArgument"}
-    assert {"params_file", "backend", "camera", "odom"} <= declared
-    assert "config" in ast.unparse(tree) and "mapany.yaml" in ast.unparse(tree)
+def launch_module(monkeypatch):
+    """config/../launch/mapany.launch.py with stand-ins for launch / launch_ros (not on PyPI)."""
+    import importlib.util
+    import sys
+    import types
+
+    def record(kind):
+        class Action:
+            def __init__(self, *args, **kwargs):
+                self.kind, self.args, self.kwargs = kind, args, kwargs
+        return Action
+
+    fakes = {
+        "launch": types.SimpleNamespace(LaunchDescription=record("LaunchDescription")),
+        "launch.actions": types.SimpleNamespace(DeclareLaunchArgument=record("Declare"),
+                                                OpaqueFunction=record("OpaqueFunction")),
+        "launch.conditions": types.SimpleNamespace(IfCondition=record("IfCondition")),
+        "launch.substitutions": types.SimpleNamespace(LaunchConfiguration=record("LaunchConfiguration")),
+        "launch_ros.actions": types.SimpleNamespace(Node=record("Node")),
+        "ament_index_python.packages": types.SimpleNamespace(get_package_share_directory=lambda p: str(ROOT)),
+    }
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("mapany_launch", ROOT / "launch" / "mapany.launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launched_node(module, **arguments):
+    conf = {"params_file": str(ROOT / "config" / "mapany.yaml"), "namespace": "", **arguments}
+    context = type("Context", (), {"launch_configurations": conf})()
+    (node,) = module._node(context)
+    return node.kwargs
+
+
+def test_launch_file_lets_the_params_file_win_unless_an_argument_is_given(monkeypatch):
+    module = launch_module(monkeypatch)
+    declared = {a.args[0] for a in module.generate_launch_description().args[0] if a.kind == "Declare"}
+    assert {"params_file", "namespace", "backend", "cameras", "camera", "odom", "use_sim_time", "rviz"} <= declared
+    plain = launched_node(module)
+    assert plain["parameters"] == [str(ROOT / "config" / "mapany.yaml")] and plain["remappings"] == []
+    given = launched_node(module, backend="planesweep", use_sim_time="true", namespace="robot1")
+    assert given["parameters"][1] == {"backend": "planesweep", "use_sim_time": True}
+    assert given["namespace"] == "robot1"
+
+
+def test_launch_file_remaps_every_camera_and_odometry(monkeypatch):
+    module = launch_module(monkeypatch)
+    one = launched_node(module, camera="/my_camera", odom="/odometry/filtered")
+    assert ("camera/image_raw", "/my_camera/image_raw") in one["remappings"]
+    assert ("camera/image_raw/compressed", "/my_camera/image_raw/compressed") in one["remappings"]
+    assert ("camera/camera_info", "/my_camera/camera_info") in one["remappings"]
+    assert ("odom", "/odometry/filtered") in one["remappings"]
+    two = launched_node(module, cameras="front,rear", front="/drivers/front/", rear="/drivers/rear")
+    assert two["parameters"][1] == {"cameras": ["front", "rear"]}
+    remapped = dict(two["remappings"])
+    assert remapped["front/camera_info"] == "/drivers/front/camera_info"
+    assert remapped["rear/image_raw"] == "/drivers/rear/image_raw"
+    # Every remapped input is one the node subscribes to.
+    inputs = {"image_raw", "image_raw/compressed", "camera_info", "depth_prior"}
+    assert all(k.split("/", 1)[1] in inputs for k in remapped)
 
 
 @pytest.mark.parametrize(

@@ -433,7 +433,9 @@ class Pipeline:
         t0 = time.perf_counter()
         prediction = self.backend.infer(frames)
         t1 = time.perf_counter()
-        placed = self.placer.place(window.groups, window.n_context, prediction)
+        # A backend that needs pose priors returns them as its poses.
+        placed = self.placer.place(window.groups, window.n_context, prediction,
+                                   poses_are_priors=getattr(self.backend, "needs_pose_priors", False))
         t2 = time.perf_counter()
         if self.map is not None and placed.status is not PlacementStatus.REJECTED:
             self._fuse(window, placed)

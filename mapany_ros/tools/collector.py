@@ -13,13 +13,15 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Path
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.ros import conversions as conv
 
 QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Outputs:
     points: dict[int, PointCloud2] = field(default_factory=dict)
     tf: list = field(default_factory=list)
     path: Path | None = None
+    #: The latest fused map (map_points is latched: the newest message is the map).
+    map_points: PointCloud2 | None = None
     depth_count: int = 0
     points_count: int = 0
     arrival: dict[int, float] = field(default_factory=dict)
@@ -48,6 +52,7 @@ class OutputCollector(Node):
         self.create_subscription(Image, f"{ns}/{camera}/confidence", self._keep("confidence"), QOS)
         self.create_subscription(PointCloud2, f"{ns}/points", self._on_points, QOS)
         self.create_subscription(Path, f"{ns}/path", self._on_path, QOS)
+        self.create_subscription(PointCloud2, f"{ns}/map_points", self._on_map, LATCHED)
         self.create_subscription(TFMessage, "/tf", self._on_tf, QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, QOS)
         #: The node's latest pipeline status (values as strings) and when it arrived.
@@ -76,6 +81,10 @@ class OutputCollector(Node):
             self.out.points[self._stamp(msg)] = msg
             self.out.points_count += 1
             self.last_message = time.monotonic()
+
+    def _on_map(self, msg: PointCloud2) -> None:
+        with self.lock:
+            self.out.map_points = msg
 
     def _on_path(self, msg: Path) -> None:
         with self.lock:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder = BagRecorder(bag_path, {
         "/camera/image_raw": Image, "/camera/camera_info": CameraInfo, "/odom": Odometry, "/tf_static": TFMessage,
         "/camera/depth": Image, "/camera/depth/camera_info": CameraInfo, "/camera/confidence": Image,
-        "/points": PointCloud2, "/path": PathMsg, "/tf": TFMessage,
+        "/points": PointCloud2, "/path": PathMsg, "/tf": TFMessage, "/map_points": PointCloud2,
     })
     executor = MultiThreadedExecutor(num_threads=3)
     for n in (source, collector, recorder):
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("mapany_node did not finish the sequence in time")
             time.sleep(0.2)
-        time.sleep(0.5)
+        time.sleep(1.5)  # the latched map is republished every map.publish_period_s
         ok = True
     finally:
         node_proc.send_signal(signal.SIGINT)

@@ -2,7 +2,8 @@
 
 Depth is compared on the node's output grid (the published depth/camera_info), over the pixels
 the backend marked valid; points are compared with the ground-truth surface seen from the
-keyframe's true camera; map -> odom with identity (the odometry is exact).
+keyframe's true camera; map -> odom with identity (the odometry is exact, so that is the truth);
+the fused map with the true surfaces the keyframes saw (accuracy and completeness).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ TARGETS = {
     "map_odom_translation_m": 0.01,
     "map_odom_rotation_deg": 0.5,
     "point_error_median_m": 0.05,
+    "map_accuracy_median_m": 0.02,
+    "map_completeness": 0.80,
 }
+#: A true surface sample counts as mapped when a map point lies this close.
+COMPLETENESS_RADIUS_M = 0.05
 
 
 def _gt_depth(seq: SyntheticSequence, index: int, model: CameraModel) -> np.ndarray:
@@ -53,6 +58,36 @@ def point_errors(points: np.ndarray, T_world_camera: np.ndarray, model: CameraMo
     idx = np.flatnonzero(ok)[inside]
     err[idx] = np.abs(z[idx] - gt_depth[v[inside], u[inside]])
     return err
+
+
+def surface_samples(seq: SyntheticSequence, indices: list[int], stride: int, max_depth_m: float) -> np.ndarray:
+    """True surface points the keyframes ``indices`` saw: their ground-truth depth back-projected in the world."""
+    cam = seq.camera_model
+    v, u = np.mgrid[0 : cam.height : stride, 0 : cam.width : stride].astype(np.float64)
+    rays = np.stack([(u - cam.K[0, 2]) / cam.K[0, 0], (v - cam.K[1, 2]) / cam.K[1, 1], np.ones_like(u)], -1)
+    out = []
+    for i in indices:
+        f = seq.frames[i]
+        d = f.depth[::stride, ::stride].astype(np.float64)
+        ok = np.isfinite(d) & (d > 0) & (d <= max_depth_m)
+        pts = rays[ok] * d[ok][:, None]
+        out.append(pts @ f.T_odom_camera[:3, :3].T + f.T_odom_camera[:3, 3])
+    return np.concatenate(out) if out else np.zeros((0, 3))
+
+
+def map_quality(seq: SyntheticSequence, indices: list[int], map_points: np.ndarray, max_depth_m: float = 10.0
+                ) -> tuple[float, float]:
+    """(median distance of map points to the true surfaces, fraction of true surface samples within
+    COMPLETENESS_RADIUS_M of the map). The surfaces are the keyframes' ground truth, densely sampled."""
+    from scipy.spatial import cKDTree
+
+    if len(map_points) == 0 or not indices:
+        return float("nan"), 0.0
+    dense = surface_samples(seq, indices, 1, max_depth_m)
+    accuracy = float(np.median(cKDTree(dense).query(map_points, workers=-1)[0]))
+    seen = surface_samples(seq, indices, 4, max_depth_m)
+    completeness = float(np.mean(cKDTree(map_points).query(seen, workers=-1)[0] <= COMPLETENESS_RADIUS_M))
+    return accuracy, completeness
 
 
 def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_times: dict[int, int]) -> dict:
@@ -85,6 +120,9 @@ def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_time
     overall = depth_errors(np.concatenate(depths), None, np.concatenate(gts)) if depths else None
     nan = float("nan")
     perr = np.concatenate(point_errs) if point_errs else np.zeros(0)
+    map_xyz = conv.pointcloud2_to_arrays(outputs.map_points)[0].astype(np.float64) \
+        if outputs.map_points is not None else np.zeros((0, 3))
+    map_accuracy, map_completeness = map_quality(seq, [index[k["stamp"]] for k in per_key], map_xyz)
     map_odom = [T for parent, child, _, T in outputs.tf if parent == "map" and child == "odom"]
     dt = max((float(np.linalg.norm(T[:3, 3])) for T in map_odom), default=float("nan"))
     dr = max((float(np.degrees(rotation_angle(T))) for T in map_odom), default=float("nan"))
@@ -103,6 +141,9 @@ def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_time
             "point_error_median_m": float(np.median(perr)) if perr.size else float("nan"),
             "map_odom_translation_m": dt,
             "map_odom_rotation_deg": dr,
+            "map_points": int(len(map_xyz)),
+            "map_accuracy_median_m": map_accuracy,
+            "map_completeness": map_completeness,
         },
         "per_keyframe": per_key,
         "timing": {
@@ -119,6 +160,8 @@ def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_time
         "point_error_median_m": acc["point_error_median_m"] <= TARGETS["point_error_median_m"],
         "map_odom_translation_m": dt <= TARGETS["map_odom_translation_m"],
         "map_odom_rotation_deg": dr <= TARGETS["map_odom_rotation_deg"],
+        "map_accuracy_median_m": map_accuracy <= TARGETS["map_accuracy_median_m"],
+        "map_completeness": map_completeness >= TARGETS["map_completeness"],
         "duplicates": outputs.depth_count == len(per_key),
         "outputs": len(per_key) > 0 and not problems,
     }
@@ -131,6 +174,9 @@ def write_outputs(out: Path, seq: SyntheticSequence, stamp_offset_ns: int, colle
     """points.ply (every published point) and demo.png (one keyframe in detail + the map)."""
     points, colors = collector.all_points()
     write_ply(out / "points.ply", points, colors)
+    if collector.out.map_points is not None:
+        map_xyz, map_rgb = conv.pointcloud2_to_arrays(collector.out.map_points)
+        write_ply(out / "map.ply", map_xyz, map_rgb)
     outputs = collector.out
     if not outputs.depth:
         return
@@ -175,6 +221,10 @@ def print_report(report: dict, out: Path) -> None:
          f"{acc['valid_fraction_min'] * 100:6.1f} % min, {acc['valid_fraction_mean'] * 100:.1f} % mean  (>= 60 %)"),
         ("point_error_median_m", "points to gt surface (median)",
          f"{acc['point_error_median_m'] * 100:6.2f} cm  (<= 5 cm)"),
+        ("map_accuracy_median_m", "fused map to gt surface (median)",
+         f"{acc['map_accuracy_median_m'] * 100:6.2f} cm  (<= 2 cm, {acc['map_points']} voxels)"),
+        ("map_completeness", "gt surface within 5 cm of the map",
+         f"{acc['map_completeness'] * 100:6.1f} %  (>= 80 %)"),
     ]
     for key, label, value in rows:
         print(f"  {mark[c[key]]} {label:<32}{value}")
@@ -184,5 +234,5 @@ def print_report(report: dict, out: Path) -> None:
           f" render {tim['render_s']:.1f} s, play {tim['play_s']:.1f} s, total {tim['total_s']:.1f} s")
     for p in report["problems"]:
         print(f"  problem: {p}")
-    print(f"  wrote {out}/demo.png, points.ply, demo_bag/ (MCAP), metrics.json, node.log")
+    print(f"  wrote {out}/demo.png, points.ply, map.ply, demo_bag/ (MCAP), metrics.json, node.log")
     print("[demo] " + ("PASSED" if report["passed"] else "FAILED"))

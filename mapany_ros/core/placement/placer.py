@@ -169,6 +169,7 @@ class WindowPlacer:
         self._failures = 0
         self._last_pose: np.ndarray | None = None  # newest placed camera pose, for re-localisation
         self._scale = 1.0
+        self._poses_are_priors = False
         #: Variance of the map's log-scale error where the chain ends (overlap chaining only).
         self._scale_var = self.config.metric_scale_sigma**2
         self._pending_scale_var = self._scale_var
@@ -179,8 +180,14 @@ class WindowPlacer:
         return list(self._placed_groups)[-n:] if n > 0 else []
 
     # ------------------------------------------------------------------ placing
-    def place(self, groups: list[list[Frame]], n_context: int, prediction: WindowPrediction) -> PlacedWindow:
-        """Place one window; ``groups[:n_context]`` are placed context, the rest new keyframes."""
+    def place(self, groups: list[list[Frame]], n_context: int, prediction: WindowPrediction, *,
+              poses_are_priors: bool = False) -> PlacedWindow:
+        """Place one window; ``groups[:n_context]`` are placed context, the rest new keyframes.
+
+        ``poses_are_priors``: the backend returned its pose priors as its poses (plane sweep
+        computes depth from the given poses). Refining them against that depth, or linking
+        windows through it, can then only add the depth's noise to exact poses: both are skipped.
+        """
         frames = [f for g in groups for f in g]
         views = prediction.views
         if len(views) != len(frames):
@@ -188,7 +195,8 @@ class WindowPlacer:
         usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
         accepted = [i in usable for i in range(len(views))]
         stack = self._reject_outliers(frames, prediction, accepted)
-        if self.config.refine_poses and stack is not None:
+        self._poses_are_priors = poses_are_priors
+        if not poses_are_priors and self.config.refine_poses and stack is not None:
             prediction = self._refine(prediction, stack, accepted)
         group_of = [gi for gi, g in enumerate(groups) for _ in g]
         self._windows += 1
@@ -317,7 +325,8 @@ class WindowPlacer:
             T[:3, 3] *= scale
             obs.append(Observation(self._kids[groups[group_of[i]][0].stamp_ns], T @ invert(T_base_cam[i])))
         j = self._windows
-        links, link_scales = self._window_links(frames, prediction, idx, scale)
+        links, link_scales = ([], []) if self._poses_are_priors else self._window_links(frames, prediction, idx,
+                                                                                         scale)
         off = [s_ for s_ in link_scales if abs(np.log(s_)) > np.log(MAX_LINK_SCALE)]
         if off:
             return self._rejected(prediction, f"depth disagrees with the previous window's on the frames both "

@@ -1,0 +1,72 @@
+"""The fused map over DDS: map_points for a late RViz, ~/save_map round trip, ~/reset and mapping on."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from core_fakes import RecordingBackend
+
+from mapany_ros.core.fusion import read_ply
+from mapany_ros.ros import conversions as conv
+
+pytestmark = pytest.mark.ros
+
+
+def call(node, client, timeout: float = 10.0):
+    from std_srvs.srv import Trigger
+
+    assert client.wait_for_service(timeout_sec=timeout)
+    future = client.call_async(Trigger.Request())
+    end = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert future.done(), "service did not answer"
+    return future.result()
+
+
+def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_factory, tmp_path):
+    from nav_msgs.msg import Path
+    from sensor_msgs.msg import PointCloud2
+    from std_srvs.srv import Trigger
+
+    from mapany_ros.ros.node import LATCHED_QOS
+
+    h = harness_factory(RecordingBackend(), **{"map.save_path": str(tmp_path / "map.ply"),
+                                               "map.publish_period_s": 0.2})
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    h.good_stream(1.0, 7)
+    assert h._wait(lambda: h.collector.out.depth_count >= 7, 15), h.warnings
+
+    # A late subscriber (RViz started after the robot) still gets the latest map and path.
+    clouds: list[PointCloud2] = []
+    paths: list[Path] = []
+    h.driver.create_subscription(PointCloud2, "map_points", clouds.append, LATCHED_QOS)
+    h.driver.create_subscription(Path, "path", paths.append, LATCHED_QOS)
+    assert h._wait(lambda: clouds and clouds[-1].width > 100 and paths and len(paths[-1].poses) == 7, 10)
+    cloud = clouds[-1]
+    assert cloud.header.frame_id == "map" and [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "confidence"]
+    xyz, rgb = conv.pointcloud2_to_arrays(cloud)
+    # The fake backend's wall is the plane x = 10 m (the cameras look along +x).
+    assert np.all(np.isfinite(xyz)) and np.abs(np.median(xyz[:, 0]) - 10.0) < 0.5
+
+    save = h.driver.create_client(Trigger, "/mapany_node/save_map")
+    answer = call(h.driver, save)
+    assert answer.success and str(len(xyz)) in answer.message, answer.message
+    saved_xyz, saved_rgb, saved_conf = read_ply(tmp_path / "map.ply")
+    order = np.lexsort(xyz.T)
+    saved = np.lexsort(saved_xyz.T)
+    np.testing.assert_allclose(saved_xyz[saved], xyz[order], atol=1e-6)
+    np.testing.assert_array_equal(saved_rgb[saved], rgb[order])
+
+    reset = h.driver.create_client(Trigger, "/mapany_node/reset")
+    assert call(h.driver, reset).success
+    assert h._wait(lambda: clouds[-1].width == 0, 5), "the map was not emptied"
+    # Mapping goes on: new keyframes, a new map and a path that starts again.
+    stamps = h.good_stream(3.0, 6)
+    assert h._wait(lambda: all(s in h.collector.out.depth for s in stamps), 15), h.warnings
+    assert h._wait(lambda: clouds[-1].width > 100 and len(paths[-1].poses) == 6, 10)
+    assert {conv.stamp_to_ns(p.header.stamp) for p in paths[-1].poses} == set(stamps)
