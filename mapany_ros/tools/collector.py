@@ -55,8 +55,10 @@ class OutputCollector(Node):
         self.create_subscription(PointCloud2, f"{ns}/map_points", self._on_map, LATCHED)
         self.create_subscription(TFMessage, "/tf", self._on_tf, QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, QOS)
-        #: The node's latest pipeline status (values as strings) and when it arrived.
+        #: The node's latest pipeline status (values as strings), its level and message, and when it arrived.
         self.status: dict[str, str] = {}
+        self.status_level = 0
+        self.status_message = ""
         self.status_time = 0.0
 
     def _stamp(self, msg) -> int:
@@ -101,6 +103,8 @@ class OutputCollector(Node):
             if st.name.endswith("pipeline"):
                 with self.lock:
                     self.status = {kv.key: kv.value for kv in st.values}
+                    self.status_level = int.from_bytes(st.level) if isinstance(st.level, bytes) else int(st.level)
+                    self.status_message = st.message
                     self.status_time = time.monotonic()
 
     def node_idle_since(self, t: float) -> bool:

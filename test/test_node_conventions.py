@@ -1,0 +1,98 @@
+"""mapany_node behaving as ROS users expect: compressed and rectified input, depth camera_info of the
+depth's own grid, a bounded path, diagnostics levels and a warning for a misspelled parameter."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from core_fakes import RecordingBackend
+from node_harness import MODEL, H, W
+
+from mapany_ros.core.frames import CameraModel
+from mapany_ros.ros import conversions as conv
+from mapany_ros.ros.compressed import rgb_to_compressed_msg
+
+pytestmark = pytest.mark.ros
+
+
+def test_compressed_images_flow_like_raw_ones(harness_factory):
+    from node_harness import RELIABLE
+    from sensor_msgs.msg import CompressedImage
+
+    h = harness_factory(RecordingBackend(), image_transport="compressed")
+    pub = h.driver.create_publisher(CompressedImage, "camera/image_raw/compressed", RELIABLE)
+    assert h._wait(lambda: pub.get_subscription_count() > 0)
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    stamps = []
+    for i in range(6):
+        t = 1.0 + 0.1 * i
+        h.odom(t)
+        h.odom(t + 0.05)
+        time.sleep(0.01)
+        pub.publish(rgb_to_compressed_msg(rgb, h.header(t), fmt="jpeg"))
+        stamps.append(conv.stamp_to_ns(h.header(t).stamp))
+        time.sleep(0.03)
+    bad = rgb_to_compressed_msg(rgb, h.header(2.0), fmt="jpeg")
+    bad.data = bytes(bad.data)[:100]  # truncated on the wire
+    pub.publish(bad)
+    assert h._wait(lambda: sorted(h.collector.out.depth) == stamps, 15), h.warnings
+    assert h._wait(lambda: "image/camera" in h.warnings, 5)
+
+
+def test_depth_camera_info_describes_the_depth_grid_and_rectified_input_uses_P(harness_factory):
+    distorted = CameraModel(W, H, MODEL.K, "plumb_bob", np.array([-0.2, 0.05, 0.001, -0.001, 0.0]))
+    h = harness_factory(RecordingBackend(), model=distorted)
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    stamps = h.good_stream(1.0, 4)
+    assert h._wait(lambda: all(s in h.collector.out.depth_info for s in stamps), 15), h.warnings
+    info = h.collector.out.depth_info[stamps[0]]
+    assert info.distortion_model == "plumb_bob" and np.allclose(info.d, distorted.D)
+
+
+def test_rectified_images_take_the_camera_from_P(harness_factory):
+    backend = RecordingBackend()
+    h = harness_factory(backend, image_rectified=True)
+    info = conv.model_to_camera_info(CameraModel(W, H, MODEL.K, "plumb_bob", np.array([-0.3, 0.1, 0, 0, 0])),
+                                     h.header(0.0))
+    P = np.array([[70.0, 0, 30.0, 0], [0, 70.0, 22.0, 0], [0, 0, 1, 0]])
+    info.p = P.ravel()
+    h.info_pub.publish(info)
+    h.static_tf()
+    time.sleep(0.3)
+    stamps = h.good_stream(1.0, 4)
+    assert h._wait(lambda: all(s in h.collector.out.depth_info for s in stamps), 15), h.warnings
+    np.testing.assert_allclose(backend.calls[0][0].camera_model.K, P[:, :3])
+    assert not np.any(backend.calls[0][0].camera_model.D)
+    out = h.collector.out.depth_info[stamps[0]]
+    np.testing.assert_allclose(np.array(out.k).reshape(3, 3), P[:, :3])
+    assert not np.any(out.d)
+
+
+def test_the_path_is_bounded_and_diagnostics_say_error_warn_or_ok(harness_factory):
+    backend = RecordingBackend(fail_on=2)
+    h = harness_factory(backend, **{"path.max_poses": 3, "stats_period_s": 0.5, "diagnostics.stale_input_s": 0.5})
+    h.info()
+    h.static_tf()
+    time.sleep(0.3)
+    h.good_stream(1.0, 9)
+    assert h._wait(lambda: h.collector.out.path is not None and len(h.collector.out.path.poses) == 3, 15)
+    assert h._wait(lambda: h.collector.status_level == 2 and "windows failed" in h.collector.status_message, 5), \
+        (h.collector.status_level, h.collector.status_message)
+    assert float(h.collector.status["input_rate_hz/camera"]) >= 0.0
+    # Input stops: stale camera and odometry are a WARN, not an error.
+    assert h._wait(lambda: h.collector.status_level == 1 and "no image from camera" in h.collector.status_message
+                   and "no odometry" in h.collector.status_message, 5), h.collector.status_message
+
+
+def test_a_misspelled_parameter_is_named_with_the_nearest_one(harness_factory, capfd):
+    h = harness_factory(RecordingBackend(), **{"window.sise": 6})
+    assert h.node.get_parameter("window.size").value == 3
+    err = capfd.readouterr().err
+    assert "'window.sise' is not a parameter of mapany_node" in err and "did you mean 'window.size'" in err
