@@ -156,3 +156,12 @@ def test_every_range_is_consistent_with_its_default():
         p.check(p.default)
         if p.low is not None:
             assert p.low <= p.high
+
+
+def test_rviz_config_shows_the_fused_map_and_only_topics_the_node_publishes():
+    doc = yaml.safe_load((ROOT / "config" / "mapany.rviz").read_text())
+    topics = {d["Name"]: d["Topic"] for d in doc["Visualization Manager"]["Displays"] if "Topic" in d}
+    assert topics["Fused map"]["Value"] == "/map_points"
+    assert topics["Fused map"]["Durability Policy"] == "Transient Local"  # the node latches it
+    outputs = {"/map_points", "/points", "/path", "/camera/depth", "/camera/confidence"}
+    assert {t["Value"] for t in topics.values()} <= outputs
