@@ -70,27 +70,30 @@ def test_keyframes_by_motion_rotation_and_interval():
     assert sel_nopose.consider(1_000_000_000, None)
 
 
-def test_pending_keyframes_fill_windows_oldest_first():
-    pending = PendingKeyframes(size=5, overlap=2, capacity=10, separation=_time_gap)
+def test_keyframes_are_cut_into_windows_as_they_arrive():
+    pending = PendingKeyframes(size=5, overlap=2, capacity=20, separation=_time_gap)
     for i in range(7):
-        assert pending.push([frame(i * 0.1)]) == 0
-    assert pending.full(0) and len(pending.take(pending.new_per_window(0))) == 5  # the first window: no context
-    assert not pending.full(2)  # two left: the next window needs 5 - 2 new groups
+        assert pending.push([frame(i * 0.1)]) == []
+    # The first window has no context: five new groups; every next one three (5 - overlap 2).
+    assert pending.windows_ready == 1 and pending.uncut == 2
+    assert [g[0].stamp_ns for g in pending.take()] == [int(round(t * 1e9)) for t in (0.0, 0.1, 0.2, 0.3, 0.4)]
     pending.push([frame(0.7)])
-    taken = pending.take(pending.new_per_window(2))
-    assert [g[0].stamp_ns for g in taken] == [int(round(t * 1e9)) for t in (0.5, 0.6, 0.7)]
-    assert len(pending) == 0 and pending.take(3) == []
+    assert pending.windows_ready == 1 and pending.uncut == 0
+    pending.push([frame(0.8)])
+    pending.cut()  # too old to wait for more: a partial window of one group
+    assert [len(pending.take()) for _ in range(2)] == [3, 1]
+    assert len(pending) == 0 and pending.take() == []
 
 
 def test_falling_behind_thins_keyframes_evenly_and_keeps_the_newest():
     pending = PendingKeyframes(size=4, overlap=1, capacity=3, separation=_time_gap)
     stamps = [0.0, 0.1, 0.15, 0.3, 0.4]
-    skipped = sum(pending.push([frame(t)]) for t in stamps)
-    kept = [g[0].stamp_ns for g in pending.take(pending.new_per_window(1))]
-    assert skipped == 2
+    skipped = [g[0].stamp_ns for t in stamps for g in pending.push([frame(t)])]
+    kept = [g[0].stamp_ns for g in pending.take() + pending.take()]
     # 0.1 goes first (removing it leaves 0.0 -> 0.15, the smallest gap), then 0.3 (0.15 -> 0.4);
     # the newest keyframe always stays, and what is left spans the whole time range.
-    assert kept == [0, int(0.15e9), int(0.4e9)]
+    assert skipped == [int(0.1e9), int(0.3e9)]
+    assert kept == [0, int(0.15e9)] and pending.uncut == 1  # 0.4 waits for the next window
 
 
 def _time_gap(a, b) -> float:

@@ -64,9 +64,17 @@ def test_frame_waits_for_odometry_then_times_out():
     assert p.stats.frames_dropped == 1
 
 
-def test_missing_extrinsic_drops_frames():
-    p = Pipeline(PipelineConfig(), RecordingBackend(), lambda r: None)
-    assert p.add_frame(frame(0.0))[0] is FrameStatus.DROPPED_NO_EXTRINSIC
+def test_frames_wait_for_a_late_extrinsic_then_time_out():
+    clock = [0]
+    p = Pipeline(PipelineConfig(odom_max_wait_s=0.5), RecordingBackend(), lambda r: None, clock=lambda: clock[0])
+    p.add_odometry(0, base_pose(0))
+    p.add_odometry(int(0.2e9), base_pose(0.2))
+    assert p.add_frame(frame(0.1))[0] is FrameStatus.WAITING  # /tf_static comes just after the first image
+    assert p.set_extrinsic("camera", T_BASE_CAM) == [FrameStatus.ACCEPTED]
+    late = Pipeline(PipelineConfig(odom_max_wait_s=0.5), RecordingBackend(), lambda r: None, clock=lambda: clock[0])
+    assert late.add_frame(frame(0.1))[0] is FrameStatus.WAITING
+    clock[0] = int(0.7e9)
+    assert late.poll() == [FrameStatus.DROPPED_NO_EXTRINSIC]
 
 
 def test_a_long_jump_back_resets_everything_and_duplicates_are_dropped():
@@ -172,7 +180,9 @@ def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
     pause) build the same windows from the same stream, partial flushes included."""
 
     def run(pace: float | None, pause_at: int | None = None) -> list[list[int]]:
-        backend = RecordingBackend()
+        # Live, the backend is slower than the stream: windows wait while the clock passes their
+        # keyframes' flush deadlines, which must not change how the stream is cut.
+        backend = RecordingBackend(delay_s=0.0 if pace is None else 0.15)
         clock = [0]
         cfg = PipelineConfig(use_odometry=False, window_size=4, window_overlap=1, max_interval_s=0.01,
                              max_window_latency_s=0.35, queue_size=8, thin_keyframes=pace is not None)
@@ -189,14 +199,12 @@ def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
             p.add_frame(frame(t))
             if pace is None:
                 p.process_ready()
-            else:
-                p.wait_idle(5)
         clock[0] += int(1e9)
         p.poll()
         if pace is None:
             p.process_ready()
         else:
-            p.wait_idle(5)
+            p.wait_idle(30)
             p.stop()
         return [[f.stamp_ns for f in call] for call in backend.calls]
 

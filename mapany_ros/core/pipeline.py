@@ -39,7 +39,7 @@ class FrameStatus(enum.Enum):
     DROPPED_ODOM_GAP = "no odometry close enough to the image stamp"
     DROPPED_ODOM_TIMEOUT = "odometry for the image stamp never arrived"
     DROPPED_TOO_OLD = "image stamp is older than all buffered odometry"
-    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic received on /tf_static yet"
+    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static within odometry.max_wait_s"
     DROPPED_WAIT_QUEUE = "too many frames waiting for odometry"
     DROPPED_DUPLICATE = "same stamp as the previous image of this camera"
     DROPPED_OUT_OF_ORDER = "stamp older than the previous image of this camera"
@@ -169,9 +169,6 @@ class Pipeline:
         self._due: dict[int, int] = {}  # group stamp -> node time after which it flushes a partial window
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
         self._cv = threading.Condition(self._lock)
-        #: How many of the oldest waiting groups must go out even as a partial window (frozen when
-        #: decided, so keyframes arriving later do not join it: the same windows at any replay rate).
-        self._flush_count = 0
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
         self._generation = 0  # bumped by every reset: results of an older generation are dropped
         self._placer_generation = 0
@@ -202,9 +199,11 @@ class Pipeline:
         return True
 
     # ------------------------------------------------------------------ inputs
-    def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> None:
-        with self._lock:
+    def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> list[FrameStatus]:
+        """The camera's base -> optical transform; returns the fate of frames that waited for it."""
+        with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
+            return self._release_waiting_locked() if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
         with self._lock:
@@ -247,9 +246,6 @@ class Pipeline:
             if not self.config.use_odometry:
                 self._accept_locked(frame)
                 return FrameStatus.ACCEPTED, reset
-            if frame.camera not in self._extrinsics:
-                self.stats.frames_dropped += 1
-                return FrameStatus.DROPPED_NO_EXTRINSIC, reset
             deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
             if len(self._waiting) >= self.config.max_waiting_frames:
                 self._waiting.popleft()
@@ -275,15 +271,20 @@ class Pipeline:
         Also called with each image's stamp before it is taken in, so replay at any rate decides
         at the same point of the data as offline processing.
         """
-        oldest = self._pending.oldest
-        if oldest is not None and self._flush_count == 0 and now_ns > self._due[oldest[0].stamp_ns]:
-            self._flush_count = len(self._pending)
+        oldest = self._pending.oldest_uncut
+        if oldest is not None and now_ns > self._due[oldest[0].stamp_ns] and self._cuttable_locked():
+            self._pending.cut()
             self._cv.notify_all()
+
+    def _cuttable_locked(self) -> bool:
+        """A partial window can run: the first one (no context) needs two views of its own."""
+        return not self._pending.first_window or self._pending.uncut * len(self.config.cameras) >= 2
 
     def flush(self) -> None:
         """Send the keyframes still waiting for a window to the backend (end of input)."""
         with self._cv:
-            self._flush_count = len(self._pending)
+            if self._cuttable_locked():
+                self._pending.cut()
             self._cv.notify_all()
 
     def reset(self, reason: str = "reset requested") -> None:
@@ -315,7 +316,6 @@ class Pipeline:
         self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._flush_count = 0
         self._n_context = 0
         self._generation += 1
 
@@ -325,7 +325,11 @@ class Pipeline:
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
-            if status is Lookup.WAIT:
+            if item.frame.camera not in self._extrinsics:  # /tf_static may come just after the first images
+                if now <= item.deadline_ns:
+                    break
+                statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif status is Lookup.WAIT:
                 if now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_ODOM_TIMEOUT)
@@ -352,23 +356,14 @@ class Pipeline:
             self.stats.keyframes += 1
             stamp = group[0].stamp_ns
             self._due[stamp] = max(stamp, self._clock()) + int(self.config.max_window_latency_s * 1e9)
-            self.stats.keyframes_skipped += self._pending.push(group)
+            for skipped in self._pending.push(group):
+                self._due.pop(skipped[0].stamp_ns, None)
+                self.stats.keyframes_skipped += 1
             self._cv.notify_all()
 
     def _ready_locked(self) -> bool:
-        """A window can be sent: a map reset is due, or :meth:`_next_size_locked` says how many groups go."""
-        return self._generation != self._placer_generation or self._next_size_locked() > 0
-
-    def _next_size_locked(self) -> int:
-        """New groups the next window takes now: a whole window's worth, or a flushed partial one (0: wait)."""
-        waiting = len(self._pending)
-        whole = self._pending.new_per_window(self._n_context)
-        if self._flush_count == 0:
-            return whole if waiting >= whole else 0
-        n = min(self._flush_count, whole, waiting)
-        if (self._n_context + n) * len(self.config.cameras) < 2:  # a multi-view backend needs two views
-            n = min(2, whole, waiting) if self._n_context + waiting >= 2 else 0
-        return n
+        """A map reset is due, or a window has been cut and waits for the backend."""
+        return self._generation != self._placer_generation or self._pending.windows_ready > 0
 
     def process_ready(self) -> int:
         """Run every window that can be sent now in the caller's thread (offline processing,
@@ -403,8 +398,7 @@ class Pipeline:
             self._placer_generation = self._generation
             self._cv.notify_all()
             return None
-        new = self._pending.take(self._next_size_locked())
-        self._flush_count = max(0, self._flush_count - len(new))
+        new = self._pending.take()
         oldest = min(g[0].stamp_ns for g in new)
         queued = self._due.get(oldest, oldest) - int(self.config.max_window_latency_s * 1e9)
         for g in new:

@@ -5,13 +5,14 @@ already *placed* in the map; they tie the new window to the map and are not outp
 keyframe is output exactly once. Context is chosen when a window is sent, from what placement
 accepted, so a failed or rejected window never leaves the next one without an anchor.
 
-When the backend falls behind, keyframes are thinned before windows are built (never whole
-windows dropped): the waiting keyframe whose removal leaves the smallest gap goes, so a window
-still spans from the placed context to the newest keyframe with evenly spread views.
+When the backend falls behind, waiting keyframes are thinned (never whole windows dropped): the
+one whose removal leaves the smallest gap goes, so a window still spans from the placed context
+to the newest keyframe with evenly spread views.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,10 +41,14 @@ class Window:
 
 
 class PendingKeyframes:
-    """Keyframe groups waiting for their window, bounded by thinning.
+    """Keyframe groups waiting for the backend, cut into windows as they arrive.
 
-    ``separation(a, b)`` says how far apart two groups are (in keyframe units: 1 = just enough
-    for a new keyframe); ``capacity`` is the most groups that may wait.
+    The new keyframes of each window are decided in message time: a window is cut when a whole
+    window's worth has arrived, or (:meth:`cut`) when the oldest uncut one has waited too long -
+    never by when the backend happens to be free, so a stream is cut the same way at any replay
+    rate and offline. ``separation(a, b)`` says how far apart two groups are (in keyframe units:
+    1 = just enough for a new keyframe); beyond ``capacity`` waiting groups the one whose removal
+    leaves the smallest gap is skipped (never the newest).
     """
 
     def __init__(self, size: int, overlap: int, capacity: int, separation: Callable[[Group, Group], float]) -> None:
@@ -55,50 +60,72 @@ class PendingKeyframes:
             raise ValueError(f"capacity {capacity} cannot hold one window ({size - overlap} new groups)")
         self.size, self.overlap, self.capacity = size, overlap, capacity
         self._separation = separation
-        self._groups: list[Group] = []
+        self.clear()
+
+    def clear(self) -> None:
+        self._open: list[Group] = []
+        self._cut: deque[list[Group]] = deque()
+        self._windows = 0
         self._last_sent: Group | None = None
 
     def __len__(self) -> int:
-        return len(self._groups)
-
-    def clear(self) -> None:
-        self._groups.clear()
-        self._last_sent = None
+        """Groups waiting, cut into windows or not."""
+        return len(self._open) + sum(len(w) for w in self._cut)
 
     @property
-    def oldest(self) -> Group | None:
-        return self._groups[0] if self._groups else None
+    def windows_ready(self) -> int:
+        return len(self._cut)
 
-    def push(self, group: Group) -> int:
-        """Add the newest keyframe group; returns how many waiting groups were skipped to make room."""
-        self._groups.append(group)
-        skipped = 0
-        while len(self._groups) > self.capacity:
-            self._groups.pop(self._thinnest())
-            skipped += 1
+    @property
+    def oldest_uncut(self) -> Group | None:
+        return self._open[0] if self._open else None
+
+    @property
+    def uncut(self) -> int:
+        return len(self._open)
+
+    @property
+    def first_window(self) -> bool:
+        """No window was cut yet: the next one has no context and needs ``size`` new groups."""
+        return self._windows == 0
+
+    def push(self, group: Group) -> list[Group]:
+        """Add the newest keyframe group; returns the waiting groups skipped to make room."""
+        self._open.append(group)
+        if len(self._open) >= self.size - (0 if self.first_window else self.overlap):
+            self.cut()
+        skipped = []
+        while len(self) > self.capacity:
+            skipped.append(self._skip_thinnest())
         return skipped
 
-    def _thinnest(self) -> int:
-        """Index of the waiting group (never the newest) whose removal leaves the smallest gap."""
-        best, best_gap = 0, float("inf")
-        for i in range(len(self._groups) - 1):
-            before = self._groups[i - 1] if i > 0 else self._last_sent
-            after = self._groups[i + 1]
-            gap = self._separation(before, after) if before is not None else float("inf")
-            if gap < best_gap:
-                best, best_gap = i, gap
-        return best
+    def cut(self) -> None:
+        """The uncut groups become a window (a partial one when fewer than a window's worth)."""
+        if self._open:
+            self._cut.append(self._open)
+            self._open = []
+            self._windows += 1
 
-    def new_per_window(self, n_context: int) -> int:
-        return self.size - n_context
-
-    def full(self, n_context: int) -> bool:
-        """Enough groups for a whole window after ``n_context`` context groups."""
-        return len(self._groups) >= self.new_per_window(n_context)
-
-    def take(self, n: int) -> list[Group]:
-        """The ``n`` oldest groups (fewer when fewer are waiting)."""
-        taken, self._groups = self._groups[:n], self._groups[n:]
-        if taken:
-            self._last_sent = taken[-1]
+    def take(self) -> list[Group]:
+        """The new groups of the next window, oldest first ([] when none is cut)."""
+        if not self._cut:
+            return []
+        taken = self._cut.popleft()
+        self._last_sent = taken[-1]
         return taken
+
+    def _skip_thinnest(self) -> Group:
+        """Drop the waiting group (never the newest) whose removal leaves the smallest gap."""
+        lists = [*self._cut, self._open]
+        flat = [(li, i) for li, lst in enumerate(lists) for i in range(len(lst))]
+        groups = [lists[li][i] for li, i in flat]
+        best, best_gap = 0, float("inf")
+        for k in range(len(groups) - 1):
+            before = groups[k - 1] if k > 0 else self._last_sent
+            gap = self._separation(before, groups[k + 1]) if before is not None else float("inf")
+            if gap < best_gap:
+                best, best_gap = k, gap
+        li, i = flat[best]
+        skipped = lists[li].pop(i)
+        self._cut = deque(w for w in self._cut if w)
+        return skipped

@@ -21,6 +21,9 @@ from mapany_ros.ros.compressed import compressed_to_rgb
 from mapany_ros.ros.params import NodeConfig
 from mapany_ros.ros.static_tf import StaticTransforms
 
+#: Images per camera kept while its first camera_info has not come (the subscriptions race at start).
+HELD_IMAGES = 10
+
 
 class InputHandler:
     """camera_info, images (raw or compressed), depth priors, odometry and /tf_static into a :class:`Pipeline`."""
@@ -38,6 +41,9 @@ class InputHandler:
         self.images: collections.Counter[str] = collections.Counter()
         #: Node-clock time of the newest image per camera (stale inputs).
         self.last_image_ns: dict[str, int] = {}
+        #: Images that came before their camera's first camera_info (subscriptions are not ordered).
+        self._held: dict[str, collections.deque[tuple[np.ndarray, Any, str, int]]] = {
+            cam: collections.deque(maxlen=HELD_IMAGES) for cam in config.pipeline.cameras}
 
     # ------------------------------------------------------------------ camera_info, depth, TF
     def on_camera_info(self, cam: str, msg: Any) -> None:
@@ -45,6 +51,10 @@ class InputHandler:
             self.models[cam] = conv.camera_info_to_model(msg, rectified=self.config["image_rectified"])
         except conv.ConversionError as exc:
             self.warn(f"info/{cam}", f"{cam}/camera_info dropped: {exc}")
+            return
+        held = self._held.get(cam)
+        while held:
+            self._take_image(cam, *held.popleft())
 
     def on_depth_prior(self, cam: str, msg: Any) -> None:
         try:
@@ -79,7 +89,7 @@ class InputHandler:
         if frame_id is not None:
             T = self.static_tf.lookup(self.config["base_frame"], frame_id)
             if T is not None:
-                self.pipeline.set_extrinsic(cam, T)
+                self.report(self.pipeline.set_extrinsic(cam, T), cam)
 
     # ------------------------------------------------------------------ odometry
     def on_odometry(self, msg: Any) -> None:
@@ -118,8 +128,11 @@ class InputHandler:
 
     def _take_image(self, cam: str, rgb: np.ndarray, header: Any, topic: str, now_ns: int) -> None:
         model = self.models.get(cam)
-        if model is None:
-            self.warn(f"noinfo/{cam}", f"{cam}/{topic} dropped: no {cam}/camera_info received yet")
+        if model is None:  # held until the camera_info comes; the oldest goes when too many wait
+            held = self._held[cam]
+            if len(held) == held.maxlen:
+                self.warn(f"noinfo/{cam}", f"{cam}/{topic} dropped: no {cam}/camera_info received yet")
+            held.append((rgb, header, topic, now_ns))
             return
         h, w = rgb.shape[:2]
         if (w, h) != (model.width, model.height):
@@ -137,13 +150,12 @@ class InputHandler:
         stamp = conv.stamp_to_ns(header.stamp)
         frame = Frame(rgb, stamp, cam, header.frame_id, model, depth=self._matching_depth(cam, stamp, (w, h)))
         status, _ = self.pipeline.add_frame(frame)
-        if status is FrameStatus.DROPPED_NO_EXTRINSIC:
-            self.warn(f"extrinsic/{cam}", f"{cam}/{topic} dropped: no transform {self.config['base_frame']} -> "
-                      f"{header.frame_id} on /tf_static yet (needed with use_odometry)")
-        else:
-            self.report([status], cam)
+        self.report([status], cam)
 
     def report(self, statuses: list[FrameStatus], cam: str = "") -> None:
         for s in statuses:
-            if s not in (FrameStatus.ACCEPTED, FrameStatus.WAITING):
+            if s is FrameStatus.DROPPED_NO_EXTRINSIC:
+                self.warn("extrinsic", f"image dropped: no transform {self.config['base_frame']} -> the camera's "
+                          "optical frame on /tf_static (needed with use_odometry)")
+            elif s not in (FrameStatus.ACCEPTED, FrameStatus.WAITING):
                 self.warn(f"status/{s.name}", f"{cam + ' ' if cam else ''}image dropped: {s.value}")
