@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +84,41 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class BagInput:
-    """The input bag's messages in recording order, deserialised; damage becomes a ProcessError."""
+    """The input bag's messages in recording order, deserialised.
 
-    def __init__(self, path: Path, topics: dict[str, str]) -> None:
+    A message that cannot be decoded is reported through ``warn`` and skipped, as the node drops
+    bad input; damage to the container stops the iteration with a ProcessError saying where. An
+    MCAP bag cut off before its footer (a recorder killed, a full disk) is read in file order up to
+    the cut.
+    """
+
+    def __init__(self, path: Path, topics: dict[str, str], warn: Callable[[str, str], None]) -> None:
         from rosbags.highlevel import AnyReader
         from rosbags.typesys import Stores, get_typestore
 
         if not path.exists():
             raise ProcessError(f"input bag {path} does not exist")
+        self.path, self.topics, self.warn = path, topics, warn
+        self.typestore = get_typestore(Stores.ROS2_KILTED)
+        self.reader = None
+        self.truncated: list[Path] = []
         try:
-            self.reader = AnyReader([path], default_typestore=get_typestore(Stores.ROS2_KILTED))
+            self.reader = AnyReader([path], default_typestore=self.typestore)
             self.reader.open()
         except Exception as exc:  # rosbags raises several types for unreadable metadata or storage
-            raise ProcessError(f"cannot open input bag {path}: {type(exc).__name__}: {exc}") from exc
+            self.truncated = sorted(path.glob("*.mcap")) if path.is_dir() else []
+            if not self.truncated or "magic" not in str(exc).lower():
+                raise ProcessError(f"cannot open input bag {path}: {type(exc).__name__}: {exc}") from exc
+            try:
+                import mcap.stream_reader  # noqa: F401
+            except ImportError as missing:
+                raise ProcessError(f"input bag {path} has no MCAP footer (recording cut off?); reading it needs "
+                                   "the mcap package: pip install mcap") from missing
+            self.reader = None
+            self.count = None  # no index to count the messages by
+            warn("truncated", f"input bag {path} has no MCAP footer (recording cut off?): reading it in file "
+                              "order up to where it ends; `mcap recover` can rebuild its index")
+            return
         available = {c.topic: c.msgtype for c in self.reader.connections}
         missing = [t for t in topics if t not in available]
         if missing:
@@ -111,26 +133,53 @@ class BagInput:
         self.connections = [c for c in self.reader.connections if c.topic in topics]
         self.count = sum(c.msgcount for c in self.connections)
 
+    def _raw(self) -> Iterator[tuple[str, str, int, bytes]]:
+        """(topic, message type, log time, CDR bytes) from the index, or in file order when cut off."""
+        if self.reader is not None:
+            for conn, stamp, raw in self.reader.messages(connections=self.connections):
+                yield conn.topic, conn.msgtype, stamp, raw
+            return
+        from mcap.records import Channel, Message, Schema
+        from mcap.stream_reader import StreamReader
+
+        for file in self.truncated:
+            schemas: dict[int, str] = {}
+            channels: dict[int, tuple[str, str]] = {}
+            with open(file, "rb") as fh:
+                for record in StreamReader(fh, skip_magic=False).records:
+                    if isinstance(record, Schema):
+                        schemas[record.id] = record.name
+                    elif isinstance(record, Channel):
+                        channels[record.id] = (record.topic, schemas.get(record.schema_id, ""))
+                    elif isinstance(record, Message) and channels.get(record.channel_id, ("",))[0] in self.topics:
+                        topic, kind = channels[record.channel_id]
+                        yield topic, kind, record.log_time, record.data
+
     def __iter__(self) -> Iterator[tuple[str, int, Any]]:
-        """(topic, log time ns, message); a damaged message or chunk raises ProcessError."""
-        it = self.reader.messages(connections=self.connections)
+        """(topic, log time ns, message); damage to the container raises ProcessError."""
+        it = self._raw()
+        read, last = 0, None
         while True:
             try:
-                conn, stamp, raw = next(it)
+                topic, kind, stamp, raw = next(it)
             except StopIteration:
                 return
             except Exception as exc:
-                raise ProcessError(f"the input bag is damaged after the last good message "
-                                   f"({type(exc).__name__}: {exc})") from exc
+                where = f"after {read} messages (last good at {last * 1e-9:.3f} s)" if last else "at its start"
+                raise ProcessError(f"the input bag {self.path} is damaged {where}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+            read, last = read + 1, stamp
             try:
-                msg = self.reader.deserialize(raw, conn.msgtype)
+                msg = self.typestore.deserialize_cdr(raw, kind)
             except Exception as exc:
-                raise ProcessError(f"cannot decode a {conn.msgtype} message on {conn.topic} at "
-                                   f"{stamp * 1e-9:.3f} s ({type(exc).__name__}: {exc})") from exc
-            yield conn.topic, stamp, msg
+                self.warn("undecodable", f"a {kind} message on {topic} at {stamp * 1e-9:.3f} s cannot be "
+                                         f"decoded and is dropped ({type(exc).__name__}: {exc})")
+                continue
+            yield topic, stamp, msg
 
     def close(self) -> None:
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
 
 
 class BagOutput:
@@ -169,7 +218,6 @@ class Summary:
     messages: int = 0
     windows: int = 0
     seconds: float = 0.0
-    backend_seconds: float = 0.0
     error: str = ""
 
 
@@ -177,6 +225,8 @@ class OfflineRun:
     """The node's work on a bag, message by message, in the bag's time."""
 
     def __init__(self, values: dict[str, Any], warn_throttle_s: float = 5.0) -> None:
+        #: Warnings by kind: how often each was raised (one log line per kind and throttle period).
+        self.warnings: Counter[str] = Counter()
         from mapany_ros.core.backends import make_backend
         from mapany_ros.core.pipeline import Pipeline
         from mapany_ros.ros.inputs import InputHandler
@@ -191,7 +241,7 @@ class OfflineRun:
         self.backend = make_backend(self.config["backend"], self.config["device"], **self.config.backend_options)
         self.results: list = []
         self.pipeline = Pipeline(pipeline_config, self.backend, self.results.append, self._on_error,
-                                 clock=lambda: self.now_ns, on_reset=lambda r: log.warning("input restarted (%s)", r))
+                                 clock=lambda: self.now_ns, on_reset=self._on_reset)
         self.inputs = InputHandler(self.config, self.pipeline, self.warn)
         self.outputs = OutputBuilder(self.config, self.pipeline.extrinsic)
         self.backend_errors: list[str] = []
@@ -208,9 +258,15 @@ class OfflineRun:
             self.topics["/tf_static"] = "tf2_msgs/msg/TFMessage"
 
     def warn(self, key: str, message: str) -> None:
+        self.warnings[key] += 1
         if self.now_ns - self._warned.get(key, -self._throttle_ns - 1) > self._throttle_ns:
             self._warned[key] = self.now_ns
             log.warning("%s", message)
+
+    def _on_reset(self, reason: str) -> None:
+        """As the node: a restarted input (bag loop) starts a new map and path."""
+        log.warning("input restarted (%s): buffers, map and path reset", reason)
+        self.outputs.reset()
 
     def _on_error(self, exc: Exception) -> None:
         self.backend_errors.append(f"{type(exc).__name__}: {exc}")
@@ -281,9 +337,17 @@ def process(in_bag: Path, out_bag: Path, values: dict[str, Any], *, progress: bo
     """Run the node's work over ``in_bag`` into ``out_bag``; partial output is written on a damaged input."""
     from tqdm import tqdm
 
+    if not in_bag.exists():  # checked before the backend loads (a model can take a while)
+        raise ProcessError(f"input bag {in_bag} does not exist")
+    if out_bag.exists():
+        raise ProcessError(f"output bag {out_bag} exists already; remove it or choose another name")
     run = OfflineRun(values)
-    bag = BagInput(in_bag, run.topics)
-    out = BagOutput(out_bag)
+    bag = BagInput(in_bag, run.topics, run.warn)
+    try:
+        out = BagOutput(out_bag)
+    except Exception:
+        bag.close()
+        raise
     summary = Summary()
     t0 = time.perf_counter()
     bar = tqdm(total=bag.count, unit="msg", disable=not progress, dynamic_ncols=True, desc="mapany-ros process")
@@ -354,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     s = run.pipeline.stats
+    if run.warnings:
+        print("[process] dropped input: " + ", ".join(f"{k} x{n}" for k, n in sorted(run.warnings.items())))
     print(f"[process] {summary.messages} messages in {summary.seconds:.1f} s "
           f"({summary.messages / max(summary.seconds, 1e-9):.1f} msg/s): {s.frames_in} images, {s.keyframes} "
           f"keyframes, {s.windows_done} windows ({s.windows_failed} failed, {s.windows_rejected} rejected), "
@@ -376,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[process] wrote {args.rerun}")
     if summary.error:
         log.error("%s; the output holds everything processed before", summary.error)
+        return 1
+    if summary.windows == 0:
+        log.error("no output was produced from %d messages: see the warnings above", summary.messages)
         return 1
     return 0
 
