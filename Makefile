@@ -18,7 +18,7 @@ export ROS_LOG_DIR ?= $(CURDIR)/out/ros_log
 export AMENT_PREFIX_PATH := $(VENV)$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench bench-gpu lint venv clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,14 @@ test: $(STAMP)
 BENCH_PY ?= $(PY)
 bench: $(STAMP)
 	$(BENCH_PY) -m mapany_ros.tools.bench
+
+# The MapAnything path (upstream infer, adapter, pipeline, fusion) on the device torch sees, with
+# upstream's architecture and random weights. BENCH_PY needs upstream MapAnything (with its configs/)
+# and hydra-core; DINOv2 hub code in $TORCH_HOME/hub or BENCH_GPU_ARGS="--cache-dir DIR". CPU: --size reduced.
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	mkdir -p out
+	$(BENCH_PY) -m mapany_ros.tools.bench_gpu --out out/bench_gpu.md --json out/bench_gpu.json $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mapany_ros test
