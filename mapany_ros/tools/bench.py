@@ -255,6 +255,27 @@ def bench_node_overhead(tmp: Path, width: int = 640, height: int = 480, duration
     }
 
 
+def fusion_markdown(f: dict) -> list[str]:
+    """The fused map's section: integration cost per keyframe against the targets, memory, quality."""
+    return [
+        f"## Fused map ({f['width']}x{f['height']} keyframes, {f['voxel_size_m'] * 100:.0f} cm voxels, "
+        f"{f['device']}, {f['threads']} torch threads)",
+        "",
+        "| step | ms | target |",
+        "|---|---|---|",
+        f"| integrate one keyframe (median / worst of {f['keyframes']} keyframes x repeats) | "
+        f"{f['integrate_ms']:.1f} / {f['integrate_max_ms']:.1f} | <= 20 on CPU, <= 1 on a GPU |",
+        f"| the same into a map of {f['prefill_voxels']} voxels | {f['integrate_prefilled_ms']:.1f} |"
+        " |",
+        f"| move a recent keyframe (update_pose) | {f['update_pose_ms']:.1f} | |",
+        f"| points() of the whole map | {f['points_ms']:.2f} | |",
+        "",
+        f"{f['num_voxels']} voxels, {f['memory_mb']:.1f} MiB; map points to the true surface: median "
+        f"{f['accuracy_median_m'] * 100:.2f} cm; true surface within 5 cm of the map: {f['completeness'] * 100:.1f} %.",
+        "",
+    ]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -354,6 +375,23 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"] = [bench_adapter()]
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
+    from mapany_ros.tools.bench_decode import bench_decode
+    from mapany_ros.tools.bench_fusion import bench_fusion
+    from mapany_ros.tools.bench_long_run import bench_long_run
+    from mapany_ros.tools.bench_long_run import markdown as long_run_markdown
+    from mapany_ros.tools.bench_process import bench_process
+
+    print("[bench] compressed image decoding ...", flush=True)
+    results["extra_sections"].append(bench_decode())
+    print("[bench] fused map ...", flush=True)
+    results["extra_sections"].append(fusion_markdown(bench_fusion()))
+    print("[bench] offline processing ...", flush=True)
+    results["extra_sections"].append(bench_process())
+    print("[bench] long run (2000 keyframes) ...", flush=True)
+    results["extra_sections"].append(long_run_markdown(bench_long_run()))
+    gpu = Path("docs/bench_gpu.md")
+    results["extra_sections"].append(["## The MapAnything path", "", f"See `{gpu}` (make bench-gpu): it needs "
+                                      "upstream MapAnything, so it is not part of this run.", ""])
     (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
     env = " ".join(f"{k}={os.environ[k]}" for k in ("MAPANY_BENCH_MODEL_PATH", "MAPANY_TEST_MODEL_PATH")
                    if os.environ.get(k))
