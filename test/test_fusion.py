@@ -11,12 +11,10 @@ from scipy.spatial import cKDTree
 
 from mapany_ros.core.fusion import FusionConfig, VoxelMap, read_ply, write_ply
 from mapany_ros.core.geometry import make_pose
-from mapany_ros.core.metrics import gt_points
+from mapany_ros.core.metrics import gt_points, map_quality
 from mapany_ros.core.synthetic import make_camera_model
 from mapany_ros.tools.bench_fusion import (
     SyntheticKeyframe,
-    map_quality,
-    scene_surface_distance,
     synthetic_keyframes,
     true_surface_samples,
 )
@@ -74,9 +72,9 @@ def assert_same_points(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], ato
 def test_ground_truth_distance_is_exact_on_true_surface(synthetic) -> None:
     scene, K, kfs = synthetic
     surface = true_surface_samples(K, kfs[:3], 10.0)
-    assert np.percentile(scene_surface_distance(scene, surface), 99) < 1e-3
+    assert np.percentile(scene.surface_distance(surface), 99) < 1e-3
     behind = gt_points(kfs[0].true_depth + 0.1, K, kfs[0].T_map_camera).reshape(-1, 3)  # 10 cm deeper
-    assert np.median(scene_surface_distance(scene, behind)) > 0.05
+    assert np.median(scene.surface_distance(behind)) > 0.05
 
 
 def test_fused_synthetic_map_is_accurate_and_complete(synthetic) -> None:
@@ -88,7 +86,7 @@ def test_fused_synthetic_map_is_accurate_and_complete(synthetic) -> None:
     assert xyz.dtype == np.float32 and rgb.dtype == np.uint8 and conf.dtype == np.float32
     assert xyz.shape == rgb.shape == (len(conf), 3)
     assert np.all(conf >= vmap.config.min_weight)
-    quality = map_quality(scene, xyz, true_surface_samples(K, kfs, vmap.config.max_depth_m)[::5])
+    quality = map_quality(scene.surface_distance(xyz), xyz, true_surface_samples(K, kfs, vmap.config.max_depth_m)[::5])
     assert quality["accuracy_median_m"] <= 0.02, quality
     assert quality["completeness"] >= 0.80, quality
     assert vmap.keyframes_integrated == len(kfs)

@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mapany_ros.ros.params import BY_NAME, PARAMETERS, ParameterError, validate
+from mapany_ros.ros.params import BY_NAME, PARAMETERS, ParameterError, flatten, validate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def params_file(name: str) -> dict:

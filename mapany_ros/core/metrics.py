@@ -161,3 +161,20 @@ __all__ = [
     "surface_distances",
     "to_numpy",
 ]
+
+
+def map_quality(surface_distance: np.ndarray, xyz: np.ndarray, surface: np.ndarray, radius_m: float = 0.05
+                ) -> dict[str, float]:
+    """A fused map against the truth: accuracy (median and 90th percentile of each map point's
+    ``surface_distance``, m) and completeness (fraction of true ``surface`` samples within
+    ``radius_m`` of a map point)."""
+    from scipy.spatial import cKDTree
+
+    if len(xyz) == 0:
+        return {"accuracy_median_m": float("nan"), "accuracy_p90_m": float("nan"), "completeness": 0.0}
+    covered, _ = cKDTree(xyz).query(surface, k=1, distance_upper_bound=radius_m)
+    return {
+        "accuracy_median_m": float(np.median(surface_distance)),
+        "accuracy_p90_m": float(np.percentile(surface_distance, 90)),
+        "completeness": float(np.mean(np.isfinite(covered))),
+    }

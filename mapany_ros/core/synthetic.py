@@ -439,6 +439,26 @@ class SyntheticScene:
 
     # ----------------------------------------------------------------- rendering
 
+    def surface_distance(self, points: np.ndarray) -> np.ndarray:
+        """Exact distance (m) from each point (n, 3) to the nearest surface of the scene.
+
+        Room walls, floor and ceiling, boxes and capped cylinders, as the renderer models them.
+        """
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        rm = self.room
+        planes = [rm.half_x - np.abs(p[:, 0]), rm.half_y - np.abs(p[:, 1]), p[:, 2], rm.height - p[:, 2]]
+        dist = np.min(np.abs(np.stack(planes, axis=1)), axis=1)
+        for box in self.boxes:
+            q = np.abs((p - np.asarray(box.center)) @ box.R) - np.asarray(box.half_extents)
+            sdf = np.linalg.norm(np.maximum(q, 0.0), axis=1) + np.minimum(q.max(axis=1), 0.0)
+            dist = np.minimum(dist, np.abs(sdf))
+        for cyl in self.cylinders:
+            dr = np.hypot(p[:, 0] - cyl.center_xy[0], p[:, 1] - cyl.center_xy[1]) - cyl.radius
+            dz = np.abs(p[:, 2] - cyl.height / 2.0) - cyl.height / 2.0
+            sdf = np.minimum(np.maximum(dr, dz), 0.0) + np.hypot(np.maximum(dr, 0.0), np.maximum(dz, 0.0))
+            dist = np.minimum(dist, np.abs(sdf))
+        return dist
+
     def ray_distance(self, origin: np.ndarray, directions: np.ndarray) -> np.ndarray:
         """Distance (metres, float64) from ``origin`` along unit world ``directions`` (N, 3) to the first hit.
 

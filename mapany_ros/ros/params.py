@@ -139,6 +139,17 @@ PARAMETERS: tuple[Param, ...] = (
 BY_NAME = {p.name: p for p in PARAMETERS}
 
 
+def flatten(section: dict, prefix: str = "") -> dict[str, Any]:
+    """A params file's nested ``ros__parameters`` as dotted names (``window: {size: 8}`` -> ``window.size``)."""
+    out: dict[str, Any] = {}
+    for k, v in section.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def plugin_options(text: str) -> dict[str, Any]:
     """``backend_options`` as keyword arguments: a YAML mapping with string keys (empty: none)."""
     if not text.strip():

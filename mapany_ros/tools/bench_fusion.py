@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from mapany_ros.core.fusion import FusionConfig, VoxelMap, write_ply
-from mapany_ros.core.metrics import gt_points
+from mapany_ros.core.metrics import gt_points, map_quality
 from mapany_ros.core.synthetic import SyntheticScene, make_sequence
 
 
@@ -58,47 +57,12 @@ def synthetic_keyframes(
     return scene, seq.camera_model.K, keyframes
 
 
-def scene_surface_distance(scene: SyntheticScene, points: np.ndarray) -> np.ndarray:
-    """Exact distance (m) from each point (n, 3) to the nearest surface of the synthetic scene.
-
-    Room walls, floor and ceiling, boxes and capped cylinders, as the renderer models them.
-    """
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    rm = scene.room
-    planes = [rm.half_x - np.abs(p[:, 0]), rm.half_y - np.abs(p[:, 1]), p[:, 2], rm.height - p[:, 2]]
-    dist = np.min(np.abs(np.stack(planes, axis=1)), axis=1)
-    for box in scene.boxes:
-        q = np.abs((p - np.asarray(box.center)) @ box.R) - np.asarray(box.half_extents)
-        sdf = np.linalg.norm(np.maximum(q, 0.0), axis=1) + np.minimum(q.max(axis=1), 0.0)
-        dist = np.minimum(dist, np.abs(sdf))
-    for cyl in scene.cylinders:
-        dr = np.hypot(p[:, 0] - cyl.center_xy[0], p[:, 1] - cyl.center_xy[1]) - cyl.radius
-        dz = np.abs(p[:, 2] - cyl.height / 2.0) - cyl.height / 2.0
-        sdf = np.minimum(np.maximum(dr, dz), 0.0) + np.hypot(np.maximum(dr, 0.0), np.maximum(dz, 0.0))
-        dist = np.minimum(dist, np.abs(sdf))
-    return dist
-
-
 def true_surface_samples(K: np.ndarray, keyframes: list[SyntheticKeyframe], max_depth_m: float) -> np.ndarray:
     """(m, 3) ground-truth surface points seen by the keyframes within ``max_depth_m``."""
     pts = [gt_points(np.where(kf.true_depth <= max_depth_m, kf.true_depth, np.nan), K, kf.T_map_camera)
            for kf in keyframes]
     pts = np.concatenate([p.reshape(-1, 3) for p in pts])
     return pts[np.all(np.isfinite(pts), axis=1)]
-
-
-def map_quality(
-    scene: SyntheticScene, xyz: np.ndarray, surface: np.ndarray, radius_m: float = 0.05
-) -> dict[str, float]:
-    """Accuracy (median and 90th percentile distance of map points to the true surface, m) and
-    completeness (fraction of true surface samples within ``radius_m`` of a map point)."""
-    dist = scene_surface_distance(scene, xyz)
-    covered, _ = cKDTree(xyz).query(surface, k=1, distance_upper_bound=radius_m)
-    return {
-        "accuracy_median_m": float(np.median(dist)),
-        "accuracy_p90_m": float(np.percentile(dist, 90)),
-        "completeness": float(np.mean(np.isfinite(covered))),
-    }
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -173,7 +137,7 @@ def bench_fusion(
         "num_voxels": vmap.num_voxels,
         "num_points": len(xyz),
         "memory_mb": vmap.memory_bytes / 2**20,
-        **map_quality(scene, xyz, true_surface_samples(K, kfs, cfg.max_depth_m)[::7]),
+        **map_quality(scene.surface_distance(xyz), xyz, true_surface_samples(K, kfs, cfg.max_depth_m)[::7]),
     }
     if prefill_voxels:
         result.update(_prefilled(cfg, dev, inputs, prefill_voxels, repeats))

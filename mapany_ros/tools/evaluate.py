@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import invert, rotation_angle
-from mapany_ros.core.metrics import depth_errors
+from mapany_ros.core.metrics import depth_errors, gt_points, map_quality
 from mapany_ros.core.synthetic import SyntheticSequence
 from mapany_ros.ros import conversions as conv
 from mapany_ros.tools.report import colorize, compose, render_cloud, write_ply
@@ -60,34 +60,16 @@ def point_errors(points: np.ndarray, T_world_camera: np.ndarray, model: CameraMo
     return err
 
 
-def surface_samples(seq: SyntheticSequence, indices: list[int], stride: int, max_depth_m: float) -> np.ndarray:
-    """True surface points the keyframes ``indices`` saw: their ground-truth depth back-projected in the world."""
-    cam = seq.camera_model
-    v, u = np.mgrid[0 : cam.height : stride, 0 : cam.width : stride].astype(np.float64)
-    rays = np.stack([(u - cam.K[0, 2]) / cam.K[0, 0], (v - cam.K[1, 2]) / cam.K[1, 1], np.ones_like(u)], -1)
-    out = []
-    for i in indices:
-        f = seq.frames[i]
-        d = f.depth[::stride, ::stride].astype(np.float64)
-        ok = np.isfinite(d) & (d > 0) & (d <= max_depth_m)
-        pts = rays[ok] * d[ok][:, None]
-        out.append(pts @ f.T_odom_camera[:3, :3].T + f.T_odom_camera[:3, 3])
-    return np.concatenate(out) if out else np.zeros((0, 3))
-
-
-def map_quality(seq: SyntheticSequence, indices: list[int], map_points: np.ndarray, max_depth_m: float = 10.0
-                ) -> tuple[float, float]:
-    """(median distance of map points to the true surfaces, fraction of true surface samples within
-    COMPLETENESS_RADIUS_M of the map). The surfaces are the keyframes' ground truth, densely sampled."""
-    from scipy.spatial import cKDTree
-
-    if len(map_points) == 0 or not indices:
-        return float("nan"), 0.0
-    dense = surface_samples(seq, indices, 1, max_depth_m)
-    accuracy = float(np.median(cKDTree(dense).query(map_points, workers=-1)[0]))
-    seen = surface_samples(seq, indices, 4, max_depth_m)
-    completeness = float(np.mean(cKDTree(map_points).query(seen, workers=-1)[0] <= COMPLETENESS_RADIUS_M))
-    return accuracy, completeness
+def map_scores(seq: SyntheticSequence, indices: list[int], map_points: np.ndarray, max_depth_m: float = 10.0
+               ) -> dict[str, float]:
+    """The fused map against the scene's exact surfaces and the true surface the keyframes ``indices`` saw."""
+    stride = 4
+    K = np.diag([1.0 / stride, 1.0 / stride, 1.0]) @ seq.camera_model.K  # every 4th pixel, from pixel 0
+    seen = [gt_points(np.where(seq.frames[i].depth <= max_depth_m, seq.frames[i].depth, np.nan)[::stride, ::stride],
+                      K, seq.frames[i].T_odom_camera).reshape(-1, 3) for i in indices]
+    surface = np.concatenate(seen) if seen else np.zeros((0, 3))
+    surface = surface[np.all(np.isfinite(surface), axis=1)]
+    return map_quality(seq.scene.surface_distance(map_points), map_points, surface, COMPLETENESS_RADIUS_M)
 
 
 def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_times: dict[int, int]) -> dict:
@@ -122,7 +104,8 @@ def evaluate(seq: SyntheticSequence, stamp_offset_ns: int, outputs, publish_time
     perr = np.concatenate(point_errs) if point_errs else np.zeros(0)
     map_xyz = conv.pointcloud2_to_arrays(outputs.map_points)[0].astype(np.float64) \
         if outputs.map_points is not None else np.zeros((0, 3))
-    map_accuracy, map_completeness = map_quality(seq, [index[k["stamp"]] for k in per_key], map_xyz)
+    scores = map_scores(seq, [index[k["stamp"]] for k in per_key], map_xyz)
+    map_accuracy, map_completeness = scores["accuracy_median_m"], scores["completeness"]
     map_odom = [T for parent, child, _, T in outputs.tf if parent == "map" and child == "odom"]
     dt = max((float(np.linalg.norm(T[:3, 3])) for T in map_odom), default=float("nan"))
     dr = max((float(np.degrees(rotation_angle(T))) for T in map_odom), default=float("nan"))

@@ -41,7 +41,7 @@ def load_parameters(params_file: Path | None, overrides: list[str]) -> tuple[dic
 
     Returns the values and a warning for each name that is not a parameter (with the nearest one).
     """
-    from mapany_ros.ros.params import PARAMETERS
+    from mapany_ros.ros.params import PARAMETERS, flatten
 
     values = {p.name: p.default for p in PARAMETERS}
     given: dict[str, Any] = {}
@@ -53,7 +53,7 @@ def load_parameters(params_file: Path | None, overrides: list[str]) -> tuple[dic
         for node_name in ("/**", "mapany_node", "/mapany_node"):
             section = (doc or {}).get(node_name, {}).get("ros__parameters")
             if section:
-                given.update(_flatten(section))
+                given.update(flatten(section))
     for item in overrides:
         name, sep, text = item.partition(":=")
         if not sep:
@@ -68,16 +68,6 @@ def load_parameters(params_file: Path | None, overrides: list[str]) -> tuple[dic
             warnings.append(f"parameter {name!r} is not a parameter of mapany_node and is ignored"
                             + (f"; did you mean {near[0]!r}?" if near else ""))
     return values, warnings
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # --------------------------------------------------------------------------- bags
