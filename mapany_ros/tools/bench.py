@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,16 @@ def _start_subscriber(tmp: Path, topics: list[str]) -> tuple[subprocess.Popen, P
     proc = subprocess.Popen([sys.executable, "-m", "mapany_ros.tools.bench", "--subscriber", str(out), *topics],
                             env=os.environ.copy())
     return proc, out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a child ROS process: SIGINT (rclpy's clean shutdown), then kill if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -167,8 +178,7 @@ def bench_cloud(tmp: Path, n_points: int = 300_000, n_msgs: int = 30) -> dict:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        proc.terminate()
-        proc.wait(10)
+        _stop(proc)
 
 
 def bench_node_overhead(tmp: Path, width: int = 640, height: int = 480, duration_s: float = 4.0) -> dict:
@@ -235,8 +245,7 @@ def bench_node_overhead(tmp: Path, width: int = 640, height: int = 480, duration
         node.destroy_node()
         source.destroy_node()
         rclpy.try_shutdown()
-        proc.terminate()
-        proc.wait(10)
+        _stop(proc)
     n_key = max(sum(1 for r in _read_lines(out) if r["topic"] == "/camera/depth"), 1)
     callbacks_s = sum(timings["image_cb"]) + sum(timings["odom_cb"])
     publish_s = sum(timings["publish"])
