@@ -72,7 +72,7 @@ def read_only(bag: Path, topics: dict[str, str]) -> tuple[int, float]:
     from mapany_ros.tools.process import BagInput
 
     t0 = time.perf_counter()
-    reader = BagInput(bag, topics)
+    reader = BagInput(bag, topics, lambda key, message: None)
     try:
         n = sum(1 for _ in reader)
     finally:
