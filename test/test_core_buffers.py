@@ -71,7 +71,7 @@ def test_keyframes_by_motion_rotation_and_interval():
 
 
 def test_keyframes_are_cut_into_windows_as_they_arrive():
-    pending = PendingKeyframes(size=5, overlap=2, capacity=20, separation=_time_gap)
+    pending = PendingKeyframes(size=5, overlap=2, max_windows=4, separation=_time_gap)
     for i in range(7):
         assert pending.push([frame(i * 0.1)]) == []
     # The first window has no context: five new groups; every next one three (5 - overlap 2).
@@ -85,15 +85,20 @@ def test_keyframes_are_cut_into_windows_as_they_arrive():
     assert len(pending) == 0 and pending.take() == []
 
 
-def test_falling_behind_thins_keyframes_evenly_and_keeps_the_newest():
-    pending = PendingKeyframes(size=4, overlap=1, capacity=3, separation=_time_gap)
-    stamps = [0.0, 0.1, 0.15, 0.3, 0.4]
+def test_falling_behind_thins_the_uncut_keyframes_evenly_and_keeps_the_newest():
+    pending = PendingKeyframes(size=4, overlap=1, max_windows=1, separation=_time_gap)
+    for t in (0.0, 0.1, 0.2, 0.3):
+        pending.push([frame(t)])
+    assert pending.windows_ready == 1  # the backend is busy: the queue is full from here on
+    stamps = [0.4, 0.5, 0.55, 0.7, 0.8]
     skipped = [g[0].stamp_ns for t in stamps for g in pending.push([frame(t)])]
-    kept = [g[0].stamp_ns for g in pending.take() + pending.take()]
-    # 0.1 goes first (removing it leaves 0.0 -> 0.15, the smallest gap), then 0.3 (0.15 -> 0.4);
-    # the newest keyframe always stays, and what is left spans the whole time range.
-    assert skipped == [int(0.1e9), int(0.3e9)]
-    assert kept == [0, int(0.15e9)] and pending.uncut == 1  # 0.4 waits for the next window
+    assert pending.uncut == 3 and skipped  # one window's worth (4 - 1), no more
+    # 0.5 goes first (0.4 -> 0.55 is the smallest gap it leaves), then 0.4 (0.3 -> 0.55); the newest
+    # always stays.
+    assert skipped == [int(0.5e9), int(0.4e9)]
+    assert len(pending.take()) == 4  # the cut window kept all its views
+    held = [g[0].stamp_ns for g in pending.take()]  # cut as soon as the queue had room
+    assert len(held) == 3 and held[-1] == int(0.8e9) and held[0] >= int(0.4e9)
 
 
 def _time_gap(a, b) -> float:
@@ -102,8 +107,8 @@ def _time_gap(a, b) -> float:
 
 def test_window_arguments_are_validated():
     with pytest.raises(ValueError, match="overlap"):
-        PendingKeyframes(size=4, overlap=4, capacity=8, separation=_time_gap)
+        PendingKeyframes(size=4, overlap=4, max_windows=2, separation=_time_gap)
     with pytest.raises(ValueError, match="size"):
-        PendingKeyframes(size=1, overlap=0, capacity=8, separation=_time_gap)
-    with pytest.raises(ValueError, match="capacity"):
-        PendingKeyframes(size=4, overlap=1, capacity=2, separation=_time_gap)
+        PendingKeyframes(size=1, overlap=0, max_windows=2, separation=_time_gap)
+    with pytest.raises(ValueError, match="max_windows"):
+        PendingKeyframes(size=4, overlap=1, max_windows=0, separation=_time_gap)

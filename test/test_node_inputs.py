@@ -116,7 +116,7 @@ def test_slow_backend_with_30hz_input_never_blocks_and_thins_keyframes(harness_f
     assert len(h.callback_s) >= 60
     assert max(h.callback_s) < 0.1, f"image callback took {max(h.callback_s) * 1e3:.0f} ms"
     assert p.stats.keyframes_skipped > 0
-    assert len(p._pending) <= 2 * (3 - 1) and len(p._waiting) <= p.config.max_waiting_frames
+    assert len(p._pending) <= (2 + 1) * (3 - 1) and len(p._waiting) <= p.config.max_waiting_frames
     assert backend.max_active == 1
     # Windows are never dropped: every one built went to the backend (one may still be running).
     assert p.stats.windows_built - len(backend.calls) in (0, 1)

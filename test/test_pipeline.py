@@ -113,7 +113,7 @@ def test_slow_backend_never_blocks_callers_and_thins_keyframes_instead_of_droppi
     waiting = len(p._pending)
     p.stop()
     assert worst < 0.05, f"add_frame blocked for {worst * 1e3:.0f} ms"
-    assert waiting <= 2 * (3 - 1)
+    assert waiting <= (2 + 1) * (3 - 1)  # two cut windows may wait, and one window's worth uncut
     assert backend.max_active == 1
     assert p.stats.keyframes_skipped >= 40 and len(backend.calls) >= 5
     # No window is dropped: every one built ran; every one after the first starts with the

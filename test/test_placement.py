@@ -100,9 +100,11 @@ def test_slow_backend_skips_keyframes_but_never_breaks_the_chain(scene):
         if placed_before:  # every window after the first starts from placed keyframes
             assert result.window.n_context == 2 and call[0] in placed_before and call[1] in placed_before
         placed_before |= {f.key for f, ok in zip(result.frames, result.placement.accepted, strict=True) if ok}
+    # Skipping makes windows sparser, so the map is somewhat worse than at full rate (0.4 % there),
+    # but it stays one map: a break would put the two halves metres apart.
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
-    assert ate(est, truth, stamps)[0] <= 0.015 * path_length(truth)
+    assert ate(est, truth, stamps)[0] <= 0.03 * path_length(truth)
 
 
 def test_a_window_that_cannot_attach_is_rejected_then_the_map_continues_from_its_last_pose():

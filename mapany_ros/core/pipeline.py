@@ -61,7 +61,7 @@ class PipelineConfig:
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
     max_waiting_frames: int = 60
-    #: Windows' worth of keyframes that may wait for the backend before keyframes are thinned.
+    #: Cut windows that may wait for the backend; beyond, the uncut keyframes are thinned.
     queue_size: int = 2
     #: False for offline processing: every keyframe waits for the backend, none is thinned.
     thin_keyframes: bool = True
@@ -156,9 +156,8 @@ class Pipeline:
         self._keyframes = KeyframeSelector(
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
-        new_per_window = config.window_size - config.window_overlap
-        capacity = max(config.window_size, config.queue_size * new_per_window) if config.thin_keyframes else 1 << 30
-        self._pending = PendingKeyframes(config.window_size, config.window_overlap, capacity, self._separation)
+        self._pending = PendingKeyframes(config.window_size, config.window_overlap,
+                                         config.queue_size if config.thin_keyframes else 1 << 30, self._separation)
         self.placer = WindowPlacer(config.placement, self.extrinsic)
         device = getattr(backend, "device", None)
         #: Fused in the worker, on the backend's device, before anything leaves it.

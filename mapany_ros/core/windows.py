@@ -46,19 +46,21 @@ class PendingKeyframes:
     The new keyframes of each window are decided in message time: a window is cut when a whole
     window's worth has arrived, or (:meth:`cut`) when the oldest uncut one has waited too long -
     never by when the backend happens to be free, so a stream is cut the same way at any replay
-    rate and offline. ``separation(a, b)`` says how far apart two groups are (in keyframe units:
-    1 = just enough for a new keyframe); beyond ``capacity`` waiting groups the one whose removal
-    leaves the smallest gap is skipped (never the newest).
+    rate and offline, as long as at most ``max_windows`` cut windows wait. Beyond that the backend
+    is behind: the uncut keyframes stay one window's worth, and the one whose removal leaves the
+    smallest gap is skipped (never the newest), so the next window still spans up to now with
+    evenly spread views. ``separation(a, b)`` says how far apart two groups are (in keyframe units).
     """
 
-    def __init__(self, size: int, overlap: int, capacity: int, separation: Callable[[Group, Group], float]) -> None:
+    def __init__(self, size: int, overlap: int, max_windows: int, separation: Callable[[Group, Group], float]
+                 ) -> None:
         if size < 2:
             raise ValueError(f"window size must be >= 2, got {size}")
         if not 0 <= overlap < size:
             raise ValueError(f"window overlap must be in [0, size), got {overlap} for size {size}")
-        if capacity < size - overlap:
-            raise ValueError(f"capacity {capacity} cannot hold one window ({size - overlap} new groups)")
-        self.size, self.overlap, self.capacity = size, overlap, capacity
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        self.size, self.overlap, self.max_windows = size, overlap, max_windows
         self._separation = separation
         self.clear()
 
@@ -66,7 +68,7 @@ class PendingKeyframes:
         self._open: list[Group] = []
         self._cut: deque[list[Group]] = deque()
         self._windows = 0
-        self._last_sent: Group | None = None
+        self._last: Group | None = None  # the newest group already cut: the gap before the first open one
 
     def __len__(self) -> int:
         """Groups waiting, cut into windows or not."""
@@ -89,20 +91,24 @@ class PendingKeyframes:
         """No window was cut yet: the next one has no context and needs ``size`` new groups."""
         return self._windows == 0
 
+    def _whole(self) -> int:
+        return self.size - (0 if self.first_window else self.overlap)
+
     def push(self, group: Group) -> list[Group]:
         """Add the newest keyframe group; returns the waiting groups skipped to make room."""
         self._open.append(group)
-        if len(self._open) >= self.size - (0 if self.first_window else self.overlap):
+        if len(self._open) >= self._whole():
             self.cut()
         skipped = []
-        while len(self) > self.capacity:
+        while len(self._open) > self._whole():  # only while max_windows windows wait
             skipped.append(self._skip_thinnest())
         return skipped
 
     def cut(self) -> None:
-        """The uncut groups become a window (a partial one when fewer than a window's worth)."""
-        if self._open:
+        """The uncut groups become a window (a partial one when fewer than a window's worth), if one may wait."""
+        if self._open and len(self._cut) < self.max_windows:
             self._cut.append(self._open)
+            self._last = self._open[-1]
             self._open = []
             self._windows += 1
 
@@ -111,21 +117,16 @@ class PendingKeyframes:
         if not self._cut:
             return []
         taken = self._cut.popleft()
-        self._last_sent = taken[-1]
+        if len(self._open) >= self._whole():  # a window held back while the queue was full
+            self.cut()
         return taken
 
     def _skip_thinnest(self) -> Group:
-        """Drop the waiting group (never the newest) whose removal leaves the smallest gap."""
-        lists = [*self._cut, self._open]
-        flat = [(li, i) for li, lst in enumerate(lists) for i in range(len(lst))]
-        groups = [lists[li][i] for li, i in flat]
+        """Drop the uncut group (never the newest) whose removal leaves the smallest gap."""
         best, best_gap = 0, float("inf")
-        for k in range(len(groups) - 1):
-            before = groups[k - 1] if k > 0 else self._last_sent
-            gap = self._separation(before, groups[k + 1]) if before is not None else float("inf")
+        for k in range(len(self._open) - 1):
+            before = self._open[k - 1] if k > 0 else self._last
+            gap = self._separation(before, self._open[k + 1]) if before is not None else float("inf")
             if gap < best_gap:
                 best, best_gap = k, gap
-        li, i = flat[best]
-        skipped = lists[li].pop(i)
-        self._cut = deque(w for w in self._cut if w)
-        return skipped
+        return self._open.pop(best)

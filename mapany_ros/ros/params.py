@@ -59,7 +59,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
     Param("window.max_latency_s", 2.0, "Send a partial window once its oldest keyframe waited this long.", 0.1, 60.0),
-    Param("window.queue_size", 2, "Windows waiting for the backend; the oldest is dropped when full.", 1, 16),
+    Param("window.queue_size", 2, "Windows that may wait for the backend; beyond, the waiting keyframes are "
+          "thinned evenly (never whole windows dropped).", 1, 16),
     Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
     Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe.", 0.0, 180.0),
     Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
