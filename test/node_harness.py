@@ -83,7 +83,9 @@ class Harness:
             self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
-        self._wait(lambda: all(p.get_subscription_count() > 0 for p in self.image_pubs.values())
+        odom = [self.odom_pub] if self.node.get_parameter("use_odometry").value else []
+        self._wait(lambda: all(p.get_subscription_count() > 0
+                               for p in (*self.image_pubs.values(), *self.info_pubs.values(), *odom))
                    and all(col.count_publishers(f"/{c}/depth") > 0 for c, col in self.collectors.items()))
         time.sleep(0.3)
 

@@ -111,9 +111,10 @@ def test_slow_backend_with_30hz_input_never_blocks_and_thins_keyframes(harness_f
         h.odom(t + 1 / 60)
         h.image(t)
         time.sleep(max(0.0, start + (i + 1) / 30 - time.monotonic()))
+    # Reliable QoS: every image reaches the callback; a loaded machine may only take longer.
+    assert h._wait(lambda: len(h.callback_s) == 90, 20.0), len(h.callback_s)
     h._wait(lambda: False, 1.0)
     p = h.node.pipeline
-    assert len(h.callback_s) >= 60
     assert max(h.callback_s) < 0.1, f"image callback took {max(h.callback_s) * 1e3:.0f} ms"
     assert p.stats.keyframes_skipped > 0
     assert len(p._pending) <= (2 + 1) * (3 - 1) and len(p._waiting) <= p.config.max_waiting_frames

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,8 @@ class OutputCollector(Node):
         self.status_level = 0
         self.status_message = ""
         self.status_time = 0.0
+        #: Every (level, message) seen, newest last: an ERROR lasts one stats period and is easy to miss.
+        self.status_history: deque[tuple[int, str]] = deque(maxlen=1000)
 
     def _stamp(self, msg) -> int:
         return conv.stamp_to_ns(msg.header.stamp)
@@ -106,6 +109,7 @@ class OutputCollector(Node):
                     self.status_level = int.from_bytes(st.level) if isinstance(st.level, bytes) else int(st.level)
                     self.status_message = st.message
                     self.status_time = time.monotonic()
+                    self.status_history.append((self.status_level, st.message))
 
     def node_idle_since(self, t: float) -> bool:
         """True when a status that arrived after monotonic time ``t`` shows no work left in the node."""
