@@ -333,13 +333,18 @@ def pointcloud2_from_points(
         # CPU tensors are wrapped without a copy: the numpy packing is single-threaded and so
         # immune to torch thread-pool stalls on a busy machine (seen: 1.5 ms -> 30 ms).
         _pack_cloud_numpy(_to_numpy(points), _to_numpy(colors), out)
+    return _unorganised_cloud(header, _cloud_fields(), CLOUD_POINT_STEP, n, data)
+
+
+def _unorganised_cloud(header: Header | None, fields: list, step: int, n: int, data) -> PointCloud2:
+    """A 1 x N dense cloud around an already packed buffer."""
     msg = PointCloud2()
     msg.header = header if header is not None else Header()
     msg.height, msg.width = 1, n
-    msg.fields = _cloud_fields()
+    msg.fields = fields
     msg.is_bigendian = _HOST_BIG_ENDIAN
-    msg.point_step = CLOUD_POINT_STEP
-    msg.row_step = CLOUD_POINT_STEP * n
+    msg.point_step = step
+    msg.row_step = step * n
     msg.is_dense = True
     msg.data = data
     return msg
@@ -359,16 +364,8 @@ def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, he
     packed = _pack_cloud_numpy(points, np.asarray(colors, dtype=np.uint8))
     out[:, :CLOUD_POINT_STEP] = packed
     out[:, CLOUD_POINT_STEP:] = np.ascontiguousarray(confidence, dtype=np.float32).view(np.uint8).reshape(n, 4)
-    msg = PointCloud2()
-    msg.header = header if header is not None else Header()
-    msg.height, msg.width = 1, n
-    msg.fields = [*_cloud_fields(), PointField(name="confidence", offset=16, datatype=PointField.FLOAT32, count=1)]
-    msg.is_bigendian = _HOST_BIG_ENDIAN
-    msg.point_step = step
-    msg.row_step = step * n
-    msg.is_dense = True
-    msg.data = data
-    return msg
+    fields = [*_cloud_fields(), PointField(name="confidence", offset=16, datatype=PointField.FLOAT32, count=1)]
+    return _unorganised_cloud(header, fields, step, n, data)
 
 
 def pointcloud2_to_arrays(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray | None]:
