@@ -21,7 +21,8 @@ def bench_adapter(width: int = 640, height: int = 480, repeats: int = 2) -> list
     try:
         import mapanything  # noqa: F401
     except ImportError:
-        return lines + ["Not measured in this run: upstream MapAnything is not installed in this environment.", ""]
+        return lines + ["Not measured in this run: upstream MapAnything is not installed in this environment. "
+                        "docs/bench_gpu.md (make bench-gpu) holds the last measurement of the MapAnything path.", ""]
     if not model_path:
         return lines + ["Not measured in this run: set MAPANY_BENCH_MODEL_PATH to a model folder.", ""]
     import torch
