@@ -98,3 +98,30 @@ def test_a_misspelled_parameter_is_named_with_the_nearest_one(harness_factory, c
     assert h.node.get_parameter("window.size").value == 3
     err = capfd.readouterr().err
     assert "'window.sise' is not a parameter of mapany_node" in err and "did you mean 'window.size'" in err
+
+
+@pytest.mark.parametrize("shut_down_first", [True, False])
+def test_ctrl_c_between_two_waits_is_a_clean_exit_and_other_rcl_errors_are_not(monkeypatch, shut_down_first):
+    import rclpy
+
+    from mapany_ros.ros import node as node_module
+
+    destroyed = []
+
+    class StandIn:
+        def destroy_node(self) -> None:
+            destroyed.append(True)
+
+    def spin(node) -> None:
+        if shut_down_first:  # what rclpy's SIGINT handler does while the executor is between waits
+            rclpy.shutdown()
+        raise node_module.RCLError("failed to initialize wait set: the given context is not valid")
+
+    monkeypatch.setattr(node_module, "MapanyNode", StandIn)
+    monkeypatch.setattr(node_module.rclpy, "spin", spin)
+    if shut_down_first:
+        assert node_module.main([]) == 0
+    else:
+        with pytest.raises(node_module.RCLError):
+            node_module.main([])
+    assert destroyed == [True] and not rclpy.ok()

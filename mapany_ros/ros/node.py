@@ -19,6 +19,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -287,6 +288,9 @@ class MapanyNode(Node):
         super().destroy_node()
 
 
+RCLError = _rclpy_impl.RCLError
+
+
 def main(args: list[str] | None = None) -> int:
     """Console entry point: ``ros2 run mapany_ros mapany_node``."""
     rclpy.init(args=args)
@@ -300,6 +304,11 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except RCLError:
+        # SIGINT shuts the context down from the signal handler; a spin that was between two waits
+        # then fails to build its wait set. That is a normal shutdown, not a crash.
+        if rclpy.ok():
+            raise
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
