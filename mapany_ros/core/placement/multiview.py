@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.backends.base import ViewPrediction
@@ -32,38 +31,63 @@ def sample_grid(valid: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.
     return rows * stride + stride // 2, cols * stride + stride // 2
 
 
-def camera_points(view: ViewPrediction) -> torch.Tensor:
-    """(h, w, 3) points in the view's own camera frame (exact for distorted grids too)."""
-    T = torch.as_tensor(invert(rigidify(view.T_world_camera)), dtype=torch.float32, device=view.depth.device)
-    return view.points_world @ T[:3, :3].T + T[:3, 3]
+def _window_reduce(x: torch.Tensor, r: int, op, fill: float) -> torch.Tensor:
+    """``op`` over the (2r + 1)^2 neighbourhood of every pixel of ``x`` (n, h, w[, c]), borders
+    filled with ``fill``. Separable slices: on a CPU several times faster than torch's pooling."""
+    for dim in (1, 2):
+        shape = list(x.shape)
+        shape[dim] = r
+        pad = torch.full(shape, fill, dtype=x.dtype, device=x.device)
+        xp = torch.cat([pad, x, pad], dim)
+        acc = xp.narrow(dim, 0, x.shape[dim])
+        for k in range(1, 2 * r + 1):
+            acc = op(acc, xp.narrow(dim, k, x.shape[dim]))
+        x = acc
+    return x
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the (2r + 1)^2 neighbourhood, zeros outside (as ``avg_pool2d`` with padding)."""
+    return _window_reduce(x, r, torch.add, 0.0) / (2 * r + 1) ** 2
+
+
+def _block_sum(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Sums over non-overlapping f x f blocks of ``x`` (n, h, w[, c]); a partial last block is dropped.
+    Strided slices added up: on a CPU several times faster than a reshaped sum or a pooling."""
+    h, w = x.shape[1] // f * f, x.shape[2] // f * f
+    out = x[:, 0:h:f, 0:w:f]
+    for a in range(f):
+        for b in range(f):
+            if a or b:
+                out = out + x[:, a:h:f, b:w:f]
+    return out
 
 
 def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Smoothed points (h, w, 3), unit normals (h, w, 3) facing the camera, and where both are trustworthy.
+    """Smoothed points (n, h, w, 3), unit normals (n, h, w, 3) facing the camera, and where both are
+    trustworthy, for a batch of ``n`` views (one call: the cost is in the number of operations).
 
     Differences across ``2 * radius`` pixels of points averaged over a (2r + 1)^2 neighbourhood,
     so per-pixel depth noise does not turn them. Untrustworthy: next to an invalid pixel or a depth
     jump, on a crease (neighbouring normals disagree), or at the image border.
     """
-    r, k = radius, 2 * radius + 1
+    r = radius
     d = P[..., 2]
-    okf = ok.float()[None, None]
-    count = F.avg_pool2d(okf, k, stride=1, padding=r)[0, 0]
-    Pz = torch.where(ok[..., None], P, torch.zeros_like(P)).permute(2, 0, 1)[None]
-    M = (F.avg_pool2d(Pz, k, stride=1, padding=r)[0] / count.clamp_min(1e-6)).permute(1, 2, 0).contiguous()
-    d_max = F.max_pool2d(torch.where(ok, d, torch.zeros_like(d))[None, None], k, stride=1, padding=r)[0, 0]
-    d_min = -F.max_pool2d(torch.where(ok, -d, torch.full_like(d, -1e9))[None, None], k, stride=1, padding=r)[0, 0]
+    count = _box_mean(ok.float(), r)
+    M = _box_mean(torch.where(ok[..., None], P, torch.zeros_like(P)), r) / count[..., None].clamp_min(1e-6)
+    d_max = _window_reduce(torch.where(ok, d, torch.zeros_like(d)), r, torch.maximum, float("-inf"))
+    d_min = _window_reduce(torch.where(ok, d, torch.full_like(d, 1e9)), r, torch.minimum, float("inf"))
     dx = torch.zeros_like(M)
     dy = torch.zeros_like(M)
-    dx[:, r:-r] = M[:, 2 * r :] - M[:, : -2 * r]
-    dy[r:-r] = M[2 * r :] - M[: -2 * r]
-    n = torch.cross(dx, dy, dim=-1)
+    dx[:, :, r:-r] = M[:, :, 2 * r :] - M[:, :, : -2 * r]
+    dy[:, r:-r] = M[:, 2 * r :] - M[:, : -2 * r]
+    n = torch.linalg.cross(dx, dy, dim=-1)
     n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     n = torch.where((n * P).sum(-1, keepdim=True) > 0, -n, n)
-    n_mean = F.avg_pool2d(n.permute(2, 0, 1)[None], 3, stride=1, padding=1)[0].permute(1, 2, 0).contiguous()
+    n_mean = _box_mean(n, 1)
     border = torch.zeros_like(ok)
-    border[r + 1 : -r - 1, r + 1 : -r - 1] = True
+    border[:, r + 1 : -r - 1, r + 1 : -r - 1] = True
     good = ok & (count > 0.999) & (d_max - d_min < 0.1 * d) & (n_mean.norm(dim=-1) > 0.97) & border
     return M, n, good
 
@@ -73,24 +97,39 @@ def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
 MAX_WIDTH = 160
 
 
-def _coarse_grid(view: ViewPrediction, max_width: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Camera-frame points, validity and K of the view on a grid at most ``max_width`` wide.
+def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    """Per view: camera-frame points, validity and K on a grid at most ``max_width`` wide.
 
     Blocks of pixels are averaged (only blocks that are valid throughout stay valid), and K follows
-    the block grid (pixel-centre convention).
+    the block grid (pixel-centre convention). Views of one size are pooled in one operation, in the
+    world frame (a mean commutes with the rigid move into the camera, which then touches only the
+    coarse grid).
     """
-    ok = view.valid & torch.isfinite(view.depth) & (view.depth > 0)
-    P = torch.where(ok[..., None], camera_points(view), torch.zeros(3, device=ok.device))
-    f = max(1, -(-view.width // max_width))
-    if f == 1:
-        return P, ok, np.asarray(view.K, dtype=np.float64)
-    count = F.avg_pool2d(ok.float()[None, None], f, stride=f)[0, 0]
-    mean = F.avg_pool2d(P.permute(2, 0, 1)[None], f, stride=f)[0].permute(1, 2, 0).contiguous()
-    mean = mean / count[..., None].clamp_min(1e-6)
-    K = np.asarray(view.K, dtype=np.float64).copy()
-    K[:2, :2] /= f
-    K[:2, 2] = (K[:2, 2] + 0.5) / f - 0.5
-    return mean, count > 0.999, K
+    out: list[tuple[torch.Tensor, torch.Tensor, np.ndarray] | None] = [None] * len(views)
+    sizes: dict[tuple, list[int]] = {}
+    for i, v in enumerate(views):
+        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
+    for (_, width, device), idx in sizes.items():
+        ok = torch.stack([views[i].valid & torch.isfinite(views[i].depth) & (views[i].depth > 0) for i in idx])
+        Pw = torch.where(ok[..., None], torch.stack([views[i].points_world for i in idx]).float(),
+                         torch.zeros(3, device=device))
+        f = max(1, -(-width // max_width))
+        if f > 1:
+            count = _block_sum(ok.float(), f)
+            Pw = _block_sum(Pw, f) / count[..., None].clamp_min(1e-6)
+            ok = count > f * f - 0.5
+        T = np.stack([invert(rigidify(views[i].T_world_camera)) for i in idx])
+        Tt = torch.as_tensor(T, dtype=torch.float32, device=device)
+        P = Pw @ Tt[:, None, :3, :3].transpose(-1, -2) + Tt[:, None, None, :3, 3]
+        P = torch.where(ok[..., None], P, torch.zeros(3, device=device))
+        for a, i in enumerate(idx):
+            K = np.asarray(views[i].K, dtype=np.float64).copy()
+            if f > 1:
+                K[:2, :2] /= f
+                K[:2, 2] = (K[:2, 2] + 0.5) / f - 0.5
+            out[i] = (P[a], ok[a], K)
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -114,7 +153,7 @@ class ViewStack:
     def __init__(self, views: Sequence[ViewPrediction], candidates: Sequence[int], samples: int = 1500,
                  normals: bool = False, smooth_radius: int = 1, max_width: int = MAX_WIDTH) -> None:
         self.candidates = list(candidates)
-        grids = [_coarse_grid(views[i], max_width) for i in self.candidates]
+        grids = _coarse_grids([views[i] for i in self.candidates], max_width)
         self.device = grids[0][0].device
         n = len(grids)
         H, W = max(g[0].shape[0] for g in grids), max(g[0].shape[1] for g in grids)
@@ -126,16 +165,16 @@ class ViewStack:
         self.size = torch.tensor([[g[0].shape[1], g[0].shape[0]] for g in grids], device=self.device)
         self.K = torch.as_tensor(np.stack([g[2] for g in grids]), dtype=torch.float64, device=self.device)
         self.T0 = np.stack([rigidify(views[i].T_world_camera) for i in self.candidates])
-        src = []
         for a, (P, ok, _) in enumerate(grids):
             h, w = ok.shape
             self.P[a, :h, :w] = P
             self.ok[a, :h, :w] = ok
-            if normals:
-                M, nrm, good = surface_normals(P, ok, smooth_radius)
-                self.P[a, :h, :w] = torch.where(good[..., None], M, P)
-                self.N[a, :h, :w] = nrm
-                self.N_ok[a, :h, :w] = good
+        if normals:  # padding is invalid, so a smaller view's edge counts as its border
+            M, self.N, self.N_ok = surface_normals(self.P, self.ok, smooth_radius)
+            self.P = torch.where(self.N_ok[..., None], M, self.P)
+        src = []
+        for a, (_, ok, _) in enumerate(grids):
+            h, w = ok.shape
             rows, cols = sample_grid(self.N_ok[a, :h, :w] if normals else ok, samples)
             src.append(self.P[a, rows, cols])
         S = max(1, max(len(s) for s in src))
