@@ -32,7 +32,7 @@ import torch
 from mapany_ros.core.alignment import Sim3, rigidify, robust_similarity, weighted_similarity
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import invert, is_rigid, make_pose
+from mapany_ros.core.geometry import invert, is_rigid, make_pose, transform_points
 from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.overlap import Anchor, correspondences, make_anchor
 from mapany_ros.core.placement.pose_graph import GraphConfig, Observation, PoseGraph
@@ -143,8 +143,7 @@ def move_view(view: ViewPrediction, T_window_camera: np.ndarray, T_map_camera: n
     (rigid), scale, camera -> map.
     """
     A = Sim3.from_pose(T_map_camera) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(invert(T_window_camera))
-    M = torch.as_tensor(A.matrix(), dtype=torch.float32, device=view.points_world.device)
-    points = view.points_world @ M[:3, :3].T + M[:3, 3]
+    points = transform_points(view.points_world, A.matrix())
     return dataclasses.replace(view, depth=view.depth * scale, points_world=points, T_world_camera=T_map_camera)
 
 

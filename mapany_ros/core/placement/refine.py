@@ -22,7 +22,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import ViewPrediction
-from mapany_ros.core.geometry import invert, make_pose
+from mapany_ros.core.geometry import invert, make_pose, transform_points
 from mapany_ros.core.placement.multiview import ViewStack
 
 #: A view's pose is refined only along directions where the data's information exceeds the prior's
@@ -122,8 +122,9 @@ def refine_window_poses(
     for it in range(iterations):
         Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
         if it == 0:  # views that do not see each other now will not after a small correction
-            stack.keep_pairs(count >= MIN_PAIR_POINTS // 2)
-            Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
+            keep = count >= MIN_PAIR_POINTS // 2
+            stack.keep_pairs(keep)
+            Hb, gb, count = Hb[keep], gb[keep], count[keep]
         use = (on[stack.I] & on[stack.J]).double()  # pairs of views being refined
         H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
         H = H.cpu().numpy()
@@ -143,8 +144,7 @@ def refine_window_poses(
         delta = invert(stack.T0[a]) @ T[a]
         e = np.concatenate([Rotation.from_matrix(delta[:3, :3]).as_rotvec(), delta[:3, 3]])
         chi2[i] = float(np.sum(e**2 * prior))
-        M = torch.as_tensor(T[a] @ invert(stack.T0[a]), dtype=torch.float32, device=stack.device)
         view = views[i]
-        out[i] = dataclasses.replace(view, points_world=view.points_world @ M[:3, :3].T + M[:3, 3],
+        out[i] = dataclasses.replace(view, points_world=transform_points(view.points_world, T[a] @ invert(stack.T0[a])),
                                      T_world_camera=T[a])
     return Refinement(out, chi2)
