@@ -352,9 +352,10 @@ def test_cli_writes_ply_tum_and_rerun(mcap_bag: Path, tmp_path: Path, caplog: py
     from rerun.chunk import RrdReader
 
     out, ply, tum, rrd = tmp_path / "out", tmp_path / "map.ply", tmp_path / "path.txt", tmp_path / "run.rrd"
+    torch.set_num_threads(2)
     rc = process_tool.main(cli_args(mcap_bag, out, "-p", "window.sise:=6", "--ply", str(ply), "--tum", str(tum),
-                                    "--rerun", str(rrd)))
-    assert rc == 0
+                                    "--rerun", str(rrd), "--threads", "1"))
+    assert rc == 0 and torch.get_num_threads() == 1
     warnings = errors_logged(caplog, logging.WARNING)
     assert "'window.sise' is not a parameter" in warnings and "did you mean 'window.size'?" in warnings
     printed = capsys.readouterr().out
@@ -408,6 +409,10 @@ def test_cli_refuses_existing_output_and_missing_input(mcap_bag: Path, tmp_path:
     assert process_tool.main(cli_args(tmp_path / "no_such_bag", tmp_path / "out")) == 2
     assert f"input bag {tmp_path / 'no_such_bag'} does not exist" in errors_logged(caplog)
     assert not (tmp_path / "out").exists()
+
+    with pytest.raises(SystemExit) as usage:
+        process_tool.main(cli_args(mcap_bag, tmp_path / "out", "--threads", "0"))
+    assert usage.value.code == 2 and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- 3. damaged input

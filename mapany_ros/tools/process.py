@@ -386,13 +386,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ply", type=Path, default=None, help="also write the map points to this PLY file")
     ap.add_argument("--tum", type=Path, default=None, help="also write the trajectory in TUM format")
     ap.add_argument("--rerun", type=Path, default=None, help="also write a rerun recording (.rrd)")
+    ap.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help="torch CPU threads (default: torch's choice, one per core); on a machine busy with "
+                         "other work, fewer threads than cores avoid OpenMP workers waiting on each other")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[process] %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         values, warnings = load_parameters(args.params, args.overrides)
         for w in warnings:
