@@ -47,6 +47,9 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
     h.driver.create_subscription(PointCloud2, "map_points", clouds.append, LATCHED_QOS)
     h.driver.create_subscription(Path, "path", paths.append, LATCHED_QOS)
     assert h._wait(lambda: clouds and clouds[-1].width > 100 and paths and len(paths[-1].poses) == 7, 10)
+    # Every keyframe fused and the map published since: the saved map must then be the latched one.
+    fused = h.node.pipeline.map
+    assert h._wait(lambda: fused.keyframes_integrated == 7 and clouds[-1].width == len(fused.points()[0]), 10)
     cloud = clouds[-1]
     assert cloud.header.frame_id == "map" and [f.name for f in cloud.fields] == ["x", "y", "z", "rgb", "confidence"]
     xyz, rgb = conv.pointcloud2_to_arrays(cloud)

@@ -60,8 +60,44 @@ def test_frame_waits_for_odometry_then_times_out():
     clock[0] = int(0.6e9)  # message time: 0.4 s after the image's stamp, still within the wait
     assert p.poll() == []
     clock[0] = int(0.75e9)
+    assert p.poll() == []  # past its deadline: dropped at the next poll unless odometry comes first
+    clock[0] = int(0.85e9)
     assert p.poll() == [FrameStatus.DROPPED_ODOM_TIMEOUT]
     assert p.stats.frames_dropped == 1
+
+
+def test_a_stalled_executor_neither_drops_frames_nor_cuts_windows_the_data_does_not():
+    """After a stall the clock (a depth-1 /clock subscription) jumps ahead of images and odometry
+    still queued for the node, and the timer runs first: nothing may be decided on that jump."""
+    clock = [0]
+    backend = RecordingBackend()
+    cfg = PipelineConfig(window_size=4, window_overlap=1, odom_max_wait_s=0.5, max_window_latency_s=1.0,
+                         max_interval_s=0.01, queue_size=8)
+    p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
+    p.set_extrinsic("camera", T_BASE_CAM)
+    p.add_odometry(0, base_pose(0))
+    for t in (0.1, 0.2):  # two keyframes taken in, one frame waiting for its odometry
+        p.add_odometry(int(t * 1e9), base_pose(t))
+        clock[0] = int(t * 1e9)
+        p.add_frame(frame(t))
+    assert p.add_frame(frame(0.3))[0] is FrameStatus.WAITING
+    clock[0] = int(3.0e9)  # the stall: the clock jumps by 2.7 s
+    assert p.poll() == [] and len(p._pending) == 2 and p._pending.windows_ready == 0
+    # The backlog arrives before the next timer tick: odometry, then the images it covers.
+    for t in (0.3, 0.4, 0.5):
+        p.add_odometry(int(t * 1e9), base_pose(t))
+        if t > 0.3:
+            p.add_frame(frame(t))
+    clock[0] = int(3.1e9)
+    assert p.poll() == [] and p.stats.frames_dropped == 0
+    assert p._pending.windows_ready == 1  # the first full window (4 keyframes), cut by the data
+    # Input really stops: two polls later the rest is flushed as a partial window.
+    p.add_frame(frame(0.6))
+    for t in (3.2, 3.3, 4.0, 4.1, 4.2):
+        clock[0] = int(t * 1e9)
+        p.poll()
+    assert p.stats.frames_dropped == 1  # 0.6 s never got its odometry
+    assert p._pending.windows_ready == 2
 
 
 def test_frames_wait_for_a_late_extrinsic_then_time_out():
@@ -170,6 +206,10 @@ def test_partial_window_is_flushed_by_the_age_of_its_oldest_keyframe():
     assert p.wait_idle(5) and backend.calls == []
     clock[0] = int(201.6e9)  # the oldest waiting keyframe is now 1.6 s old
     p.poll()
+    time.sleep(0.2)
+    assert p.wait_idle(5) and backend.calls == []  # due once: cut only if no frame comes until the next poll
+    clock[0] = int(201.7e9)
+    p.poll()
     assert p.wait_idle(5)
     p.stop()
     assert p.stats.windows_built == 1 and len(p._pending) == 0 and len(backend.calls) == 1
@@ -201,6 +241,7 @@ def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
                 p.process_ready()
         clock[0] += int(1e9)
         p.poll()
+        p.poll()  # the node's timer polls on: input has stopped
         if pace is None:
             p.process_ready()
         else:

@@ -129,7 +129,13 @@ class Pipeline:
 
     Time is message time: ``clock`` returns "now" in nanoseconds of the same clock the stamps
     use (the node passes its ROS clock, so ``use_sim_time`` replay at any rate, or paused, makes
-    the same decisions; offline processing passes the bag's time). Waits and flushes count from
+    the same decisions; offline processing passes the bag's time).
+
+    While frames flow, a partial window is cut by stamps alone: at the first frame stamped more
+    than ``max_window_latency_s`` after the window's oldest keyframe. The clock only decides when
+    input stops. A node whose executor stalled sees the clock jump ahead of messages still queued
+    for it, so a time-out (partial window, missing odometry) is acted on only when it has held for
+    two consecutive polls with no frame (no odometry) arriving in between. Time-outs count from
     the later of a frame's stamp and its arrival, so stamps from another epoch (a bag replayed
     without sim time) still get their full wait.
     """
@@ -166,6 +172,11 @@ class Pipeline:
         self._waiting: deque[_Waiting] = deque()
         self._last_stamp: dict[str, int] = {}
         self._due: dict[int, int] = {}  # group stamp -> node time after which it flushes a partial window
+        # Inputs seen so far, and their counts at the last poll that found a time-out due (None: none due).
+        self._frames_seen = 0
+        self._odometry_seen = 0
+        self._latency_armed: int | None = None
+        self._odometry_armed: int | None = None
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
         self._cv = threading.Condition(self._lock)
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
@@ -202,7 +213,7 @@ class Pipeline:
         """The camera's base -> optical transform; returns the fate of frames that waited for it."""
         with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
-            return self._release_waiting_locked() if self.config.use_odometry else []
+            return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
         with self._lock:
@@ -220,7 +231,8 @@ class Pipeline:
             if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
                 self._reset_locked(f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s")
             self.odometry.add(stamp_ns, T_odom_base)
-            return self._release_waiting_locked()
+            self._odometry_seen += 1
+            return self._release_waiting_locked(timeouts=False)
 
     def add_frame(self, frame: Frame) -> tuple[FrameStatus, bool]:
         """Hand over one camera frame; returns its status and whether buffers were reset.
@@ -231,6 +243,7 @@ class Pipeline:
         """
         with self._cv:
             self.stats.frames_in += 1
+            self._frames_seen += 1
             reset = False
             last = self._last_stamp.get(frame.camera)
             if last is not None and frame.stamp_ns <= last:
@@ -252,26 +265,36 @@ class Pipeline:
                 self._waiting.append(_Waiting(frame, deadline))
                 return FrameStatus.DROPPED_WAIT_QUEUE, reset
             self._waiting.append(_Waiting(frame, deadline))
-            statuses = self._release_waiting_locked()
+            statuses = self._release_waiting_locked(timeouts=False)
             if self._waiting and self._waiting[-1].frame is frame:
                 return FrameStatus.WAITING, reset
             return statuses[-1], reset
 
     def poll(self) -> list[FrameStatus]:
-        """Time-driven work: drop frames whose odometry never came, flush stalled keyframes."""
+        """Time-driven work once input stops: drop frames whose odometry never came, flush stalled
+        keyframes (each after two polls in a row found it due with no new input in between)."""
         with self._cv:
-            statuses = self._release_waiting_locked()
-            self._check_latency_locked(self._clock())
+            now = self._clock()
+            overdue = bool(self._waiting) and now > self._waiting[0].deadline_ns
+            quiet = overdue and self._odometry_armed == self._odometry_seen
+            self._odometry_armed = self._odometry_seen if overdue and not quiet else None
+            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet)
+            oldest = self._pending.oldest_uncut
+            due = oldest is not None and now > self._due[oldest[0].stamp_ns] and self._cuttable_locked()
+            if due and self._latency_armed == self._frames_seen:
+                self._pending.cut()
+                self._cv.notify_all()
+                due = False
+            self._latency_armed = self._frames_seen if due else None
             return statuses
 
-    def _check_latency_locked(self, now_ns: int) -> None:
-        """Ask for a partial window once the oldest waiting keyframe is older than the latency limit.
-
-        Also called with each image's stamp before it is taken in, so replay at any rate decides
-        at the same point of the data as offline processing.
-        """
+    def _check_latency_locked(self, stamp_ns: int) -> None:
+        """Cut a partial window at a frame stamped more than the latency limit after the oldest
+        waiting keyframe: decided on the data alone, so replay at any rate, or with the node's
+        executor stalling, cuts where offline processing does."""
         oldest = self._pending.oldest_uncut
-        if oldest is not None and now_ns > self._due[oldest[0].stamp_ns] and self._cuttable_locked():
+        limit = int(self.config.max_window_latency_s * 1e9)
+        if oldest is not None and stamp_ns > oldest[0].stamp_ns + limit and self._cuttable_locked():
             self._pending.cut()
             self._cv.notify_all()
 
@@ -315,21 +338,24 @@ class Pipeline:
         self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
+        self._latency_armed = self._odometry_armed = None
         self._n_context = 0
         self._generation += 1
 
-    def _release_waiting_locked(self) -> list[FrameStatus]:
+    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False) -> list[FrameStatus]:
+        """Frames whose odometry and extrinsic have arrived go on; with ``timeouts`` (polls only)
+        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``."""
         statuses = []
         now = self._clock()
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
             if item.frame.camera not in self._extrinsics:  # /tf_static may come just after the first images
-                if now <= item.deadline_ns:
+                if not timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
             elif status is Lookup.WAIT:
-                if now <= item.deadline_ns:
+                if not odometry_timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_ODOM_TIMEOUT)
             elif status is Lookup.GAP:

@@ -58,7 +58,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages."),
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
-    Param("window.max_latency_s", 2.0, "Send a partial window once its oldest keyframe waited this long.", 0.1, 60.0),
+    Param("window.max_latency_s", 2.0, "Send a partial window at the first frame stamped this long after its "
+          "oldest keyframe, or, once input stops, when that keyframe has waited this long.", 0.1, 60.0),
     Param("window.queue_size", 2, "Windows that may wait for the backend; beyond, the waiting keyframes are "
           "thinned evenly (never whole windows dropped).", 1, 16),
     Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
@@ -67,8 +68,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
     Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
     Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across.", 0.001, 10.0),
-    Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp before it is dropped.",
-          0.0, 10.0),
+    Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp; it is dropped after "
+          "that only while no odometry arrives (an odometry that lags is waited for).", 0.0, 10.0),
     Param("odometry.sigma_translation", 0.05, "Odometry translation error, as a fraction of the distance driven "
           "(pose-graph noise).", 0.001, 1.0),
     Param("odometry.sigma_rotation_deg_per_m", 5.0, "Odometry heading error per metre driven (pose-graph noise).",
