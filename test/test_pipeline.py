@@ -91,12 +91,13 @@ def test_a_stalled_executor_neither_drops_frames_nor_cuts_windows_the_data_does_
     clock[0] = int(3.1e9)
     assert p.poll() == [] and p.stats.frames_dropped == 0
     assert p._pending.windows_ready == 1  # the first full window (4 keyframes), cut by the data
-    # Input really stops: two polls later the rest is flushed as a partial window.
-    p.add_frame(frame(0.6))
+    # Input really stops (a driver repeating its last frame is no new input): two polls later the
+    # rest is flushed as a partial window.
     for t in (3.2, 3.3, 4.0, 4.1, 4.2):
+        p.add_frame(frame(0.6))
         clock[0] = int(t * 1e9)
         p.poll()
-    assert p.stats.frames_dropped == 1  # 0.6 s never got its odometry
+    assert p.stats.frames_dropped == 1 + 4  # 0.6 s never got its odometry; four repeats of it
     assert p._pending.windows_ready == 2
 
 

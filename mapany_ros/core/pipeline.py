@@ -243,7 +243,6 @@ class Pipeline:
         """
         with self._cv:
             self.stats.frames_in += 1
-            self._frames_seen += 1
             reset = False
             last = self._last_stamp.get(frame.camera)
             if last is not None and frame.stamp_ns <= last:
@@ -254,6 +253,7 @@ class Pipeline:
                 self._reset_locked(f"{frame.camera} image stamp jumped back {(last - frame.stamp_ns) * 1e-9:.2f} s")
                 reset = True
             self._last_stamp[frame.camera] = frame.stamp_ns
+            self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
             self._check_latency_locked(frame.stamp_ns)
             if not self.config.use_odometry:
                 self._accept_locked(frame)
