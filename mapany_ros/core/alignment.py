@@ -1,31 +1,19 @@
-"""Re-anchoring a window's predicted frame into the world frame of its pose priors (pure numpy).
+"""Similarity transforms between frames and point sets (pure numpy), for the placement stage.
 
-Multi-view models such as MapAnything discard the caller's world frame: their outputs are anchored
-on view 0 as predicted, at the model's own scale. A window is brought back into the prior (odometry
-or map) frame with one similarity transform ``X_world = s * R @ X_pred + t`` estimated from the
-views that carry a prior, chosen by how much the priors constrain it:
-
-* 3+ posed views whose centres span a plane or a volume: Umeyama Sim(3) on camera centres
-  (centres are what odometry measures best; orientations would let one bad view dominate).
-* 2+ posed views on a line (or exactly 2): centres fix scale and translation but not the roll about
-  the line, so the rotation is the chordal mean of the per-view rotation offsets, the scale the
-  ratio of centre spreads.
-* 1 posed view, or centres closer together than ``min_baseline_m`` (a robot standing still):
-  rigid anchor, rotation mean plus centroid; with one view this is exactly
-  ``T_world_pred = T_prior0 @ inv(T_pred0)``. Scale stays the model's (metric) one unless the
-  caller knows better (``scale_hint``, e.g. from the depth of a view predicted twice).
-
-The residual is the RMS camera-centre distance after alignment, in metres of the world frame.
+``Sim3`` carries a window's frame into the map (``X_map = s * R @ X + t``, poses kept rigid);
+``weighted_similarity`` is the closed-form weighted fit of one point set onto another and
+``robust_similarity`` its iteratively re-weighted form, which suppresses points that disagree with
+the consensus (a wrong view, a moving object). ``rigidify`` repairs almost-rigid poses such as
+a model's bf16 outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from mapany_ros.core.geometry import make_pose, umeyama
+from mapany_ros.core.geometry import make_pose
 
 
 def orthonormalize(R: np.ndarray) -> np.ndarray:
@@ -40,11 +28,6 @@ def rigidify(T: np.ndarray) -> np.ndarray:
     """A float64 rigid 4x4 from a noisy one: orthonormal rotation, exact last row."""
     T = np.asarray(T, dtype=np.float64)
     return make_pose(orthonormalize(T[:3, :3]), T[:3, 3])
-
-
-def mean_rotation(rotations: Sequence[np.ndarray]) -> np.ndarray:
-    """Chordal L2 mean of rotation matrices (projection of their arithmetic mean)."""
-    return orthonormalize(np.mean(np.stack([np.asarray(R, dtype=np.float64) for R in rotations]), axis=0))
 
 
 @dataclass(frozen=True)
@@ -87,89 +70,6 @@ class Sim3:
         """Points scaled by ``scale`` about the origin, then moved by the rigid transform T."""
         T = rigidify(T)
         return Sim3(T[:3, :3], T[:3, 3], scale)
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """How one window's predicted frame maps into the world frame, and how well the priors agree."""
-
-    transform: Sim3
-    residual_m: float
-    rotation_residual_rad: float
-    method: str  # "none" | "anchor" | "rotation_mean" | "umeyama"
-    num_anchors: int
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.sum(np.asarray(x) ** 2, axis=-1)))) if len(x) else 0.0
-
-
-def _rotation_residual(R: np.ndarray, R_pred: np.ndarray, R_target: np.ndarray) -> float:
-    """RMS angle between aligned predicted and target orientations."""
-    angles = []
-    for Rp, Rt in zip(R_pred, R_target, strict=True):
-        c = (np.trace((R @ Rp).T @ Rt) - 1.0) / 2.0
-        angles.append(np.arccos(np.clip(c, -1.0, 1.0)))
-    return float(np.sqrt(np.mean(np.square(angles)))) if angles else 0.0
-
-
-def align_window(
-    T_pred: Sequence[np.ndarray],
-    T_target: Sequence[np.ndarray | None],
-    *,
-    with_scale: bool = True,
-    min_baseline_m: float = 0.05,
-    min_planarity: float = 0.05,
-    scale_hint: float | None = None,
-) -> Alignment:
-    """Similarity mapping predicted camera poses onto the targets given for some of them.
-
-    ``T_pred[i]`` and ``T_target[i]`` are camera-to-frame 4x4 poses of the same view; ``None``
-    targets are ignored. ``min_baseline_m`` is the RMS spread of target centres below which the
-    centres say nothing about rotation or scale; ``min_planarity`` is the ratio of the second to
-    the first singular value of the centred target centres below which they count as collinear.
-    ``scale_hint`` is used where the centres cannot fix the scale (one view, or no baseline), e.g.
-    the depth ratio of a view predicted twice.
-    """
-    if len(T_pred) != len(T_target):
-        raise ValueError("T_pred and T_target must have the same length")
-    idx = [i for i, T in enumerate(T_target) if T is not None]
-    if not idx:
-        return Alignment(Sim3.identity(), 0.0, 0.0, "none", 0)
-    P = [rigidify(T_pred[i]) for i in idx]
-    Q = [rigidify(T_target[i]) for i in idx]
-    c_p = np.stack([T[:3, 3] for T in P])
-    c_q = np.stack([T[:3, 3] for T in Q])
-    R_p = [T[:3, :3] for T in P]
-    R_q = [T[:3, :3] for T in Q]
-    n = len(idx)
-    centred_q = c_q - c_q.mean(0)
-    centred_p = c_p - c_p.mean(0)
-    spread_q = _rms(centred_q)
-    spread_p = _rms(centred_p)
-    sv = np.linalg.svd(centred_q, compute_uv=False) if n >= 2 else np.zeros(1)
-    spans_plane = n >= 3 and sv[0] > 0 and sv[1] >= min_planarity * sv[0]
-
-    if spans_plane and spread_q >= min_baseline_m:
-        T, s, _ = umeyama(c_p, c_q, with_scale=with_scale)
-        R, t, method = T[:3, :3], T[:3, 3], "umeyama"
-    else:
-        R = mean_rotation([Rq @ Rp.T for Rp, Rq in zip(R_p, R_q, strict=True)])
-        s = 1.0
-        if n >= 2 and spread_q >= min_baseline_m and with_scale and spread_p > 1e-9:
-            s = spread_q / spread_p
-            method = "rotation_mean"
-        else:
-            method = "anchor" if n == 1 else "rotation_mean"
-            if scale_hint is not None and with_scale:
-                s = float(scale_hint)
-        t = c_q.mean(0) - s * R @ c_p.mean(0)
-    if not np.isfinite(s) or s <= 0:
-        s = 1.0
-        t = c_q.mean(0) - R @ c_p.mean(0)
-    sim = Sim3(orthonormalize(R), np.asarray(t, dtype=np.float64), float(s))
-    residual = _rms(sim.apply_points(c_p) - c_q)
-    return Alignment(sim, residual, _rotation_residual(sim.R, R_p, R_q), method, n)
 
 
 def weighted_similarity(

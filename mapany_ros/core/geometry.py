@@ -57,29 +57,6 @@ def is_rigid(T: np.ndarray, tol: float = 1e-6) -> bool:
     )
 
 
-def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[np.ndarray, float, float]:
-    """Least-squares similarity (or rigid) transform mapping ``src`` points onto ``dst``.
-
-    Returns (T, scale, rms residual in dst units); T is rigid and ``dst ~ s * R src + t``
-    is expressed as T with the scale folded out (apply ``scale`` to src first).
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    cov = xd.T @ xs / len(src)
-    U, S, Vt = np.linalg.svd(cov)
-    E = np.eye(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        E[2, 2] = -1
-    R = U @ E @ Vt
-    var_s = (xs**2).sum() / len(src)
-    s = float(np.trace(np.diag(S) @ E) / var_s) if with_scale and var_s > 0 else 1.0
-    t = mu_d - s * R @ mu_s
-    residual = float(np.sqrt(np.mean(np.sum((s * src @ R.T + t - dst) ** 2, axis=1))))
-    return make_pose(R, t), s, residual
-
-
 def pixel_rays(K: np.ndarray, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(h, w, 3) float32 camera-frame rays with z = 1 for every pixel centre of a pinhole K."""
     Kinv = torch.as_tensor(np.linalg.inv(K), dtype=torch.float32, device=device)
