@@ -231,7 +231,7 @@ class LiveRun:
 
         # The clock runs on past the last keyframe's latency limit, so the last partial window flushes.
         tail_s = float(OVERRIDES["window.max_latency_s"]) + 0.5
-        # No preroll: on DDS the first image may overtake the camera_info and /tf_static recorded
+        # Played as recorded: on DDS the first image may overtake the camera_info and /tf_static recorded
         # just before it, and the node must hold it rather than drop it (offline never sees this).
         stats = self.player.play(rate, pause_at_s=pause_at_s, pause_for_s=pause_for_s, tail_s=tail_s)
         t_end = time.monotonic()

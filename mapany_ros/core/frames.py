@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SUPPORTED_DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant", "none", "")
-
 
 @dataclass(frozen=True)
 class CameraModel:

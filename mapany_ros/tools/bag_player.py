@@ -141,11 +141,6 @@ class BagPlayer(Node):
                 self._paused = False
                 self._cv.notify_all()
 
-    @property
-    def paused(self) -> bool:
-        with self._cv:
-            return self._paused
-
     def wait_for_subscribers(self, topics: Iterable[str] | None = None, timeout_s: float = 30.0) -> bool:
         """True once every topic in ``topics`` (default: the bag's and /clock) has a subscriber."""
         names = list(topics) if topics is not None else [*self.publishers_by_topic, CLOCK_TOPIC]
@@ -161,25 +156,6 @@ class BagPlayer(Node):
         return True
 
     # ------------------------------------------------------------------ playing
-    def preroll(self, topics: Iterable[str]) -> None:
-        """Publish the first message of each of ``topics`` now, before :meth:`play` (no clock).
-
-        Messages of equal log time on different topics reach a node in no fixed order (an executor
-        serves ready subscriptions in its own order), so a receiver that drops images until it has
-        seen a camera_info may lose the first image that the bag, and offline processing, have
-        after it. Prerolling the camera_info restores the recorded order at the start.
-        """
-        left = set(topics)
-        unknown = left - set(self.publishers_by_topic)
-        if unknown:
-            raise ValueError(f"not played: {', '.join(sorted(unknown))}")
-        for topic, _, raw in self._messages():
-            if topic in left:
-                self.publishers_by_topic[topic].publish(raw)
-                left.discard(topic)
-                if not left:
-                    return
-
     def play(self, rate: float = 1.0, pause_at_s: float | None = None, pause_for_s: float = 0.0,
              tail_s: float = 0.0) -> PlayStats:
         """Publish the whole bag paced by log time at ``rate`` x real time; blocks until done.

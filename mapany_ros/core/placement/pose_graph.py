@@ -206,9 +206,6 @@ class PoseGraph:
     def T_map_odom(self) -> np.ndarray:
         return self._T_map_odom.copy()
 
-    def active_keyframes(self) -> list[int]:
-        return list(self.order)
-
     # ------------------------------------------------------------------ sliding window
     def marginalize(self) -> list[int]:
         """Keep the newest ``max_windows`` windows; older keyframes leave with a prior on the boundary.
