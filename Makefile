@@ -31,7 +31,7 @@ $(STAMP): requirements.txt setup.py package.xml deps/build_tf2_msgs.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mapany_ros.tools.demo
+	$(PY) -m mapany_ros.commands.demo
 
 # pytest exits 5 when it collected no test: make fails on it like on any other error.
 test: $(STAMP)
@@ -42,7 +42,7 @@ test: $(STAMP)
 # MapAnything (then set MAPANY_BENCH_MODEL_PATH to measure the adapter against real `infer`).
 BENCH_PY ?= $(PY)
 bench: $(STAMP)
-	$(BENCH_PY) -m mapany_ros.tools.bench
+	$(BENCH_PY) -m mapany_ros.bench
 
 # The MapAnything path (upstream infer, adapter, pipeline, fusion) on the device torch sees, with
 # upstream's architecture and random weights. BENCH_PY needs upstream MapAnything (with its configs/)
@@ -50,7 +50,7 @@ bench: $(STAMP)
 BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
 	mkdir -p out
-	$(BENCH_PY) -m mapany_ros.tools.bench_gpu --out out/bench_gpu.md --json out/bench_gpu.json $(BENCH_GPU_ARGS)
+	$(BENCH_PY) -m mapany_ros.bench.gpu --out out/bench_gpu.md --json out/bench_gpu.json $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mapany_ros test

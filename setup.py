@@ -27,7 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mapany_node = mapany_ros.ros.node:main",
-            "mapany-ros = mapany_ros.tools.cli:main",
+            "mapany-ros = mapany_ros.commands.cli:main",
         ],
         # Backends by name; third-party packages add theirs to the same group.
         "mapany_ros.backends": [

@@ -20,7 +20,7 @@ from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import make_pose
 from mapany_ros.ros import conversions as conv
 from mapany_ros.ros import node as node_module
-from mapany_ros.tools.collector import OutputCollector
+from mapany_ros.scoring.collector import OutputCollector
 
 W, H = 64, 48
 K = np.array([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]])

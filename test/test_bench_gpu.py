@@ -1,4 +1,4 @@
-"""``mapany_ros.tools.bench_gpu`` keeps working without a GPU or upstream MapAnything.
+"""``mapany_ros.bench.gpu`` keeps working without a GPU or upstream MapAnything.
 
 The measurements run on CPU against the contract double (test/mapanything_double.py) loaded
 through the adapter's real loader from a prepared model directory: the report must hold one real,
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mapanything_double import MapAnythingDouble, double_env
 
-from mapany_ros.tools import bench_gpu
+from mapany_ros.bench import gpu as bench_gpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "pip install git+https://github.com/facebookresearch/map-anything"
@@ -99,7 +99,7 @@ def test_without_upstream_exits_2_with_the_install_hint(monkeypatch, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("mapanything") is not None, reason="upstream is installed here")
 def test_cli_without_upstream_exits_2():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "mapany_ros.tools.bench_gpu", "--size", "reduced", "--device", "cpu"],
+    proc = subprocess.run([sys.executable, "-m", "mapany_ros.bench.gpu", "--size", "reduced", "--device", "cpu"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert INSTALL in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""

@@ -36,7 +36,7 @@ def stamp(msg) -> int:
 def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_env, seed, width, height):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "mapany_ros.tools.demo", "--seed", str(seed), "--width", str(width),
+        [sys.executable, "-m", "mapany_ros.commands.demo", "--seed", str(seed), "--width", str(width),
          "--height", str(height), "--duration", "6", "--out", str(out), "--timeout", "240"],
         env=ros_subprocess_env, capture_output=True, text=True, timeout=300,
     )

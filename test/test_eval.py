@@ -21,13 +21,14 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from std_msgs.msg import Header
 
+from mapany_ros.commands import eval as eval_tool
 from mapany_ros.core.alignment import weighted_similarity
 from mapany_ros.core.geometry import invert, make_pose, rotation_angle
-from mapany_ros.core.synthetic import OdometryErrors, SyntheticScene, make_sequence
 from mapany_ros.ros import conversions as conv
-from mapany_ros.tools import eval as eval_tool
-from mapany_ros.tools.synthetic_bag import _compressed, write_synthetic_bag
-from mapany_ros.tools.synthetic_bag import main as synthetic_bag_main
+from mapany_ros.sim.odometry import OdometryErrors
+from mapany_ros.sim.robot_bag import _compressed, write_synthetic_bag
+from mapany_ros.sim.robot_bag import main as synthetic_bag_main
+from mapany_ros.sim.scene import SyntheticScene, make_sequence
 
 W, H, RATE, DURATION, START = 64, 48, 10.0, 2.0, 4.0
 N_FRAMES = int(DURATION * RATE)

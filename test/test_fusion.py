@@ -9,15 +9,15 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from mapany_ros.core.fusion import FusionConfig, VoxelMap, read_ply, write_ply
-from mapany_ros.core.geometry import make_pose
-from mapany_ros.core.metrics import gt_points, map_quality
-from mapany_ros.core.synthetic import make_camera_model
-from mapany_ros.tools.bench_fusion import (
+from mapany_ros.bench.fusion import (
     SyntheticKeyframe,
     synthetic_keyframes,
     true_surface_samples,
 )
+from mapany_ros.core.fusion import FusionConfig, VoxelMap, read_ply, write_ply
+from mapany_ros.core.geometry import make_pose
+from mapany_ros.scoring.metrics import gt_points, map_quality
+from mapany_ros.sim.scene import make_camera_model
 
 W, H = 64, 48
 K_SMALL = make_camera_model(W, H).K

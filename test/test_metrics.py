@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mapany_ros.core.geometry import make_pose
-from mapany_ros.core.metrics import (
+from mapany_ros.scoring.metrics import (
     DepthErrors,
     depth_errors,
     downsample_depth,

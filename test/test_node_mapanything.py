@@ -16,8 +16,8 @@ from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import invert, make_pose
-from mapany_ros.core.synthetic import make_sequence
 from mapany_ros.ros import conversions as conv
+from mapany_ros.sim.scene import make_sequence
 
 pytestmark = pytest.mark.ros
 

@@ -1,37 +1,33 @@
 """mapany_node as its own process with a third-party backend plugin and drifting, late, irregular odometry.
 
-The backend is this folder's model simulator, named ``model_simulator:ModelSimulator`` exactly as a
-user names their own model: it predicts in its own frame with a real model's errors and ignores
-every prior. Over loopback DDS the published path must beat the odometry it was given, and
-map -> odom must come steadily and glide.
+The backend is the simulated world's model simulator, named
+``mapany_ros.sim.model_simulator:ModelSimulator`` exactly as a user names their own model: it
+predicts in its own frame with a real model's errors and ignores every prior. Over loopback DDS
+the published path must beat the odometry it was given, and map -> odom must come steadily and glide.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from placement_scenarios import ate
 
-from mapany_ros.core.synthetic import (
-    DriftingOdometry,
-    OdometryErrors,
+from mapany_ros.ros import conversions as conv
+from mapany_ros.scoring.trajectory import ate
+from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
+from mapany_ros.sim.scene import (
     SyntheticFrame,
     SyntheticScene,
     SyntheticSequence,
     make_camera_model,
 )
-from mapany_ros.ros import conversions as conv
 
 pytestmark = pytest.mark.ros
-TEST_DIR = Path(__file__).resolve().parent
 
 
 def blank_sequence(scene: SyntheticScene, duration_s: float, rate_hz: float, width: int, height: int
@@ -50,8 +46,8 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
                                                                            rclpy_context):
     from rclpy.executors import MultiThreadedExecutor
 
-    from mapany_ros.tools.collector import OutputCollector
-    from mapany_ros.tools.synthetic_source import SyntheticSource
+    from mapany_ros.scoring.collector import OutputCollector
+    from mapany_ros.sim.robot_publisher import SyntheticSource
 
     scene = SyntheticScene(0)
     seq = blank_sequence(scene, duration_s=scene.trajectory.loop_length_m / scene.trajectory.speed_mps,
@@ -60,7 +56,7 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
                                                                 noise_m=0.005, noise_deg=0.2, seed=3), t0_s=-1.0)
     stamp_offset = time.time_ns() + 10**10
     params = {"/**": {"ros__parameters": {
-        "backend": "model_simulator:ModelSimulator",
+        "backend": "mapany_ros.sim.model_simulator:ModelSimulator",
         "backend_options": yaml.safe_dump({"seed": 0, "stamp_offset_ns": stamp_offset, "noise_seed": 4},
                                           default_flow_style=True),
         "device": "cpu", "qos": {"reliability": "reliable", "depth": 100}, "stats_period_s": 1.0,
@@ -68,7 +64,7 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     }}}
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
-    env = {**ros_subprocess_env, "PYTHONPATH": os.pathsep.join([str(TEST_DIR), ros_subprocess_env["PYTHONPATH"]])}
+    env = ros_subprocess_env
     log = open(tmp_path / "node.log", "w")
     node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
                              str(params_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -123,14 +119,15 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"backend": "no_such_package.models:Model"}, "cannot import module 'no_such_package.models'"),
-    ({"backend": "model_simulator:NoSuchClass"}, "has no class 'NoSuchClass'"),
-    ({"backend": "model_simulator:ModelSimulator", "backend_options": "{seeed: 1}"}, "does not take these options"),
+    ({"backend": "mapany_ros.sim.model_simulator:NoSuchClass"}, "has no class 'NoSuchClass'"),
+    ({"backend": "mapany_ros.sim.model_simulator:ModelSimulator", "backend_options": "{seeed: 1}"},
+     "does not take these options"),
     ({"backend": "planesweep", "use_odometry": False}, "use_odometry: true"),
 ])
 def test_a_start_up_failure_exits_with_one_clear_message(tmp_path, ros_subprocess_env, overrides, message):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"device": "cpu", **overrides}}}))
-    env = {**ros_subprocess_env, "PYTHONPATH": os.pathsep.join([str(TEST_DIR), ros_subprocess_env["PYTHONPATH"]])}
+    env = ros_subprocess_env
     proc = subprocess.run([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file", str(params)],
                           env=env, capture_output=True, text=True, timeout=120)
     text = proc.stdout + proc.stderr

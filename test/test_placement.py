@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from core_fakes import RecordingBackend
-from model_simulator import ModelSimulator
-from placement_scenarios import ate, drive, path_length, step_errors
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.alignment import Sim3, robust_similarity
@@ -20,8 +18,12 @@ from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import backproject, invert, make_pose, rotation_angle
 from mapany_ros.core.placement import PlacementConfig, PlacementStatus, TransformSmoother, WindowPlacer
-from mapany_ros.core.placement.placer import R_BODY_OPTICAL
-from mapany_ros.core.synthetic import DriftingOdometry, OdometryErrors, SyntheticScene, make_camera_model
+from mapany_ros.core.placement.overlap_chain import R_BODY_OPTICAL
+from mapany_ros.scoring.trajectory import ate, path_length, step_errors
+from mapany_ros.sim.drive import drive
+from mapany_ros.sim.model_simulator import ModelSimulator
+from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
+from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 
 @pytest.fixture(scope="module")

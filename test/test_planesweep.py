@@ -11,14 +11,14 @@ import torch
 from mapany_ros.core.backends.base import Backend, BackendError, WindowPrediction
 from mapany_ros.core.backends.planesweep import PlaneSweepBackend, _mean_of_smallest, _window_sum
 from mapany_ros.core.geometry import backproject, make_pose
-from mapany_ros.core.metrics import (
+from mapany_ros.scoring.metrics import (
     depth_errors,
     downsample_depth,
     gt_points,
     pixel_point_errors,
     surface_distances,
 )
-from mapany_ros.core.synthetic import SyntheticSequence, make_sequence
+from mapany_ros.sim.scene import SyntheticSequence, make_sequence
 
 # The acceptance bar, per frame of the window.
 MAX_MEDIAN_REL = 0.03

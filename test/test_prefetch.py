@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapany_ros.tools import prefetch
+from mapany_ros.commands import prefetch
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_prefetch_reports_failures_with_exit_code(tmp_path, fake_downloads, monk
 
 
 def test_console_command_dispatches_to_prefetch(tmp_path, fake_downloads, capsys):
-    from mapany_ros.tools import cli
+    from mapany_ros.commands import cli
 
     assert cli.main(["prefetch", "--cache-dir", str(tmp_path / "c")]) == 0
     assert "mapanything.cache_dir" in capsys.readouterr().out

@@ -32,9 +32,9 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from scipy.spatial.transform import Rotation
 
-from mapany_ros.core.synthetic import SyntheticScene
-from mapany_ros.tools import process as process_tool
-from mapany_ros.tools.synthetic_bag import write_synthetic_bag
+from mapany_ros.commands import process as process_tool
+from mapany_ros.sim.robot_bag import write_synthetic_bag
+from mapany_ros.sim.scene import SyntheticScene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PARAMS = REPO_ROOT / "config" / "demo.yaml"
@@ -54,7 +54,7 @@ OUTPUT_TYPES = {
     "/tf": "tf2_msgs/msg/TFMessage",
     "/map_points": "sensor_msgs/msg/PointCloud2",
 }
-# The accuracy the live node reaches (test_end_to_end.py, tools/evaluate.py TARGETS).
+# The accuracy the live node reaches (test_end_to_end.py, mapany_ros/scoring/scene_scores.py TARGETS).
 MEDIAN_ABS_REL, WITHIN_10PCT = 0.03, 0.90
 
 

@@ -105,7 +105,7 @@ def _secs(stamps: list[int]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mapany_ros.tools.synthetic_bag import write_synthetic_bag
+    from mapany_ros.sim.robot_bag import write_synthetic_bag
 
     return write_synthetic_bag(tmp_path_factory.mktemp("sim_time") / "robot_bag", seed=0, width=WIDTH, height=HEIGHT,
                                duration_s=DURATION_S, rate_hz=CAMERA_HZ)
@@ -132,8 +132,8 @@ def run_offline(bag: Path, params: Path, out_bag: Path, overrides: list[str] | N
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
+    from mapany_ros.commands.process import load_parameters, process
     from mapany_ros.ros import conversions as conv
-    from mapany_ros.tools.process import load_parameters, process
 
     values, warnings = load_parameters(params, overrides or [])
     assert not warnings, warnings
@@ -189,8 +189,8 @@ class LiveRun:
         from rclpy.executors import MultiThreadedExecutor
 
         from mapany_ros.ros import conversions as conv
-        from mapany_ros.tools.bag_player import BagPlayer
-        from mapany_ros.tools.collector import QOS, OutputCollector
+        from mapany_ros.scoring.collector import QOS, OutputCollector
+        from mapany_ros.sim.bag_player import BagPlayer
 
         self.sim_time = sim_time
         self.log_path = log_path
@@ -338,7 +338,7 @@ def test_bag_player_paces_by_log_time_and_stops_the_clock_while_paused(bag: Path
     from sensor_msgs.msg import Image
     from tf2_msgs.msg import TFMessage
 
-    from mapany_ros.tools.bag_player import BagPlayer
+    from mapany_ros.sim.bag_player import BagPlayer
 
     with AnyReader([bag]) as reader:
         conns = [c for c in reader.connections if c.topic == "/camera/image_raw"]

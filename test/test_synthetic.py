@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mapany_ros.core.geometry import invert, is_rigid, make_pose
-from mapany_ros.core.synthetic import (
+from mapany_ros.sim.scene import (
     Box,
     SyntheticScene,
     SyntheticTrajectory,
@@ -272,7 +272,7 @@ def test_box_geometry_helpers() -> None:
 
 def test_ray_distance_agrees_with_rendered_depth():
     from mapany_ros.core.geometry import pixel_rays
-    from mapany_ros.core.synthetic import SyntheticScene, make_camera_model
+    from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
     scene = SyntheticScene(1)
     cam = make_camera_model(64, 48)

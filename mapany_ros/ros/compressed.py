@@ -1,6 +1,6 @@
 """sensor_msgs/CompressedImage (image_transport's "compressed" transport) <-> RGB arrays.
 
-Decoders, chosen by measurement (``python -m mapany_ros.tools.bench_decode``): JPEG goes
+Decoders, chosen by measurement (``python -m mapany_ros.bench.decode``): JPEG goes
 through simplejpeg when it is importable - libjpeg-turbo decoding straight into a numpy array,
 1.3-1.6x faster than Pillow on 640x480 and 1920x1080 frames, a 0.4 MB manylinux wheel with no
 system library - else through Pillow (also libjpeg-turbo, but it decodes into its own RGBX

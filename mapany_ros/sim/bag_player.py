@@ -9,7 +9,7 @@ Pausing stops the clock; after the last message the clock keeps running for ``ta
 time, as a live system's clock would, so time-driven work in the receiver (a partial window
 flushed after its latency limit, say) still happens.
 
-    python -m mapany_ros.tools.bag_player robot_bag/ --rate 2.0     # DDS kept on this machine
+    python -m mapany_ros.sim.bag_player robot_bag/ --rate 2.0     # DDS kept on this machine
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class BagPlayer(Node):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m mapany_ros.tools.bag_player", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mapany_ros.sim.bag_player", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bag", type=Path, help="rosbag2 directory (MCAP or sqlite3)")
     ap.add_argument("--rate", type=float, default=1.0, help="playback speed (1 = real time)")

@@ -8,6 +8,7 @@ comparison is like with like.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,3 +179,13 @@ def map_quality(surface_distance: np.ndarray, xyz: np.ndarray, surface: np.ndarr
         "accuracy_p90_m": float(np.percentile(surface_distance, 90)),
         "completeness": float(np.mean(np.isfinite(covered))),
     }
+
+
+def depth_frame_errors(depth: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """AbsRel, median relative error, delta < 1.25 over valid pixels with ground truth; valid fraction."""
+    e = depth_errors(depth, None, gt)
+    cmp = np.isfinite(depth) & np.isfinite(gt) & (gt > 0)
+    ratio = depth[cmp] / gt[cmp]
+    delta = float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25)) if ratio.size else math.nan
+    return {"abs_rel": e.mean_abs_rel, "median_rel": e.median_abs_rel, "delta_1_25": delta,
+            "valid_fraction": e.valid_fraction, "pixels_compared": e.n_compared}

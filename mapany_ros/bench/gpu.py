@@ -1,4 +1,4 @@
-"""``python -m mapany_ros.tools.bench_gpu``: the MapAnything path measured on whatever device torch sees.
+"""``python -m mapany_ros.bench.gpu``: the MapAnything path measured on whatever device torch sees.
 
 Timing needs no trained weights (compute does not depend on weight values), so the model is
 upstream's own architecture built with random weights from the installed package's Hydra configs
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mapany_ros.bench.fusion import bench_fusion
 from mapany_ros.core.backends.base import BackendError, resolve_device
 from mapany_ros.core.backends.mapanything import (
     DINOV2_HUB_DIR,
@@ -63,8 +64,7 @@ from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig
 from mapany_ros.core.pipeline import Pipeline, PipelineConfig
 from mapany_ros.core.placement import PlacementConfig
-from mapany_ros.core.synthetic import SyntheticSequence, make_sequence
-from mapany_ros.tools.bench_fusion import bench_fusion
+from mapany_ros.sim.scene import SyntheticSequence, make_sequence
 
 WIDTH, HEIGHT = 640, 480  # 4:3, which upstream's preprocess maps to 518x392
 DEFAULT_VIEWS = (2, 8, 16)
@@ -519,7 +519,7 @@ def _log(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mapany_ros.tools.bench_gpu",
+    parser = argparse.ArgumentParser(prog="python -m mapany_ros.bench.gpu",
                                      description="Time the MapAnything path (upstream infer, adapter, pipeline, "
                                                  "fusion) on the device torch sees, with random weights.")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",

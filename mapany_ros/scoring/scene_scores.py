@@ -15,10 +15,10 @@ from PIL import Image as PILImage
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import invert, rotation_angle
-from mapany_ros.core.metrics import depth_errors, gt_points, map_quality
-from mapany_ros.core.synthetic import SyntheticSequence
 from mapany_ros.ros import conversions as conv
-from mapany_ros.tools.report import colorize, compose, render_cloud, write_ply
+from mapany_ros.scoring.metrics import depth_errors, gt_points, map_quality
+from mapany_ros.scoring.report import colorize, compose, render_cloud, write_ply
+from mapany_ros.sim.scene import SyntheticSequence
 
 #: The accuracy the demo must reach (issue "must show"): checked, printed and stored.
 TARGETS = {

@@ -6,13 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "prefetch": ("mapany_ros.tools.prefetch", "fill an offline cache with MapAnything weights and DINOv2 hub code"),
-    "demo": ("mapany_ros.tools.demo", "run the node on the synthetic robot and score it against ground truth "
+    "prefetch": ("mapany_ros.commands.prefetch", "fill an offline cache with MapAnything weights and DINOv2 hub code"),
+    "demo": ("mapany_ros.commands.demo", "run the node on the synthetic robot and score it against ground truth "
              "(--bag DIR: write the synthetic robot as a bag with ground truth instead)"),
-    "process": ("mapany_ros.tools.process", "reconstruct a recorded bag offline into an output bag "
+    "process": ("mapany_ros.commands.process", "reconstruct a recorded bag offline into an output bag "
                 "(+ PLY, TUM, rerun)"),
-    "eval": ("mapany_ros.tools.eval", "score a result bag's trajectory and depth against a ground-truth bag"),
-    "bench": ("mapany_ros.tools.bench", "measure the node's own overhead; writes docs/benchmarks.md"),
+    "eval": ("mapany_ros.commands.eval", "score a result bag's trajectory and depth against a ground-truth bag"),
+    "bench": ("mapany_ros.bench", "measure the node's own overhead; writes docs/benchmarks.md"),
 }
 
 

@@ -4,7 +4,7 @@ RESULT_BAG holds the node's outputs (recorded live, or written by an offline run
 (its last message is the final trajectory: base poses in the map frame, stamped with the image
 stamps), ``/<camera>/depth`` (32FC1 metres, NaN invalid) and optionally ``/tf`` with map ->
 odom. GT_BAG holds ``/ground_truth/odom`` (true base poses in ``map`` at the image stamps) and
-``/ground_truth/depth`` (true z-depth), as ``mapany_ros.tools.synthetic_bag`` writes them, and
+``/ground_truth/depth`` (true z-depth), as ``mapany_ros.sim.robot_bag`` writes them, and
 optionally the input ``/odom``, scored the same way as the drift the node has to beat.
 
 Trajectories are scored with evo: ATE is the translation RMSE after an SE(3) fit and after a
@@ -28,19 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from evo.core import metrics
-from evo.core.geometry import GeometryException
-from evo.core.trajectory import PoseTrajectory3D
-from evo.core.units import Unit
-from matplotlib.figure import Figure
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.rosbag2 import ReaderError
 from rosbags.typesys import Stores, get_typestore
 
 from mapany_ros.core.geometry import invert, rotation_angle
-from mapany_ros.core.metrics import depth_errors
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.ros import conversions as conv
+from mapany_ros.scoring.metrics import depth_frame_errors
+from mapany_ros.scoring.plots import write_eval_figure
+from mapany_ros.scoring.trajectory import trajectory_errors
 
 GT_ODOM_TOPIC = "/ground_truth/odom"
 GT_DEPTH_TOPIC = "/ground_truth/depth"
@@ -178,39 +175,6 @@ def associate(stamps: np.ndarray, ref_stamps: np.ndarray, tol_ns: int = MATCH_TO
     return ok, ref[ok], int(np.count_nonzero(dist[ok] == 0))
 
 
-def trajectory_errors(stamps: np.ndarray, estimate: np.ndarray, truth: np.ndarray
-                      ) -> tuple[dict[str, float], np.ndarray]:
-    """ATE (SE(3) and Sim(3) fits) and consecutive-pair RPE with evo; and the SE(3)-aligned positions."""
-    ts = (stamps - stamps[0]) * 1e-9
-    ref = PoseTrajectory3D(poses_se3=list(truth), timestamps=ts)
-    out: dict[str, float] = {"poses": len(stamps), "path_length_m": float(ref.path_length)}
-    aligned = np.full((len(stamps), 3), np.nan)
-    for key, with_scale in (("se3", False), ("sim3", True)):
-        est = PoseTrajectory3D(poses_se3=list(estimate), timestamps=ts)
-        try:
-            _, _, scale = est.align(ref, correct_scale=with_scale)
-        except GeometryException:  # collinear positions: no unique fit
-            out.update({f"ate_{key}_rmse_m": math.nan, f"ate_{key}_max_m": math.nan})
-            continue
-        ape = metrics.APE(metrics.PoseRelation.translation_part)
-        ape.process_data((ref, est))
-        out[f"ate_{key}_rmse_m"] = float(ape.get_statistic(metrics.StatisticsType.rmse))
-        out[f"ate_{key}_max_m"] = float(ape.get_statistic(metrics.StatisticsType.max))
-        if with_scale:
-            out["sim3_scale"] = float(scale)
-        else:
-            aligned = est.positions_xyz
-    est = PoseTrajectory3D(poses_se3=list(estimate), timestamps=ts)
-    for key, relation in (("trans", metrics.PoseRelation.translation_part),
-                          ("rot", metrics.PoseRelation.rotation_angle_deg)):
-        rpe = metrics.RPE(relation, delta=1, delta_unit=Unit.frames, all_pairs=False)
-        rpe.process_data((ref, est))
-        unit = "m" if key == "trans" else "deg"
-        out[f"rpe_{key}_rmse_{unit}"] = float(rpe.get_statistic(metrics.StatisticsType.rmse))
-        out[f"rpe_{key}_max_{unit}"] = float(rpe.get_statistic(metrics.StatisticsType.max))
-    return out, aligned
-
-
 def _odometry_at(odometry: OdometryBuffer, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask of stamps the odometry covers, their interpolated T_odom_base)."""
     looked = [odometry.lookup(int(s)) for s in stamps]
@@ -245,16 +209,6 @@ def _map_odom(est: Estimate, gt: GroundTruth, stamps: np.ndarray) -> dict[str, f
 
 
 # --------------------------------------------------------------------------- depth
-
-
-def depth_frame_errors(depth: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """AbsRel, median relative error, delta < 1.25 over valid pixels with ground truth; valid fraction."""
-    e = depth_errors(depth, None, gt)
-    cmp = np.isfinite(depth) & np.isfinite(gt) & (gt > 0)
-    ratio = depth[cmp] / gt[cmp]
-    delta = float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25)) if ratio.size else math.nan
-    return {"abs_rel": e.mean_abs_rel, "median_rel": e.median_abs_rel, "delta_1_25": delta,
-            "valid_fraction": e.valid_fraction, "pixels_compared": e.n_compared}
 
 
 def _depth_report(reader: AnyReader, topic: str, gt: GroundTruth) -> dict[str, Any]:
@@ -334,31 +288,6 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def write_figure(path: Path, report: dict[str, Any], plot: dict[str, np.ndarray]) -> None:
-    """Top view of the trajectories and the AbsRel of every depth frame."""
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    ax_traj, ax_depth = fig.subplots(1, 2)
-    styles = {"truth": ("ground truth", "k", "-"), "estimate": ("estimate (SE(3)-aligned)", "tab:blue", "-"),
-              "odometry": ("odometry (SE(3)-aligned)", "tab:orange", "--")}
-    for key, xyz in plot.items():
-        label, color, line = styles[key]
-        ax_traj.plot(xyz[:, 0], xyz[:, 1], line, color=color, label=label, marker=".", markersize=3)
-    ax_traj.set(title="trajectory, top view", xlabel="x (m)", ylabel="y (m)")
-    ax_traj.set_aspect("equal", adjustable="datalim")
-    ax_traj.legend(loc="best")
-    frames = report["depth"]["per_frame"]
-    abs_rel = np.array([100.0 * f["abs_rel"] for f in frames])
-    if frames:
-        t = (np.array([f["stamp_ns"] for f in frames]) - frames[0]["stamp_ns"]) * 1e-9
-        ax_depth.plot(t, abs_rel, "o-", color="tab:blue")
-    ax_depth.set(title=f"depth AbsRel per frame ({report['depth']['frames']} frames)",
-                 xlabel="time since first depth frame (s)", ylabel="AbsRel (%)")
-    top = np.nanmax(abs_rel, initial=0.0)
-    ax_depth.set_ylim(0.0, 1.15 * top if top > 0 else 1.0)
-    ax_depth.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=100)
-
-
 def print_summary(report: dict[str, Any], out: Path) -> None:
     tr, d, mo = report["trajectory"], report["depth"], report["map_odom"]
     print(f"[eval] {report['result_bag']} against {report['gt_bag']}")
@@ -402,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(_finite(report), indent=2))
-    write_figure(args.out / "eval.png", report, plot)
+    write_eval_figure(args.out / "eval.png", report, plot)
     print_summary(report, args.out)
     return 0
 

@@ -3,7 +3,7 @@
 Publishes ``camera/image_raw`` (rgb8), ``camera/camera_info``, ``odom`` at a higher rate than
 the camera, and the static chain base_link -> camera_link -> camera_optical_frame on /tf_static,
 all stamped on one timeline so the node sees what a real robot sends. Odometry can be exact or
-what real wheel odometry is: drifting (:class:`~mapany_ros.core.synthetic.DriftingOdometry`),
+what real wheel odometry is: drifting (:class:`~mapany_ros.sim.scene.DriftingOdometry`),
 late (published after the images it covers) and irregular (jittered intervals).
 """
 
@@ -22,8 +22,9 @@ from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.geometry import invert, make_pose
-from mapany_ros.core.synthetic import DriftingOdometry, SyntheticSequence
 from mapany_ros.ros import conversions as conv
+from mapany_ros.sim.odometry import DriftingOdometry
+from mapany_ros.sim.scene import SyntheticSequence
 
 #: REP 103: a camera_link (x forward, z up) to its optical frame (z forward, x right, y down).
 T_LINK_OPTICAL = make_pose(Rotation.from_euler("xyz", [-90, 0, -90], degrees=True).as_matrix(), [0, 0, 0])

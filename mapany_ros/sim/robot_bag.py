@@ -30,10 +30,11 @@ from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.geometry import invert
-from mapany_ros.core.synthetic import DriftingOdometry, OdometryErrors, SyntheticScene, make_sequence
 from mapany_ros.ros import conversions as conv
-from mapany_ros.tools.recorder import ros_type_name
-from mapany_ros.tools.synthetic_source import T_LINK_OPTICAL
+from mapany_ros.sim.bag_recorder import ros_type_name
+from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
+from mapany_ros.sim.robot_publisher import T_LINK_OPTICAL
+from mapany_ros.sim.scene import SyntheticScene, make_sequence
 
 CAMERA = "camera"
 BASE_FRAME = "base_link"
@@ -185,7 +186,7 @@ def write_synthetic_bag(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m mapany_ros.tools.synthetic_bag", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mapany_ros.sim.robot_bag", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="bag folder to create")
     ap.add_argument("--seed", type=int, default=0, help="synthetic scene seed")

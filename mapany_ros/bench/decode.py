@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from mapany_ros.core.synthetic import SyntheticScene, make_camera_model
 from mapany_ros.ros import compressed, conversions
+from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 RESOLUTIONS = ((640, 480), (1920, 1080))
 JPEG_QUALITY = 90

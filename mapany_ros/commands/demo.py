@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bag is not None:  # no node, no DDS: the robot's inputs and ground truth as a bag
-        from mapany_ros.tools.synthetic_bag import write_synthetic_bag
+        from mapany_ros.sim.robot_bag import write_synthetic_bag
 
         write_synthetic_bag(args.bag, seed=args.seed, width=args.width, height=args.height,
                             duration_s=args.duration, rate_hz=args.rate, start_s=args.start,
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from tf2_msgs.msg import TFMessage
 
-    from mapany_ros.core.synthetic import make_sequence
-    from mapany_ros.tools.collector import OutputCollector
-    from mapany_ros.tools.evaluate import evaluate, print_report, write_outputs
-    from mapany_ros.tools.recorder import BagRecorder
-    from mapany_ros.tools.synthetic_source import SyntheticSource
+    from mapany_ros.scoring.collector import OutputCollector
+    from mapany_ros.scoring.scene_scores import evaluate, print_report, write_outputs
+    from mapany_ros.sim.bag_recorder import BagRecorder
+    from mapany_ros.sim.robot_publisher import SyntheticSource
+    from mapany_ros.sim.scene import make_sequence
 
     t_start = time.perf_counter()
     out = args.out

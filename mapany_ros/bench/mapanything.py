@@ -28,7 +28,7 @@ def bench_adapter(width: int = 640, height: int = 480, repeats: int = 2) -> list
     import torch
 
     from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig
-    from mapany_ros.core.synthetic import make_sequence
+    from mapany_ros.sim.scene import make_sequence
 
     cache = os.environ.get("MAPANY_BENCH_CACHE_DIR") or os.environ.get("MAPANY_TEST_CACHE_DIR", "")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,8 +6,9 @@ then, one view that is badly off. :class:`ModelSimulator` returns exactly that, 
 truth the test cannot smuggle through: it ignores every prior it is given (poses, depth), so a
 placement stage that only passes priors through, or confuses frames, fails.
 
-It is also a third-party backend plugin (``backend: model_simulator:ModelSimulator`` with this
-folder on PYTHONPATH): constructed with the keyword ``device`` plus options, ``infer(frames)``.
+It is also a backend plugin (``backend: mapany_ros.sim.model_simulator:ModelSimulator``), built as any
+third-party model is: the keyword ``device`` plus options, then ``infer(frames)``. Plugin authors can run
+the placement scenarios with it beside their own backend.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from scipy.spatial.transform import Rotation
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import make_pose, pixel_rays
-from mapany_ros.core.synthetic import SyntheticScene
+from mapany_ros.sim.scene import SyntheticScene
 
 
 @dataclass

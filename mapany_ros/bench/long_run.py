@@ -9,7 +9,6 @@ and the map's size: after warm-up neither may grow.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import numpy as np
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig
 from mapany_ros.core.pipeline import Pipeline, PipelineConfig
-from mapany_ros.core.synthetic import SyntheticScene, make_camera_model
-
-TEST_DIR = Path(__file__).resolve().parents[2] / "test"
+from mapany_ros.sim.model_simulator import ModelSimulator
+from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 
 def rss_bytes() -> int:
@@ -31,12 +29,8 @@ def rss_bytes() -> int:
     return 0
 
 
-def bench_long_run(keyframes: int = 2000, every: int = 250, max_voxels: int = 30_000) -> dict | None:
-    """Checkpoints of (keyframes, RSS MB, map voxels, map MB); None outside a source checkout."""
-    if not (TEST_DIR / "model_simulator.py").is_file():
-        return None
-    sys.path.insert(0, str(TEST_DIR))
-    from model_simulator import ModelSimulator
+def bench_long_run(keyframes: int = 2000, every: int = 250, max_voxels: int = 30_000) -> dict:
+    """Checkpoints of (keyframes, RSS MB, map voxels, map MB)."""
 
     scene = SyntheticScene(0)
     sim = ModelSimulator(scene=scene, noise_seed=7)
@@ -67,9 +61,7 @@ def bench_long_run(keyframes: int = 2000, every: int = 250, max_voxels: int = 30
             "path_m": scene.trajectory.speed_mps * i / 10.0}
 
 
-def markdown(result: dict | None) -> list[str]:
-    if result is None:
-        return ["## Long run", "", "Not run: test/model_simulator.py is not in this installation.", ""]
+def markdown(result: dict) -> list[str]:
     cps = result["checkpoints"]
     warm, last = cps[1] if len(cps) > 1 else cps[0], cps[-1]
     lines = [

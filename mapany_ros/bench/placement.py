@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +19,11 @@ import torch
 from mapany_ros.core.backends.planesweep import PlaneSweepBackend
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.placement import PlacementConfig, WindowPlacer
-from mapany_ros.core.synthetic import SyntheticScene, make_sequence
-
-TEST_DIR = Path(__file__).resolve().parents[2] / "test"
+from mapany_ros.scoring.trajectory import ate, path_length, step_errors
+from mapany_ros.sim.drive import drive
+from mapany_ros.sim.model_simulator import ModelSimulator
+from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
+from mapany_ros.sim.scene import SyntheticScene, make_sequence
 
 
 def _windows(width: int, height: int, views: int, overlap: int) -> tuple[list[list[list[Frame]]], SyntheticScene]:
@@ -73,15 +73,8 @@ def bench_cost(width: int = 518, height: int = 392, views: int = 8, overlap: int
     return out
 
 
-def bench_scenarios() -> dict | None:
-    """The placement scenarios' figures, or None outside a source checkout."""
-    if not (TEST_DIR / "model_simulator.py").is_file():
-        return None
-    sys.path.insert(0, str(TEST_DIR))
-    from model_simulator import ModelSimulator
-    from placement_scenarios import ate, drive, path_length, step_errors
-
-    from mapany_ros.core.synthetic import DriftingOdometry, OdometryErrors
+def bench_scenarios() -> dict:
+    """The placement scenarios' figures."""
 
     scene = SyntheticScene(0)
     results = {}
@@ -134,13 +127,11 @@ def bench_placement() -> list[str]:
         "",
     ]
     scen = bench_scenarios()
-    if scen is None:
-        return lines + ["Placement scenarios not run: test/model_simulator.py is not in this installation.", ""]
     a, b = scen["no_odometry"], scen["drifting_odometry"]
     return lines + [
         "## Placement against a real model's errors",
         "",
-        "`test/model_simulator.py` on scene 0, 128x96: every window in a random frame, 3 % scale error per",
+        "`mapany_ros/sim/model_simulator.py` on scene 0, 128x96: every window in a random frame, 3 % scale error per",
         "window, 2 cm / 0.5 deg RMS pose noise per view, 1 % patch-smooth depth noise, one view off by",
         "30 cm / 10 deg in about one window in ten. Two loops; trajectories scored with evo.",
         "",

@@ -1,24 +1,21 @@
-"""A robot driving loops in a synthetic scene through the core pipeline, scored against ground truth.
+"""A robot driving loops in a synthetic scene through the core pipeline, for placement tests and benchmarks.
 
-Shared by the placement tests and ``make bench``: frames at a fixed rate (optionally paced in wall
-time so a slow backend falls behind), optional odometry with its own errors, and the trajectory
-metrics (evo's ATE after an SE(3) or Sim(3) fit, consecutive-keyframe step errors).
+Frames at a fixed rate (optionally paced in wall time so a slow backend falls behind), optional
+odometry with its own errors; what came out is kept by stamp for :mod:`mapany_ros.scoring.trajectory`.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from evo.core import metrics
-from evo.core.trajectory import PoseTrajectory3D
 
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import Pipeline, PipelineConfig, WindowResult
-from mapany_ros.core.synthetic import DriftingOdometry, SyntheticScene, make_camera_model
+from mapany_ros.sim.odometry import DriftingOdometry
+from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 
 @dataclass
@@ -88,33 +85,3 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
             if stamp in run.base_poses:
                 run.base_poses[stamp] = T
     return run
-
-
-def ate(estimate: list[np.ndarray], truth: list[np.ndarray], stamps: list[int], *, with_scale: bool = False
-        ) -> tuple[float, float]:
-    """(RMS translation error after an SE(3) or Sim(3) fit with evo, fitted scale)."""
-    ts = np.asarray(stamps, dtype=np.float64) * 1e-9
-    est = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in estimate], timestamps=ts)
-    ref = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in truth], timestamps=ts)
-    est = copy.deepcopy(est)
-    _, _, scale = est.align(ref, correct_scale=with_scale)
-    ape = metrics.APE(metrics.PoseRelation.translation_part)
-    ape.process_data((ref, est))
-    return float(ape.get_statistic(metrics.StatisticsType.rmse)), float(scale)
-
-
-def path_length(poses: list[np.ndarray]) -> float:
-    c = np.stack([T[:3, 3] for T in poses])
-    return float(np.sum(np.linalg.norm(np.diff(c, axis=0), axis=1)))
-
-
-def step_errors(estimate: list[np.ndarray], truth: list[np.ndarray], stamps: list[int], with_scale: bool = False
-                ) -> np.ndarray:
-    """|estimated - true| translation between consecutive keyframes, after the trajectory fit."""
-    ts = np.asarray(stamps, dtype=np.float64) * 1e-9
-    est = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in estimate], timestamps=ts)
-    ref = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in truth], timestamps=ts)
-    est.align(ref, correct_scale=with_scale)
-    d_est = np.diff(est.positions_xyz, axis=0)
-    d_ref = np.diff(ref.positions_xyz, axis=0)
-    return np.linalg.norm(d_est - d_ref, axis=1)

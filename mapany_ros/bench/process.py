@@ -2,12 +2,12 @@
 
 Offline processing waits for the backend on every keyframe, so its wall time should be the
 backend's ``infer`` plus little else. On a synthetic bag (320x240, 8 s at 10 Hz, the demo's
-plane-sweep settings) this measures :func:`mapany_ros.tools.process.process` end to end and, in
+plane-sweep settings) this measures :func:`mapany_ros.commands.process.process` end to end and, in
 the same run, the time spent inside ``infer``, placement, fusion and writing the outputs (their
 methods are wrapped with timers for the run and restored after). Reading and deserialising the
 bag alone is timed in a separate pass. Overhead = (process - infer) / infer, target <= 10 %.
 
-    python -m mapany_ros.tools.bench_process [--threads N]
+    python -m mapany_ros.bench.process [--threads N]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _cuda_sync() -> None:
 
 def read_only(bag: Path, topics: dict[str, str]) -> tuple[int, float]:
     """(messages, seconds) to read and deserialise the topics ``process`` reads, and nothing else."""
-    from mapany_ros.tools.process import BagInput
+    from mapany_ros.commands.process import BagInput
 
     t0 = time.perf_counter()
     reader = BagInput(bag, topics, lambda key, message: None)
@@ -88,11 +88,11 @@ def measure(width: int = 320, height: int = 240, duration_s: float = 8.0, rate_h
     """
     import torch
 
+    from mapany_ros.commands import process as process_tool
     from mapany_ros.core.backends import backend_class
     from mapany_ros.core.fusion import VoxelMap
     from mapany_ros.core.placement import WindowPlacer
-    from mapany_ros.tools import process as process_tool
-    from mapany_ros.tools.synthetic_bag import write_synthetic_bag
+    from mapany_ros.sim.robot_bag import write_synthetic_bag
 
     values, warnings = process_tool.load_parameters(CONFIG, overrides or [])
     if warnings:
@@ -179,7 +179,7 @@ def bench_process(**kwargs: Any) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mapany_ros.tools.bench_process", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mapany_ros.bench.process", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args(argv)

@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         n = run.pipeline.map.save_ply(args.ply)
         print(f"[process] wrote {args.ply} ({n} points of the fused map)")
     if args.rerun:
-        from mapany_ros.tools.rerun_export import export_rerun
+        from mapany_ros.commands.rerun_export import export_rerun
 
         export_rerun(args.out_bag, args.rerun)
         print(f"[process] wrote {args.rerun}")

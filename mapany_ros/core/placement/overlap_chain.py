@@ -1,0 +1,144 @@
+"""Placement without odometry: windows chained to the map through the frames they share.
+
+The same pixels predicted by the window and by the placed one give dense 3D-3D correspondences
+(:mod:`.overlap`), fitted by a robust, confidence-weighted similarity. The map's scale is carried
+along the chain by a 1-D Kalman filter in which each metric window measures it anew. A window
+that cannot attach is rejected, the next one re-attaches to the last placed keyframes; only when
+that keeps failing is a break declared, and the map continues from the last placed pose.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from mapany_ros.core.alignment import Sim3, rigidify, robust_similarity, weighted_similarity
+from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.frames import Frame
+from mapany_ros.core.geometry import invert, make_pose
+from mapany_ros.core.placement.config import PlacementConfig
+from mapany_ros.core.placement.overlap import Anchor, correspondences
+from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, moved, rejected
+
+log = logging.getLogger(__name__)
+
+#: Least relative scale error assumed for one link of the overlap chain.
+MIN_CHAIN_SCALE_SIGMA = 0.005
+#: REP 103 body axes (x forward, y left, z up) -> optical axes (x right, y down, z forward).
+R_BODY_OPTICAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+
+
+class OverlapChainPlacement:
+    """Windows chained through their shared frames' anchors (map-frame points of placed views)."""
+
+    def __init__(self, config: PlacementConfig, anchors: collections.OrderedDict[tuple[str, int], Anchor],
+                 extrinsic: Callable[[str], np.ndarray | None]) -> None:
+        self.config = config
+        self._anchors = anchors
+        self._extrinsic = extrinsic
+        self._failures = 0
+        #: Newest placed camera pose, where the map continues after a break.
+        self.last_pose: np.ndarray | None = None
+        #: Scale of the newest placed window (map units per window unit).
+        self.scale = 1.0
+        #: Variance of the map's log-scale error where the chain ends.
+        self._scale_var = config.metric_scale_sigma**2
+        self._pending_scale_var = self._scale_var
+
+    def _initial_frame(self, frame: Frame, T_window_camera: np.ndarray) -> Sim3:
+        """Window -> map for the first window: REP 103 map at the first keyframe's base (or camera)."""
+        T_base_cam = self._extrinsic(frame.camera)
+        T_map_cam = T_base_cam if T_base_cam is not None else make_pose(R_BODY_OPTICAL, np.zeros(3))
+        return Sim3.from_pose(T_map_cam @ invert(T_window_camera))
+
+    def place(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
+              prediction: WindowPrediction, accepted: list[bool]) -> PlacedWindow:
+        """Place one window by its shared frames (``groups[:n_context]`` are placed context)."""
+        views = prediction.views
+        ok = [i for i in range(len(frames)) if accepted[i]]
+        if not ok:
+            return rejected(prediction, "no view of the window is usable")
+        if self.last_pose is None:
+            first = ok[0]
+            S = self._initial_frame(frames[first], rigidify(views[first].T_world_camera))
+            return self._finish(prediction, accepted, S, PlacementStatus.STARTED, None)
+        n_ctx_frames = sum(len(g) for g in groups[:n_context])
+        shared = [i for i in ok if i < n_ctx_frames and frames[i].key in self._anchors]
+        fit, message = self._fit_overlap(frames, views, shared, prediction.metric)
+        if fit is not None:
+            self._failures = 0
+            self._scale_var = self._pending_scale_var
+            S, residual = fit
+            return self._finish(prediction, accepted, S, PlacementStatus.PLACED, residual)
+        self._failures += 1
+        if self._failures < self.config.max_attach_failures:
+            return rejected(prediction, message)
+        # A break: continue from the newest placed pose rather than from the origin.
+        self._failures = 0
+        ref = shared[-1] if shared else ok[0]
+        T_map_ref = self._anchors[frames[ref].key].T_map_camera if shared else self.last_pose
+        scale = self.scale if not prediction.metric else 1.0
+        S = Sim3.from_pose(T_map_ref) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(
+            invert(rigidify(views[ref].T_world_camera)))
+        log.warning("placement: %s; continuing from the last placed pose", message)
+        return self._finish(prediction, accepted, S, PlacementStatus.RELOCALISED, None, message)
+
+    def _fit_overlap(self, frames: list[Frame], views: list[ViewPrediction], shared: list[int], metric: bool
+                     ) -> tuple[tuple[Sim3, float] | None, str]:
+        """Window -> map from the shared frames' dense correspondences, or why it failed."""
+        if not shared:
+            return None, "the window shares no placed frame with the map"
+        parts = [correspondences(self._anchors[frames[i].key], views[i]) for i in shared]
+        src = np.concatenate([p[0] for p in parts])
+        dst = np.concatenate([p[1] for p in parts])
+        depth = np.concatenate([p[2] for p in parts])
+        weight = np.concatenate([p[3] for p in parts])
+        if len(src) < 50:
+            return None, f"only {len(src)} overlap correspondences"
+        cfg = self.config
+        sigma = cfg.overlap_sigma * depth + 0.01
+        fit = robust_similarity(src, dst, sigma, weight, kernel=cfg.robust_kernel, threshold=cfg.robust_threshold)
+        S = fit.transform
+        # The map's scale, as a 1-D Kalman filter along the chain: each link carries the scale on
+        # with its own error (the shared views' spread), each metric window measures it anew.
+        var_pred = self._scale_var + self._chain_scale_variance(parts, fit.weights)
+        self._pending_scale_var = var_pred
+        if metric:
+            gain = var_pred / (var_pred + cfg.metric_scale_sigma**2)
+            self._pending_scale_var = (1.0 - gain) * var_pred
+            S = weighted_similarity(src, dst, np.maximum(fit.weights, 1e-12), scale=float(S.scale ** (1.0 - gain)))
+        residuals = np.linalg.norm(S.apply_points(src) - dst, axis=1)
+        inliers = residuals < 3 * sigma
+        ratio = float(inliers.mean())
+        residual = float(np.median(residuals))
+        limit = cfg.max_residual_m
+        if ratio < cfg.min_overlap_inliers or (limit > 0 and residual > limit):
+            return None, (f"overlap with the map does not fit: {ratio:.0%} of {len(src)} correspondences within "
+                          f"3 sigma, median {residual:.3f} m")
+        return (S, residual), ""
+
+    def _chain_scale_variance(self, parts: list[tuple[np.ndarray, ...]], weights: np.ndarray) -> float:
+        """How well one link of the chain knows the scale: the spread of the shared views' own scales.
+
+        Each shared view fits its own similarity; their log-scales disagree by the views' pose and
+        depth errors, which is what the link's scale inherits (at least MIN_CHAIN_SCALE_SIGMA).
+        """
+        logs, start = [], 0
+        for src, dst, _, _ in parts:
+            n = len(src)
+            w = weights[start : start + n]
+            if n >= 50 and w.sum() > 0:
+                logs.append(np.log(weighted_similarity(src, dst, np.maximum(w, 1e-12)).scale))
+            start += n
+        spread = float(np.var(logs) / len(logs)) if len(logs) >= 2 else 0.0
+        return max(spread, MIN_CHAIN_SCALE_SIGMA**2)
+
+    def _finish(self, prediction: WindowPrediction, accepted: list[bool], S: Sim3, status: PlacementStatus,
+                residual: float | None, message: str = "") -> PlacedWindow:
+        poses = [S.apply_pose(v.T_world_camera) for v in prediction.views]
+        self.scale = S.scale
+        return PlacedWindow(moved(prediction, accepted, poses, S.scale), accepted, status, S.scale, residual,
+                            None, message=message)

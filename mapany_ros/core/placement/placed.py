@@ -1,0 +1,83 @@
+"""What placement makes of a window: its views in the map frame, and what was decided about them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mapany_ros.core.alignment import Sim3, rigidify
+from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.geometry import invert, transform_points
+
+log = logging.getLogger(__name__)
+
+
+class PlacementStatus(enum.Enum):
+    STARTED = "started the map"
+    PLACED = "placed"
+    RELOCALISED = "chain broken: continued from the last placed pose"
+    REJECTED = "rejected"
+
+
+@dataclass
+class PlacementStats:
+    windows_placed: int = 0
+    windows_rejected: int = 0
+    views_rejected: int = 0
+    chain_breaks: int = 0
+    last_scale: float = 1.0
+    last_residual_m: float = 0.0
+
+
+@dataclass
+class PlacedWindow:
+    """A window in the map frame and what placement decided about it."""
+
+    #: The backend's prediction with every accepted view moved into the map frame.
+    prediction: WindowPrediction
+    #: Per view: placed and worth publishing.
+    accepted: list[bool]
+    status: PlacementStatus
+    scale: float
+    residual_m: float | None
+    #: Drift estimate map -> odom after this window (None without odometry).
+    T_map_odom: np.ndarray | None
+    #: Group stamp -> corrected T_map_base (camera pose without extrinsic) of keyframes still adjustable.
+    corrections: dict[int, np.ndarray] = field(default_factory=dict)
+    message: str = ""
+    #: Views judged wrong (context views included): disagreeing with their neighbours or the priors.
+    rejected_views: list[int] = field(default_factory=list)
+
+
+def move_view(view: ViewPrediction, T_window_camera: np.ndarray, T_map_camera: np.ndarray, scale: float
+              ) -> ViewPrediction:
+    """The view with depth scaled and points carried from the window frame to the map frame.
+
+    The camera's map pose may differ from what the window's single transform would give (the
+    pose graph refines each keyframe), so points follow their camera: window -> camera frame
+    (rigid), scale, camera -> map.
+    """
+    A = Sim3.from_pose(T_map_camera) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(invert(T_window_camera))
+    points = transform_points(view.points_world, A.matrix())
+    return dataclasses.replace(view, depth=view.depth * scale, points_world=points, T_world_camera=T_map_camera)
+
+
+def moved(prediction: WindowPrediction, accepted: list[bool], poses: list[np.ndarray | None], scale: float
+          ) -> WindowPrediction:
+    """The prediction with every accepted view that has a map pose moved into the map frame."""
+    views = [
+        move_view(v, rigidify(v.T_world_camera), T, scale) if a and T is not None else v
+        for v, a, T in zip(prediction.views, accepted, poses, strict=True)
+    ]
+    return dataclasses.replace(prediction, views=views)
+
+
+def rejected(prediction: WindowPrediction, message: str, T_map_odom: np.ndarray | None = None) -> PlacedWindow:
+    """A window placement refused: no view is output."""
+    log.debug("window rejected: %s", message)
+    return PlacedWindow(prediction, [False] * len(prediction.views), PlacementStatus.REJECTED, 1.0, None,
+                        T_map_odom, message=message)

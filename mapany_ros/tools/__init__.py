@@ -1,1 +1,0 @@
-"""Command-line tools: the demo, the synthetic source, the recorder, benchmarks, prefetch."""
