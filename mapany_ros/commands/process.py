@@ -233,7 +233,7 @@ class OfflineRun:
         self.pipeline = Pipeline(pipeline_config, self.backend, self.results.append, self._on_error,
                                  clock=lambda: self.now_ns, on_reset=self._on_reset)
         self.inputs = InputHandler(self.config, self.pipeline, self.warn)
-        self.outputs = OutputBuilder(self.config, self.pipeline.extrinsic)
+        self.outputs = OutputBuilder(self.config)
         self.backend_errors: list[str] = []
         cams = self.config.pipeline.cameras
         compressed = self.config["image_transport"] == "compressed"

@@ -44,6 +44,8 @@ class Frame:
     ``T_world_camera`` is the optional pose prior: float64 4x4, camera-to-world, OpenCV optical
     convention (x right, y down, z forward), world being the odometry frame when odometry is
     used. ``depth`` is an optional registered depth prior in metres (NaN or 0 = missing).
+    ``T_base_camera`` is the base -> optical extrinsic at the image stamp, when known: whoever
+    needs the robot's pose from a camera's (path, TF, placement) reads it from the frame itself.
     """
 
     image: np.ndarray  # (H, W, 3) uint8 RGB
@@ -54,6 +56,7 @@ class Frame:
     T_world_camera: np.ndarray | None = None
     depth: np.ndarray | None = None
     T_world_base: np.ndarray | None = None
+    T_base_camera: np.ndarray | None = None
 
     @property
     def height(self) -> int:

@@ -256,7 +256,7 @@ class Pipeline:
             self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
             self._check_latency_locked(frame.stamp_ns)
             if not self.config.use_odometry:
-                self._accept_locked(frame)
+                self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)))
                 return FrameStatus.ACCEPTED, reset
             deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
             if len(self._waiting) >= self.config.max_waiting_frames:
@@ -364,9 +364,8 @@ class Pipeline:
                 statuses.append(FrameStatus.DROPPED_TOO_OLD)
             else:
                 T_base_camera = self._extrinsics[item.frame.camera]
-                frame = dataclasses.replace(
-                    item.frame, T_world_base=T_odom_base, T_world_camera=T_odom_base @ T_base_camera
-                )
+                frame = dataclasses.replace(item.frame, T_world_base=T_odom_base,
+                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera)
                 self._accept_locked(frame)
                 statuses.append(FrameStatus.ACCEPTED)
             if statuses[-1] is not FrameStatus.ACCEPTED:

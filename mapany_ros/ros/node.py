@@ -92,7 +92,7 @@ class MapanyNode(Node):
         self.pipeline = Pipeline(self.config.pipeline, self.backend, self._publish_result, self._on_backend_error,
                                  clock=self._now_ns, on_reset=self._on_reset)
         self.inputs = InputHandler(self.config, self.pipeline, self.warn)
-        self.outputs = OutputBuilder(self.config, self.pipeline.extrinsic)
+        self.outputs = OutputBuilder(self.config)
 
         qos = input_qos(self.config["qos.reliability"], self.config["qos.depth"])
         self._pubs: dict[str, Any] = {}

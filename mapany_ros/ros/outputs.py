@@ -7,7 +7,6 @@ namespace, as the node's publishers use them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,9 +29,8 @@ def depth_topics(camera: str) -> dict[str, str]:
 class OutputBuilder:
     """Depth, depth camera_info, confidence, points, path and TF of each window; keeps the path."""
 
-    def __init__(self, config: NodeConfig, extrinsic: Callable[[str], np.ndarray | None]) -> None:
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self._extrinsic = extrinsic
         #: Path poses by image stamp, so pose-graph corrections can move earlier ones.
         self._path: dict[int, np.ndarray] = {}
 
@@ -60,7 +58,7 @@ class OutputBuilder:
             valid = view.valid & torch.isfinite(view.depth)
             out.append(("points", conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))
-            T_base_cam = self._extrinsic(frame.camera)
+            T_base_cam = frame.T_base_camera
             T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
             if frame.camera == cfg.pipeline.cameras[0]:
                 self._path[frame.stamp_ns] = T_map_body
