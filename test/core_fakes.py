@@ -32,9 +32,10 @@ class RecordingBackend:
     name = "fake"
     needs_pose_priors = False
 
-    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_on: int | tuple[int, ...] | None = None) -> None:
         self.delay_s = delay_s
-        self.fail_on = fail_on
+        #: Calls (1-based) that raise.
+        self.fail_on = {fail_on} if isinstance(fail_on, int) else set(fail_on or ())
         self.calls: list[list[Frame]] = []
         self.active = 0
         self.max_active = 0
@@ -46,7 +47,7 @@ class RecordingBackend:
             self.max_active = max(self.max_active, self.active)
         try:
             self.calls.append(list(frames))
-            if self.fail_on is not None and len(self.calls) == self.fail_on:
+            if len(self.calls) in self.fail_on:
                 raise RuntimeError("backend failure on purpose")
             time.sleep(self.delay_s)
             poses = [f.T_world_camera if f.T_world_camera is not None else np.eye(4) for f in frames]

@@ -163,15 +163,91 @@ def test_slow_backend_never_blocks_callers_and_thins_keyframes_instead_of_droppi
 def test_backend_failure_is_counted_and_the_worker_survives():
     errors = []
     backend = RecordingBackend(fail_on=1)
-    p, results = make(backend, use_odometry=False, window_size=2, window_overlap=0, max_interval_s=0.001)
+    p, results = make(backend, use_odometry=False, window_size=2, window_overlap=1, max_interval_s=0.001)
     p._on_error = errors.append
     p.start()
-    for i in range(4):
+    for i in range(5):
         p.add_frame(frame(i * 0.1))
         p.wait_idle(5)
     p.stop()
-    assert len(errors) == 1 and p.stats.windows_failed == 1
-    assert len(results) == 1
+    assert len(errors) == 1 and "on purpose" in str(errors[0]) and p.stats.windows_failed == 1
+    # The failed window's keyframes went into the next one: every frame is output once.
+    assert len(results) == 4 and p.stats.keyframes_lost == 0
+    assert sorted(outputs(results)) == [frame(i * 0.1).key for i in range(5)]
+
+
+def outputs(results) -> list[tuple[str, int]]:
+    return [f.key for r in results for f, o in zip(r.frames, r.output_mask, strict=True) if o]
+
+
+def test_a_failed_windows_keyframes_are_sent_again_once_then_dropped_and_counted():
+    keys = [frame(i * 0.1).key for i in range(9)]
+    # The second window fails once: its keyframes come in the next call, behind fresh context.
+    backend = RecordingBackend(fail_on=2)
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
+                      queue_size=8)
+    p.start()
+    for i in range(9):
+        p.add_frame(frame(i * 0.1))
+        assert p.wait_idle(5)
+    p.stop()
+    calls = [[f.key for f in c] for c in backend.calls]
+    assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
+    assert sorted(outputs(results)) == keys
+    assert p.stats.windows_failed == 1 and p.stats.keyframes_lost == 0
+    # It fails again: its keyframes are dropped and counted; the next window anchors on the last placed one.
+    backend = RecordingBackend(fail_on=(2, 3))
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
+                      queue_size=8)
+    p.start()
+    for i in range(9):
+        p.add_frame(frame(i * 0.1))
+        assert p.wait_idle(5)
+    p.stop()
+    calls = [[f.key for f in c] for c in backend.calls]
+    assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
+    assert calls[3] == [keys[2], keys[5], keys[6]]
+    assert sorted(outputs(results)) == keys[:3] + keys[5:]
+    assert p.stats.windows_failed == 2 and p.stats.keyframes_lost == 2
+
+
+def test_callbacks_run_without_the_pipeline_lock_so_a_reset_during_a_result_cannot_deadlock():
+    """The consumer's on_result holds its own lock and asks the pipeline something; a reset from
+    another thread announces itself through on_reset, which takes that same lock. Announced while
+    the pipeline's lock is held, the two threads would wait for each other forever (and with them
+    every caller of the pipeline: no more input, no more output)."""
+    consumer = threading.Lock()
+    in_result, reset_announced = threading.Event(), threading.Event()
+    seen_resets: list[int] = []
+
+    def on_result(result) -> None:
+        with consumer:
+            in_result.set()
+            reset_announced.wait(5)  # the reset is being announced right now
+            seen_resets.append(p.status()["resets"])
+
+    def on_reset(reason: str) -> None:
+        reset_announced.set()
+        with consumer:
+            pass
+
+    cfg = PipelineConfig(use_odometry=False, window_size=2, window_overlap=0, max_interval_s=0.001)
+    p = Pipeline(cfg, RecordingBackend(), on_result, on_reset=on_reset)
+    p.start()
+    p.add_frame(frame(0.0))
+    p.add_frame(frame(0.1))
+    assert in_result.wait(10)
+    resetter = threading.Thread(target=p.reset, args=("~/reset",), daemon=True)
+    resetter.start()
+    resetter.join(10)
+    assert not resetter.is_alive(), "reset and on_result deadlocked"
+    assert p.wait_idle(10) and seen_resets == [1]
+    # The pipeline goes on after the reset: a new window is placed and handed on.
+    in_result.clear()
+    p.add_frame(frame(0.2))
+    p.add_frame(frame(0.3))
+    assert in_result.wait(10)
+    p.stop()
 
 
 def test_after_a_failed_window_the_next_reattaches_to_the_last_placed_keyframes():

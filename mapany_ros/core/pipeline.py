@@ -5,7 +5,17 @@ callbacks: these only attach odometry priors, synchronise, select keyframes and 
 One worker thread builds each window when the backend is free (placed context + the waiting
 keyframes), runs the backend, places the window in the map (:mod:`mapany_ros.core.placement`)
 and hands the result on. A slow backend never blocks a callback: waiting keyframes are thinned,
-never whole windows dropped, so every window still overlaps a placed one.
+never whole windows dropped, so every window still overlaps a placed one. A window whose backend
+call fails is sent once more with fresh context; a second failure drops its keyframes
+(``keyframes_lost``).
+
+Threads and locks. Callers (the node's executor, its timers, services) and the worker share one
+lock, ``Pipeline._lock``, which guards the buffers, counters and the worker's queue. It is a leaf:
+while it is held the pipeline calls out to nothing - not the callbacks (``on_result``,
+``on_error``, ``on_reset``), not the clock, not the placer and not the voxel map (which has its own
+leaf lock). What a locked section decides to announce is collected and announced after the lock is
+released, so a callback may take its own locks and call back into the pipeline in any order. The
+placer is the worker's alone (or the caller's of :meth:`Pipeline.process_ready`), so it needs no lock.
 """
 
 from __future__ import annotations
@@ -89,6 +99,8 @@ class WindowResult:
     placement: PlacedWindow
     #: Seconds (node clock) from the window's oldest new keyframe being queued to its placed prediction.
     latency_s: float
+    #: The pipeline's :attr:`Pipeline.generation` the window belongs to: a result of an older one is stale.
+    generation: int = 0
 
     @property
     def T_map_odom(self) -> np.ndarray | None:
@@ -103,6 +115,8 @@ class PipelineStats:
     windows_built: int = 0
     windows_done: int = 0
     windows_failed: int = 0
+    #: Keyframe groups dropped because the backend failed twice on them (or placement failed once).
+    keyframes_lost: int = 0
     windows_rejected: int = 0
     views_rejected: int = 0
     chain_breaks: int = 0
@@ -118,6 +132,23 @@ class PipelineStats:
 class _Waiting:
     frame: Frame
     deadline_ns: int
+
+
+@dataclass
+class _Job:
+    """The worker's next task: restart placement and map after a reset (``new`` empty), or run a window."""
+
+    generation: int
+    new: list[Group] = dataclasses.field(default_factory=list)
+    index: int = 0
+    n_context: int = 0
+    queued_ns: int = 0
+    #: The backend already failed once on these keyframes.
+    retry: bool = False
+
+
+class _BackendFailed(Exception):
+    """``backend.infer`` raised: the window's keyframes may be sent once more."""
 
 
 def _monotonic_ns() -> int:
@@ -177,11 +208,13 @@ class Pipeline:
         self._odometry_seen = 0
         self._latency_armed: int | None = None
         self._odometry_armed: int | None = None
-        self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
+        self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker; a leaf
         self._cv = threading.Condition(self._lock)
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
         self._generation = 0  # bumped by every reset: results of an older generation are dropped
         self._placer_generation = 0
+        #: New keyframes of a window the backend failed on once, with their queue time: the next window.
+        self._retry: tuple[list[Group], int] | None = None
         self._busy = False
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
@@ -211,13 +244,20 @@ class Pipeline:
     # ------------------------------------------------------------------ inputs
     def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> list[FrameStatus]:
         """The camera's base -> optical transform; returns the fate of frames that waited for it."""
+        now = self._clock()
         with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
-            return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
+            return self._release_waiting_locked(now, timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
         with self._lock:
             return self._extrinsics.get(camera)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every reset; :attr:`WindowResult.generation` says which one a result belongs to."""
+        with self._lock:
+            return self._generation
 
     def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray) -> list[FrameStatus]:
         """Buffer an odometry sample; returns the fate of frames it released or timed out.
@@ -226,13 +266,20 @@ class Pipeline:
         ``reset_jump_s`` older than the newest sample means the source restarted (bag loop): every
         buffer and the map are reset.
         """
-        with self._cv:
-            newest = self.odometry.newest_ns
-            if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
-                self._reset_locked(f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s")
-            self.odometry.add(stamp_ns, T_odom_base)
-            self._odometry_seen += 1
-            return self._release_waiting_locked(timeouts=False)
+        now = self._clock()
+        reset = None
+        try:
+            with self._cv:
+                newest = self.odometry.newest_ns
+                if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
+                    reset = f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s"
+                    self._reset_locked()
+                self.odometry.add(stamp_ns, T_odom_base)
+                self._odometry_seen += 1
+                return self._release_waiting_locked(now, timeouts=False)
+        finally:
+            if reset is not None:
+                self._on_reset(reset)
 
     def add_frame(self, frame: Frame) -> tuple[FrameStatus, bool]:
         """Hand over one camera frame; returns its status and whether buffers were reset.
@@ -241,44 +288,52 @@ class Pipeline:
         loop) resets every buffer first, so stale odometry, context frames and the map are never
         mixed with new ones; a duplicate or slightly older stamp is dropped instead.
         """
+        now = self._clock()
         with self._cv:
-            self.stats.frames_in += 1
-            reset = False
-            last = self._last_stamp.get(frame.camera)
-            if last is not None and frame.stamp_ns <= last:
-                if last - frame.stamp_ns <= self.config.reset_jump_s * 1e9:
-                    self.stats.frames_dropped += 1
-                    dup = frame.stamp_ns == last
-                    return (FrameStatus.DROPPED_DUPLICATE if dup else FrameStatus.DROPPED_OUT_OF_ORDER), False
-                self._reset_locked(f"{frame.camera} image stamp jumped back {(last - frame.stamp_ns) * 1e-9:.2f} s")
-                reset = True
-            self._last_stamp[frame.camera] = frame.stamp_ns
-            self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
-            self._check_latency_locked(frame.stamp_ns)
-            if not self.config.use_odometry:
-                self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)))
-                return FrameStatus.ACCEPTED, reset
-            deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
-            if len(self._waiting) >= self.config.max_waiting_frames:
-                self._waiting.popleft()
+            status, reset = self._add_frame_locked(frame, now)
+        if reset is not None:
+            self._on_reset(reset)
+        return status, reset is not None
+
+    def _add_frame_locked(self, frame: Frame, now: int) -> tuple[FrameStatus, str | None]:
+        """add_frame under the lock; the reason of a reset it did, to announce once the lock is released."""
+        self.stats.frames_in += 1
+        reset = None
+        last = self._last_stamp.get(frame.camera)
+        if last is not None and frame.stamp_ns <= last:
+            if last - frame.stamp_ns <= self.config.reset_jump_s * 1e9:
                 self.stats.frames_dropped += 1
-                self._waiting.append(_Waiting(frame, deadline))
-                return FrameStatus.DROPPED_WAIT_QUEUE, reset
+                dup = frame.stamp_ns == last
+                return (FrameStatus.DROPPED_DUPLICATE if dup else FrameStatus.DROPPED_OUT_OF_ORDER), None
+            reset = f"{frame.camera} image stamp jumped back {(last - frame.stamp_ns) * 1e-9:.2f} s"
+            self._reset_locked()
+        self._last_stamp[frame.camera] = frame.stamp_ns
+        self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
+        self._check_latency_locked(frame.stamp_ns)
+        if not self.config.use_odometry:
+            self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)), now)
+            return FrameStatus.ACCEPTED, reset
+        deadline = max(frame.stamp_ns, now) + int(self.config.odom_max_wait_s * 1e9)
+        if len(self._waiting) >= self.config.max_waiting_frames:
+            self._waiting.popleft()
+            self.stats.frames_dropped += 1
             self._waiting.append(_Waiting(frame, deadline))
-            statuses = self._release_waiting_locked(timeouts=False)
-            if self._waiting and self._waiting[-1].frame is frame:
-                return FrameStatus.WAITING, reset
-            return statuses[-1], reset
+            return FrameStatus.DROPPED_WAIT_QUEUE, reset
+        self._waiting.append(_Waiting(frame, deadline))
+        statuses = self._release_waiting_locked(now, timeouts=False)
+        if self._waiting and self._waiting[-1].frame is frame:
+            return FrameStatus.WAITING, reset
+        return statuses[-1], reset
 
     def poll(self) -> list[FrameStatus]:
         """Time-driven work once input stops: drop frames whose odometry never came, flush stalled
         keyframes (each after two polls in a row found it due with no new input in between)."""
+        now = self._clock()
         with self._cv:
-            now = self._clock()
             overdue = bool(self._waiting) and now > self._waiting[0].deadline_ns
             quiet = overdue and self._odometry_armed == self._odometry_seen
             self._odometry_armed = self._odometry_seen if overdue and not quiet else None
-            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet)
+            statuses = self._release_waiting_locked(now, timeouts=True, odometry_timeouts=quiet)
             oldest = self._pending.oldest_uncut
             due = oldest is not None and now > self._due[oldest[0].stamp_ns] and self._cuttable_locked()
             if due and self._latency_armed == self._frames_seen:
@@ -310,8 +365,10 @@ class Pipeline:
             self._cv.notify_all()
 
     def reset(self, reason: str = "reset requested") -> None:
+        """Start a new map: every buffer is emptied now, placement and map by the worker next; ``on_reset`` is told."""
         with self._cv:
-            self._reset_locked(reason)
+            self._reset_locked()
+        self._on_reset(reason)
 
     def status(self) -> dict[str, float | int | bool]:
         """Counters plus the work in flight, for diagnostics and for tools that wait for idle."""
@@ -328,9 +385,9 @@ class Pipeline:
         """How far apart two keyframe groups are, in units of the keyframe thresholds (>= 1 = distinct)."""
         return self._keyframes.separation(a[0].stamp_ns, _pose_of(a), b[0].stamp_ns, _pose_of(b))
 
-    def _reset_locked(self, reason: str) -> None:
+    def _reset_locked(self) -> None:
+        """Empty every buffer; the caller announces the reset through ``on_reset`` once the lock is released."""
         self.stats.resets += 1
-        self._on_reset(reason)
         self.odometry.clear()
         self._sync.clear()
         self._keyframes.reset()
@@ -340,13 +397,16 @@ class Pipeline:
         self._last_stamp.clear()
         self._latency_armed = self._odometry_armed = None
         self._n_context = 0
+        self._retry = None
         self._generation += 1
+        self._cv.notify_all()
 
-    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False) -> list[FrameStatus]:
+    def _release_waiting_locked(self, now: int, *, timeouts: bool, odometry_timeouts: bool = False
+                                ) -> list[FrameStatus]:
         """Frames whose odometry and extrinsic have arrived go on; with ``timeouts`` (polls only)
-        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``."""
+        frames past their deadline (``now``: the clock read before the lock) are dropped, for missing
+        odometry only with ``odometry_timeouts``."""
         statuses = []
-        now = self._clock()
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
@@ -366,28 +426,29 @@ class Pipeline:
                 T_base_camera = self._extrinsics[item.frame.camera]
                 frame = dataclasses.replace(item.frame, T_world_base=T_odom_base,
                                             T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera)
-                self._accept_locked(frame)
+                self._accept_locked(frame, now)
                 statuses.append(FrameStatus.ACCEPTED)
             if statuses[-1] is not FrameStatus.ACCEPTED:
                 self.stats.frames_dropped += 1
             self._waiting.popleft()
         return statuses
 
-    def _accept_locked(self, frame: Frame) -> None:
+    def _accept_locked(self, frame: Frame, now: int) -> None:
         for group in self._sync.push(frame):
             if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
                 continue
             self.stats.keyframes += 1
             stamp = group[0].stamp_ns
-            self._due[stamp] = max(stamp, self._clock()) + int(self.config.max_window_latency_s * 1e9)
+            self._due[stamp] = max(stamp, now) + int(self.config.max_window_latency_s * 1e9)
             for skipped in self._pending.push(group):
                 self._due.pop(skipped[0].stamp_ns, None)
                 self.stats.keyframes_skipped += 1
             self._cv.notify_all()
 
     def _ready_locked(self) -> bool:
-        """A map reset is due, or a window has been cut and waits for the backend."""
-        return self._generation != self._placer_generation or self._pending.windows_ready > 0
+        """A map reset is due, or a window (a failed one sent again, or a cut one) waits for the backend."""
+        return (self._generation != self._placer_generation or self._retry is not None
+                or self._pending.windows_ready > 0)
 
     def process_ready(self) -> int:
         """Run every window that can be sent now in the caller's thread (offline processing,
@@ -398,9 +459,8 @@ class Pipeline:
                 if not self._ready_locked():
                     return ran
                 job = self._take_locked()
-            if job is not None:
-                self._run_job(job)
-                ran += 1
+            self._run_job(job)
+            ran += bool(job.new)
 
     def _run(self) -> None:
         while True:
@@ -410,46 +470,77 @@ class Pipeline:
                 if self._stop:
                     return
                 job = self._take_locked()
-            if job is not None:
-                self._run_job(job)
+            self._run_job(job)
 
-    def _take_locked(self) -> tuple[Window, int, int] | None:
-        """The next window (placed context + the oldest waiting keyframes), or None after a map reset."""
-        if self._generation != self._placer_generation:
-            self.placer.reset()
-            if self.map is not None:
-                self.map.reset()
-            self._placer_generation = self._generation
-            self._cv.notify_all()
-            return None
-        new = self._pending.take()
-        oldest = min(g[0].stamp_ns for g in new)
-        queued = self._due.get(oldest, oldest) - int(self.config.max_window_latency_s * 1e9)
-        for g in new:
-            self._due.pop(g[0].stamp_ns, None)
-        context = self.placer.context(self._n_context)
-        window = Window(self.stats.windows_built, context + new, len(context))
-        self.stats.windows_built += 1
+    def _take_locked(self) -> _Job:
+        """The next task: a map restart after a reset, else the oldest waiting keyframes (a failed window's first)."""
         self._busy = True
-        return window, queued, self._generation
+        if self._generation != self._placer_generation:
+            return _Job(self._generation)
+        if self._retry is not None:
+            (new, queued), self._retry = self._retry, None
+            retry = True
+        else:
+            new = self._pending.take()
+            oldest = min(g[0].stamp_ns for g in new)
+            queued = self._due.get(oldest, oldest) - int(self.config.max_window_latency_s * 1e9)
+            for g in new:
+                self._due.pop(g[0].stamp_ns, None)
+            retry = False
+        job = _Job(self._generation, new, self.stats.windows_built, self._n_context, queued, retry)
+        self.stats.windows_built += 1
+        return job
 
-    def _run_job(self, job: tuple[Window, int, int]) -> None:
-        window, queued, generation = job
+    def _run_job(self, job: _Job) -> None:
+        """Run one task with no lock held (placer, backend, map and callbacks are called out to)."""
         try:
-            self._process(window, queued, generation)
-        except Exception as exc:  # the worker must survive any backend failure
-            with self._lock:
-                self.stats.windows_failed += 1
-            self._on_error(exc)
+            if not job.new:
+                self.placer.reset()
+                if self.map is not None:
+                    self.map.reset()
+                with self._lock:
+                    self._placer_generation = job.generation  # another reset since: the worker restarts again
+                return
+            context = self.placer.context(job.n_context)
+            window = Window(job.index, context + job.new, len(context))
+            try:
+                result = self._process(window, job)
+            except Exception as exc:  # the worker must survive any backend, placement or fusion failure
+                self._failed(job, exc)
+                self._on_error(exc.__cause__ if isinstance(exc, _BackendFailed) else exc)
+                return
+            if result is None:
+                return
+            try:
+                self._on_result(result)
+            except Exception as exc:  # placed and fused, but its output is lost
+                with self._lock:
+                    self.stats.windows_failed += 1
+                self._on_error(exc)
         finally:
             with self._cv:
                 self._busy = False
                 self._cv.notify_all()
 
-    def _process(self, window: Window, queued_ns: int, generation: int) -> None:
+    def _failed(self, job: _Job, exc: Exception) -> None:
+        """Count a failed window; a first backend failure puts its keyframes back for the next window."""
+        with self._lock:
+            self.stats.windows_failed += 1
+            if job.generation != self._generation:
+                return  # the input restarted meanwhile: these keyframes belong to the old map
+            if isinstance(exc, _BackendFailed) and not job.retry:
+                self._retry = (job.new, job.queued_ns)
+            else:
+                self.stats.keyframes_lost += len(job.new)
+
+    def _process(self, window: Window, job: _Job) -> WindowResult | None:
+        """Infer, place and fuse one window; its result, or None when it is stale or rejected."""
         frames = window.frames
         t0 = time.perf_counter()
-        prediction = self.backend.infer(frames)
+        try:
+            prediction = self.backend.infer(frames)
+        except Exception as exc:
+            raise _BackendFailed(f"{type(exc).__name__}: {exc}") from exc
         t1 = time.perf_counter()
         # A backend that needs pose priors returns them as its poses.
         placed = self.placer.place(window.groups, window.n_context, prediction,
@@ -461,20 +552,21 @@ class Pipeline:
         placed.prediction = placed.prediction.to_host()
         t3 = time.perf_counter()
         p = self.placer.stats
+        n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
+        now = self._clock()
         with self._lock:
-            if generation != self._generation:
-                return  # the input restarted while this window was running: its map is gone
+            if job.generation != self._generation:
+                return None  # the input restarted while this window was running: its map is gone
             s = self.stats
             s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
             s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
-            self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
+            self._n_context = n_context
             if placed.status is PlacementStatus.REJECTED:
-                return
+                return None
             s.windows_done += 1
-            s.latency_s = max(0.0, (self._clock() - queued_ns) * 1e-9)
+            s.latency_s = latency_s = max(0.0, (now - job.queued_ns) * 1e-9)
         mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
-        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s))
-
+        return WindowResult(window, frames, placed.prediction, mask, placed, latency_s, job.generation)
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:
         """Integrate the window's new keyframes into the map; move earlier ones the pose graph corrected."""

@@ -5,6 +5,20 @@ pipeline); the backend runs on the pipeline's worker thread, which publishes wha
 :class:`~mapany_ros.ros.outputs.OutputBuilder` makes of each placed window. Time is the node's
 ROS clock, so ``use_sim_time`` replay behaves as offline processing does. Bad input gets a
 throttled warning naming what is wrong and is dropped; nothing else is lost.
+
+Threads and locks. The executor runs the callbacks, timers and services; the pipeline's worker
+runs ``_publish_result``, ``_on_backend_error`` and, like any caller of ``Pipeline.reset``,
+``_on_reset``. Every lock is a leaf - no lock is held while another component is called:
+
+* ``_out_lock`` guards what the outputs remember (the path, map -> odom, the output generation);
+  under it only the output builder and the transform smoother run, both pure, and messages are
+  published after it is released;
+* ``_warn_lock`` guards the warning throttle; the logger is called after it is released;
+* the pipeline's and the voxel map's own locks (see :mod:`mapany_ros.core.pipeline`).
+
+A reset and a result may race (the pipeline announces both after releasing its lock): every result
+carries the pipeline generation it belongs to, and the outputs drop a stale one and start afresh on a
+newer one, whichever is announced first.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry, Path
@@ -82,8 +97,11 @@ class MapanyNode(Node):
         self.config: NodeConfig = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
         self._warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._warn_lock = threading.Lock()
         self._out_lock = threading.Lock()
+        self._out_generation = 0  # the pipeline generation the outputs (path, map -> odom) belong to
         self._map_odom = TransformSmoother(self.config["tf.smoothing_s"])
+        self._restart_map_odom()
 
         self.get_logger().info(f"loading backend {self.config['backend']!r} ...")
         t0 = time.perf_counter()
@@ -156,11 +174,12 @@ class MapanyNode(Node):
     def warn(self, key: str, message: str) -> None:
         """A warning at most once per WARN_PERIOD_S for each ``key``, counting what it swallowed."""
         now = time.monotonic()
-        if now - self._warned.get(key, -1e9) < WARN_PERIOD_S:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        extra = self._suppressed.pop(key, 0)
-        self._warned[key] = now
+        with self._warn_lock:
+            if now - self._warned.get(key, -1e9) < WARN_PERIOD_S:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            extra = self._suppressed.pop(key, 0)
+            self._warned[key] = now
         self.get_logger().warning(message + (f" ({extra} more since last warning)" if extra else ""))
 
     # ------------------------------------------------------------------ callbacks
@@ -169,10 +188,24 @@ class MapanyNode(Node):
         self.inputs.on_odometry(msg)
 
     def _on_reset(self, reason: str) -> None:
+        """A reset announced by the pipeline (any thread, no pipeline lock held)."""
         self.get_logger().warning(f"input restarted ({reason}): buffers, map and path reset")
+        generation = self.pipeline.generation  # asked before taking our own lock
         with self._out_lock:
+            self._new_generation_locked(generation)
+
+    def _new_generation_locked(self, generation: int) -> None:
+        """The outputs start afresh for ``generation``, unless a newer result already made them."""
+        if generation > self._out_generation:
+            self._out_generation = generation
             self.outputs.reset()
-            self._map_odom.reset()
+            self._restart_map_odom()
+
+    def _restart_map_odom(self) -> None:
+        """A new map starts at the odometry frame: map -> odom is the identity until a window says otherwise."""
+        self._map_odom.reset()
+        if self.config["use_odometry"]:
+            self._map_odom.set_target(np.eye(4))
 
     def _on_timer(self) -> None:
         self.inputs.report(self.pipeline.poll())
@@ -275,6 +308,9 @@ class MapanyNode(Node):
         if placement.status is PlacementStatus.RELOCALISED:
             self.get_logger().error(f"map chain broken ({placement.message}): continued from the last placed pose")
         with self._out_lock:
+            if result.generation < self._out_generation:
+                return  # the input restarted while this window ran
+            self._new_generation_locked(result.generation)  # a reset not announced yet: it starts here
             messages = self.outputs.window(result)
             if placement.T_map_odom is not None:
                 self._map_odom.set_target(placement.T_map_odom)

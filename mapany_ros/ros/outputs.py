@@ -3,6 +3,9 @@
 The node publishes these messages; ``mapany-ros process`` writes the very same ones to a bag, so
 an offline run and a live replay cannot drift apart. Topic names are relative to the node's
 namespace, as the node's publishers use them.
+
+The builder has no lock and calls nothing that locks: the node guards it with its output lock
+(a leaf) and publishes what it returns after releasing that lock.
 """
 
 from __future__ import annotations

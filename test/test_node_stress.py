@@ -1,0 +1,99 @@
+"""A minute of ~/reset calls and looped input while windows are published: nothing may lock up.
+
+A reset (a ~/reset call, or a stamp jumping back as a looped bag's does) and a finished window are
+announced from different threads; if either were announced under a lock the other side needs, both
+threads would wait forever and the node would publish nothing again, TF included.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from core_fakes import RecordingBackend
+
+pytestmark = pytest.mark.ros
+
+STORM_S = 60.0
+RESET_PERIOD_S = 0.05
+#: Looped input: stamps run over LOOP frames 0.1 s apart, then jump back 2 s (> time.reset_jump_s).
+LOOP = 20
+
+
+def test_reset_storm_with_looped_input_never_blocks_a_thread_or_tf(harness_factory):
+    from std_srvs.srv import Trigger
+    from tf2_msgs.msg import TFMessage
+
+    from mapany_ros.scoring.collector import QOS
+
+    h = harness_factory(RecordingBackend())
+    node = h.node
+    assert node.get_parameter("time.reset_jump_s").value < (LOOP * 0.1)
+    tf_arrivals: list[float] = []
+
+    def on_tf(msg: TFMessage) -> None:
+        if any((t.header.frame_id, t.child_frame_id) == ("map", "odom") for t in msg.transforms):
+            tf_arrivals.append(time.monotonic())
+
+    h.driver.create_subscription(TFMessage, "/tf", on_tf, QOS)
+    reset = h.driver.create_client(Trigger, "/mapany_node/reset")
+    assert reset.wait_for_service(timeout_sec=10)
+    h.info()
+    h.static_tf()
+    assert h._wait(lambda: len(tf_arrivals) > 5, 10), "no map -> odom before the storm"
+
+    # Every lock a thread of the node takes must stay free to take: a watchdog tries each one.
+    locks = {"output": node._out_lock, "pipeline": node.pipeline._lock, "warnings": node._warn_lock}
+    blocked: list[str] = []
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        while not stop.is_set():
+            for name, lock in locks.items():
+                if not lock.acquire(timeout=5.0):
+                    blocked.append(name)
+                    continue
+                lock.release()
+            stop.wait(0.2)
+
+    dog = threading.Thread(target=watchdog, daemon=True)
+    dog.start()
+    calls = []
+    depth_before = h.collector.out.depth_count
+    start = time.monotonic()
+    next_reset = start
+    i = 0
+    try:
+        while time.monotonic() - start < STORM_S and not blocked:
+            t = 1.0 + (i % LOOP) * 0.1
+            h.odom(t)
+            h.odom(t + 0.05)
+            h.image(t)
+            i += 1
+            now = time.monotonic()
+            if now >= next_reset:
+                calls.append(reset.call_async(Trigger.Request()))
+                next_reset += RESET_PERIOD_S
+            time.sleep(0.01)
+        storm_end = time.monotonic()
+        # Every call is answered, and the node still publishes map -> odom after the storm.
+        assert h._wait(lambda: all(c.done() for c in calls), 30), \
+            f"{sum(not c.done() for c in calls)} of {len(calls)} ~/reset calls unanswered"
+        assert h._wait(lambda: tf_arrivals and tf_arrivals[-1] > storm_end, 5), "map -> odom stopped"
+    finally:
+        stop.set()
+        dog.join(30)
+    assert not blocked, f"locks held for more than 5 s: {blocked}"
+    assert node.pipeline._worker.is_alive()
+    assert all(c.result().success for c in calls)
+    assert len(calls) >= 0.5 * STORM_S / RESET_PERIOD_S, f"only {len(calls)} ~/reset calls were made"
+    loops = i // LOOP
+    assert node.pipeline.stats.resets >= len(calls)
+    windows = h.collector.out.depth_count - depth_before
+    assert windows > 0, "no window was published during the storm"
+    during = [t for t in tf_arrivals if start <= t <= storm_end]
+    gaps = [b - a for a, b in zip([start, *during], [*during, storm_end], strict=True)]
+    print(f"{len(calls)} resets, {loops} input loops, {windows} depth images published, "
+          f"map -> odom: {len(during)} in {storm_end - start:.0f} s, largest gap {max(gaps):.2f} s")
+    assert max(gaps) < 1.0, f"map -> odom paused for {max(gaps):.2f} s"
