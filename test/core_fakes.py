@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import backproject, make_pose, pixel_rays
 
@@ -67,3 +68,15 @@ class RecordingBackend:
         finally:
             with self._lock:
                 self.active -= 1
+
+
+class BallastBackend(RecordingBackend):
+    """A plugin (``core_fakes:BallastBackend``) that loads like a model: it needs its weights file and
+    holds ``ballast_mb`` of torch memory, touched, so the process's resident size shows it."""
+
+    def __init__(self, device: torch.device | str = "cpu", weights: str = "", ballast_mb: int = 300) -> None:
+        super().__init__()
+        if not Path(weights).is_file():
+            raise BackendError(f"no weights at {weights}: put the model file there")
+        self.device = torch.device(device)
+        self.ballast = torch.ones(ballast_mb * 2**20 // 4, dtype=torch.float32, device=self.device)

@@ -40,6 +40,8 @@ class Param:
 
 
 PARAMETERS: tuple[Param, ...] = (
+    Param("autostart", True, "Configure and activate at start (lifecycle); false: start unconfigured and wait for "
+          "~/change_state (a lifecycle manager, `ros2 lifecycle set`)."),
     Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights), planesweep (classical "
           "multi-view stereo, no weights, needs odometry), a name registered under the entry-point group "
           "mapany_ros.backends, or a plugin class as package.module:ClassName."),
