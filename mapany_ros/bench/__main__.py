@@ -11,6 +11,8 @@ Measured as ratios within one run (these machines are noisy):
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
 5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
+6. Image and odometry callback latency while a 2 M voxel map is published (target p99 <= 10 ms,
+   :mod:`mapany_ros.bench.executor`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         "",
     ]
     lines += messages.markdown(results["image"], results["cloud"]) + node.markdown(results["node"])
+    if "executor" in results:
+        from mapany_ros.bench.executor import markdown as executor_markdown
+
+        lines += executor_markdown(results["executor"])
     for extra in results.get("extra_sections", []):
         lines.extend(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     results["cloud"] = messages.bench_cloud(tmp)
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = node.bench_node_overhead(tmp)
+    from mapany_ros.bench.executor import bench_executor
+
+    print("[bench] executor latency while a 2 M voxel map is published ...", flush=True)
+    results["executor"] = bench_executor(tmp)
     from mapany_ros.bench.mapanything import bench_adapter
     from mapany_ros.bench.placement import bench_placement
 
