@@ -25,7 +25,10 @@ is called:
   under it only the output builder and the transform smoother run, both pure, and messages are
   published after it is released;
 * ``_warn_lock`` guards the warning throttle; the logger is called after it is released;
-* the pipeline's, the voxel map's and the map publisher's own locks (see their modules).
+* the pipeline's, the voxel map's and the map publisher's own locks (see their modules). The voxel
+  map's lock is held while the map is packed (a second or more at 2 M voxels), so ``~/reset`` and
+  ``~/save_map`` (callback groups of their own) await it on a thread of their own and the
+  executor goes on meanwhile.
 
 A reset and a result may race (the pipeline announces both after releasing its lock): every result
 carries the pipeline generation it belongs to, and the outputs drop a stale one and start afresh on a
@@ -41,6 +44,7 @@ import gc
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -289,8 +294,11 @@ class MapanyNode(LifecycleNode):
                                               lambda message: self.warn("map_publisher", message))
             self.map_publisher.add_layer(self.resolve_topic_name("map_points"), PointCloud2, LATCHED_QOS,
                                          self._map_version, self._build_map)
-            subscribe(self.create_service(Trigger, "~/save_map", self._save_map))
-        subscribe(self.create_service(Trigger, "~/reset", self._reset))
+        # Groups of their own: while one awaits the voxel map, the other callbacks go on.
+        if self.pipeline.map is not None:
+            subscribe(self.create_service(Trigger, "~/save_map", self._save_map,
+                                          callback_group=MutuallyExclusiveCallbackGroup()))
+        subscribe(self.create_service(Trigger, "~/reset", self._reset, callback_group=MutuallyExclusiveCallbackGroup()))
         self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
                              "windows_failed": 0, "frames_dropped": 0}
@@ -407,12 +415,30 @@ class MapanyNode(LifecycleNode):
         return conv.map_cloud(xyz, rgb, confidence, header, buffer=buffer)
 
     # ------------------------------------------------------------------ services
-    def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    def _off_executor(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on a thread of its own; the executor is woken when it is done (await the Future).
+
+        What waits for the voxel map's lock (held while the map publisher packs a 2 M voxel map, a
+        second or more) must not wait on the executor: images, odometry and TF would wait with it.
+        """
+        future = Future(executor=self.executor)
+        future.add_done_callback(lambda f: None)  # its scheduling wakes the executor
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # handed to the awaiting service
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="mapany-service", daemon=True).start()
+        return future
+
+    async def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         voxel_map = self.pipeline.map
         assert voxel_map is not None
         path = self.config["map.save_path"]
         try:
-            n = voxel_map.save_ply(path)
+            n = await self._off_executor(lambda: voxel_map.save_ply(path))
         except OSError as exc:
             response.success, response.message = False, f"cannot write {path}: {exc} (set map.save_path)"
             return response
@@ -420,11 +446,12 @@ class MapanyNode(LifecycleNode):
         self.get_logger().info(response.message)
         return response
 
-    def _reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    async def _reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         """Empty the map and the path and start a new map; the input keeps flowing."""
-        self.pipeline.reset("~/reset service")
-        if self.pipeline.map is not None:
-            self.pipeline.map.reset()
+        pipeline = self.pipeline
+        pipeline.reset("~/reset service")
+        if pipeline.map is not None:
+            await self._off_executor(pipeline.map.reset)
             self._map_resets += 1
         response.success, response.message = True, "map and path reset; mapping continues"
         return response
