@@ -52,7 +52,12 @@ def children(pid: int) -> list[int]:
 
 
 class Lifecycle:
-    """~/change_state and ~/get_state of the node, called from a node spun by the test's executor."""
+    """~/change_state and ~/get_state of the node, called from a node spun by the test's executor.
+
+    A service answers a client only once its reply writer has matched the client's reader, which
+    may come after ``wait_for_service``: the first call of each service is one that may be repeated
+    (get_state, a transition that does not exist) until it is answered.
+    """
 
     def __init__(self, node) -> None:
         from lifecycle_msgs.srv import ChangeState, GetState
@@ -60,19 +65,30 @@ class Lifecycle:
         self.change = node.create_client(ChangeState, "/mapany_node/change_state")
         self.get = node.create_client(GetState, "/mapany_node/get_state")
 
-    def _call(self, client, request, timeout: float = 120.0):
+    def _call(self, client, request, timeout: float = 120.0, repeat_s: float | None = None):
         assert client.wait_for_service(timeout_sec=60), "no lifecycle service"
-        future = client.call_async(request)
         end = time.monotonic() + timeout
-        while not future.done() and time.monotonic() < end:
-            time.sleep(0.02)
-        assert future.done(), f"{client.srv_name} did not answer"
-        return future.result()
+        while time.monotonic() < end:
+            future = client.call_async(request)
+            resend = time.monotonic() + repeat_s if repeat_s else end
+            while not future.done() and time.monotonic() < min(end, resend):
+                time.sleep(0.02)
+            if future.done():
+                return future.result()
+        raise AssertionError(f"{client.srv_name} did not answer")
+
+    def connect(self) -> None:
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState, GetState
+
+        self._call(self.get, GetState.Request(), repeat_s=5.0)
+        nothing = ChangeState.Request(transition=Transition(label="no_such_transition"))
+        assert not self._call(self.change, nothing, repeat_s=5.0).success
 
     def state(self) -> str:
         from lifecycle_msgs.srv import GetState
 
-        return self._call(self.get, GetState.Request()).current_state.label
+        return self._call(self.get, GetState.Request(), repeat_s=5.0).current_state.label
 
     def transition(self, label: str) -> bool:
         from lifecycle_msgs.msg import Transition
@@ -163,6 +179,7 @@ def test_the_managed_node_goes_through_its_lifecycle_over_dds(tmp_path, ros_subp
             return (collector.out.depth_count, len(collector.out.tf), len(collector.status_history), len(maps))
 
     try:
+        lifecycle.connect()
         assert lifecycle.state() == "unconfigured"
         assert collector.count_publishers("/camera/depth") == 0  # nothing is built before configure
         rss_unconfigured = rss_mb(proc.pid)
