@@ -485,11 +485,8 @@ class Pipeline:
             if out and ok:
                 voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
-        for stamp, T_map_base in placed.corrections.items():
-            for camera in self.config.cameras:
-                T_base_camera = self.extrinsic(camera)
-                if T_base_camera is not None:
-                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+        for key, T_map_camera in placed.view_corrections.items():  # any camera, any age: the map follows
+            voxel_map.update_pose(key, T_map_camera)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

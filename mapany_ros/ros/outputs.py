@@ -16,7 +16,6 @@ from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.frames import CameraModel
-from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import WindowResult
 from mapany_ros.ros import conversions as conv
 from mapany_ros.ros.params import NodeConfig
@@ -58,16 +57,13 @@ class OutputBuilder:
             valid = view.valid & torch.isfinite(view.depth)
             out.append(("points", conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))
-            T_base_cam = frame.T_base_camera
-            T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
-            if frame.camera == cfg.pipeline.cameras[0]:
-                self._path[frame.stamp_ns] = T_map_body
-                if not cfg["use_odometry"]:
-                    child = cfg["base_frame"] if T_base_cam is not None else frame.frame_id
-                    transforms.append(conv.matrix_to_transform_stamped(T_map_body, map_frame, child, frame.stamp_ns))
-        for stamp, T_map_base in result.placement.corrections.items():  # the pose graph moved earlier keyframes
-            if stamp in self._path:
-                self._path[stamp] = T_map_base
+        if not cfg["use_odometry"]:  # the node's own chained estimate, as a visual odometry publishes it
+            first = result.frames[0]
+            child = cfg["base_frame"] if first.T_base_camera is not None else first.frame_id
+            for stamp, T_odom_base in sorted(result.placement.visual_odometry.items()):
+                transforms.append(conv.matrix_to_transform_stamped(T_odom_base, cfg["odom_frame"], child, stamp))
+        # The base of every keyframe group the graph placed or moved, this window's and earlier ones.
+        self._path.update(result.placement.corrections)
         while len(self._path) > cfg["path.max_poses"]:
             del self._path[min(self._path)]
         if transforms:

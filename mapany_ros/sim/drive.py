@@ -82,6 +82,6 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
                 run.base_poses[f.stamp_ns] = view.T_world_camera @ T_cam_base
                 run.window_of[f.stamp_ns] = r.window.index
         for stamp, T in r.placement.corrections.items():  # the pose graph's latest word on a keyframe
-            if stamp in run.base_poses:
+            if stamp in run.base_poses or stamp in run.window_of:
                 run.base_poses[stamp] = T
     return run
