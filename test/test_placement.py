@@ -61,7 +61,7 @@ def assert_continuous(run, errors: np.ndarray) -> None:
 
 def test_without_odometry_two_loops_stay_metric_and_continuous(scene):
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
-    run = drive(scene, sim)
+    run = drive(scene, sim, every_frame_keyframe=True)
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
     rmse, _ = ate(est, truth, stamps)
@@ -79,7 +79,7 @@ def test_without_odometry_two_loops_stay_metric_and_continuous(scene):
 
 def test_without_odometry_non_metric_windows_chain_with_one_scale(scene):
     sim = ModelSimulator(scene=scene, metric=False, noise_seed=2)
-    run = drive(scene, sim, loops=1.0)
+    run = drive(scene, sim, loops=1.0, every_frame_keyframe=True)
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
     rmse, scale = ate(est, truth, stamps, with_scale=True)
@@ -92,7 +92,7 @@ def test_without_odometry_non_metric_windows_chain_with_one_scale(scene):
 
 def test_slow_backend_skips_keyframes_but_never_breaks_the_chain(scene):
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=3, delay_s=0.4)
-    run = drive(scene, sim, loops=0.5, pace=4.0, queue_size=1)
+    run = drive(scene, sim, loops=0.5, pace=4.0, every_frame_keyframe=True, queue_size=1)
     s = run.pipeline.stats
     assert s.keyframes_skipped > 20, s
     assert s.chain_breaks == 0 and s.windows_failed == 0

@@ -89,6 +89,9 @@ class WindowResult:
     placement: PlacedWindow
     #: Seconds (node clock) from the window's oldest new keyframe being queued to its placed prediction.
     latency_s: float
+    #: Per frame: a new keyframe placement could not put in the map whose view passed the view
+    #: checks: its depth (in its own camera frame) still goes out, without points or a path pose.
+    depth_only_mask: list[bool] = dataclasses.field(default_factory=list)
 
     @property
     def T_map_odom(self) -> np.ndarray | None:
@@ -105,7 +108,10 @@ class PipelineStats:
     windows_failed: int = 0
     windows_rejected: int = 0
     views_rejected: int = 0
+    #: Views whose depth was published without a place in the map (their window was rejected).
+    views_unplaced: int = 0
     chain_breaks: int = 0
+    odometry_slips: int = 0
     frames_dropped: int = 0
     resets: int = 0
     backend_time_s: float = 0.0
@@ -467,13 +473,17 @@ class Pipeline:
             s = self.stats
             s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
             s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+            s.odometry_slips = p.odometry_slips
             self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
-            if placed.status is PlacementStatus.REJECTED:
+            mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
+            depth_only = [o and d and not m for o, d, m in zip(window.output_mask, placed.depth_ok, mask, strict=True)]
+            s.views_unplaced += sum(depth_only)
+            if placed.status is PlacementStatus.REJECTED and not any(depth_only):
                 return
-            s.windows_done += 1
+            if placed.status is not PlacementStatus.REJECTED:
+                s.windows_done += 1
             s.latency_s = max(0.0, (self._clock() - queued_ns) * 1e-9)
-        mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
-        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s))
+        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s, depth_only))
 
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:

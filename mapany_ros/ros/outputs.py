@@ -42,8 +42,10 @@ class OutputBuilder:
         map_frame = cfg["map_frame"]
         out: list[tuple[str, Any]] = []
         transforms = []
-        for frame, view, emit in zip(result.frames, result.prediction.views, result.output_mask, strict=True):
-            if not emit:
+        depth_only = result.depth_only_mask or [False] * len(result.frames)
+        for frame, view, placed, depth in zip(result.frames, result.prediction.views, result.output_mask, depth_only,
+                                              strict=True):
+            if not (placed or depth):
                 continue
             header = Header(stamp=conv.ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
             topics = depth_topics(frame.camera)
@@ -54,6 +56,8 @@ class OutputBuilder:
             out.append((topics["depth"], conv.depth_to_image_msg(view.depth.detach().float().cpu().numpy(), header)))
             out.append((topics["info"], conv.model_to_camera_info(grid, header)))
             out.append((topics["conf"], conv.float_image_msg(view.confidence.detach().float().cpu().numpy(), header)))
+            if not placed:  # depth in its own camera frame is right; its place in the map is not known
+                continue
             valid = view.valid & torch.isfinite(view.depth)
             out.append(("points", conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))

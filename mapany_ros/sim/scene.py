@@ -41,12 +41,53 @@ def make_camera_model(width: int, height: int, hfov_deg: float = 70.0) -> Camera
     return CameraModel(width, height, K, "plumb_bob", np.zeros(5))
 
 
-def make_T_base_camera(forward_m: float = 0.3, up_m: float = 0.5, pitch_down_deg: float = 5.0) -> np.ndarray:
-    """base_link (x forward, z up) -> optical camera (x right, y down, z forward), pitched down."""
+def make_T_base_camera(forward_m: float = 0.3, up_m: float = 0.5, pitch_down_deg: float = 5.0, *,
+                       left_m: float = 0.0, yaw_deg: float = 0.0) -> np.ndarray:
+    """base_link (x forward, z up) -> optical camera (x right, y down, z forward), pitched down.
+
+    ``yaw_deg`` turns the camera about the base's z axis (90: looking left), ``left_m`` moves it
+    sideways: the mounts of a multi-camera rig.
+    """
     R_base_optical = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     p = math.radians(pitch_down_deg)
     R_pitch = np.array([[math.cos(p), 0.0, math.sin(p)], [0.0, 1.0, 0.0], [-math.sin(p), 0.0, math.cos(p)]])
-    return make_pose(R_pitch @ R_base_optical, [forward_m, 0.0, up_m])
+    y = math.radians(yaw_deg)
+    R_yaw = np.array([[math.cos(y), -math.sin(y), 0.0], [math.sin(y), math.cos(y), 0.0], [0.0, 0.0, 1.0]])
+    return make_pose(R_yaw @ R_pitch @ R_base_optical, [forward_m, left_m, up_m])
+
+
+@dataclass(frozen=True)
+class RigCamera:
+    """One camera of the robot's rig: where it sits on the base, and how long after the rig's
+    nominal time its image is stamped (cameras of one rig are triggered a few milliseconds apart)."""
+
+    T_base_camera: np.ndarray
+    stamp_offset_s: float = 0.0
+
+
+#: Mounts of the named rig cameras: forward, left, up (m) and yaw (deg) on the base.
+RIG_MOUNTS: dict[str, tuple[float, float, float, float]] = {
+    "front": (0.3, 0.0, 0.5, 0.0),
+    "left": (0.0, 0.2, 0.5, 90.0),
+    "right": (0.0, -0.2, 0.5, -90.0),
+    "rear": (-0.3, 0.0, 0.5, 180.0),
+}
+
+
+def make_rig(*names: str, pitch_down_deg: float = 5.0, stamp_step_s: float = 0.004) -> dict[str, RigCamera]:
+    """Cameras of :data:`RIG_MOUNTS` by name (e.g. ``make_rig("front", "left")``), the i-th stamped
+    ``i * stamp_step_s`` after the first. ``front`` is the single camera of a :class:`SyntheticScene`."""
+    if not names:
+        raise ValueError("a rig needs at least one camera")
+    unknown = [n for n in names if n not in RIG_MOUNTS]
+    if unknown:
+        raise ValueError(f"unknown rig cameras {unknown}; known: {', '.join(RIG_MOUNTS)}")
+    rig = {}
+    for i, name in enumerate(names):
+        forward, left, up, yaw = RIG_MOUNTS[name]
+        rig[name] = RigCamera(make_T_base_camera(forward, up, pitch_down_deg, left_m=left, yaw_deg=yaw),
+                              i * stamp_step_s)
+    return rig
 
 
 @dataclass(frozen=True)
@@ -335,6 +376,7 @@ class SyntheticScene:
         if texel_m <= 0:
             raise ValueError(f"texel_m must be positive, got {texel_m}")
         self.seed = seed
+        self.camera_pitch_deg = camera_pitch_deg
         rng = np.random.default_rng(seed)
         a = rng.uniform(2.4, 3.0)
         b = max(rng.uniform(1.6, 2.0), math.sqrt(a))  # a / b^2 <= 1: <= 28.6 deg/s at 0.5 m/s
@@ -432,9 +474,13 @@ class SyntheticScene:
         """Ground-truth T_odom_base at ``t_s``."""
         return self.trajectory.base_pose(t_s)
 
-    def camera_pose(self, t_s: float) -> np.ndarray:
-        """Ground-truth T_odom_camera (optical) at ``t_s``."""
-        return self.base_pose(t_s) @ self.T_base_camera
+    def camera_pose(self, t_s: float, T_base_camera: np.ndarray | None = None) -> np.ndarray:
+        """Ground-truth T_odom_camera (optical) at ``t_s``, of the scene's camera or of ``T_base_camera``."""
+        return self.base_pose(t_s) @ (self.T_base_camera if T_base_camera is None else T_base_camera)
+
+    def rig(self, *names: str, stamp_step_s: float = 0.004) -> dict[str, RigCamera]:
+        """A multi-camera rig (:func:`make_rig`) at this scene's camera pitch."""
+        return make_rig(*names, pitch_down_deg=self.camera_pitch_deg, stamp_step_s=stamp_step_s)
 
     # ----------------------------------------------------------------- rendering
 
@@ -781,6 +827,8 @@ def make_sequence(
 __all__ = [
     "Box",
     "Cylinder",
+    "RIG_MOUNTS",
+    "RigCamera",
     "Room",
     "SyntheticFrame",
     "SyntheticScene",
@@ -788,5 +836,6 @@ __all__ = [
     "SyntheticTrajectory",
     "make_T_base_camera",
     "make_camera_model",
+    "make_rig",
     "make_sequence",
 ]

@@ -70,7 +70,8 @@ class WindowPrediction:
     """Per-frame predictions, in the order of the input frames, plus window-level facts.
 
     ``metric`` says whether the window frame's unit is the metre (a metric model, or one that
-    took metric priors); placement then fits SE(3), otherwise Sim(3). ``metric_scale`` is the
+    took metric priors); placement then fits SE(3), otherwise Sim(3). ``pose_priors_used`` says
+    the window's poses lean towards the pose priors it was given (see the field). ``metric_scale`` is the
     model's own scale estimate where it reports one. ``alignment_residual_m`` is filled by the
     placement stage, not by backends.
     """
@@ -80,6 +81,9 @@ class WindowPrediction:
     alignment_residual_m: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     metric: bool = True
+    #: The backend was given the frames' pose priors (odometry) and its poses lean towards them,
+    #: as MapAnything's do: placement then takes from the poses only what the geometry adds.
+    pose_priors_used: bool = False
 
     def to_host(self) -> WindowPrediction:
         """The same prediction with every tensor in host memory (pinned when it came from CUDA).

@@ -453,7 +453,8 @@ class MapAnythingBackend:
             torch.cuda.synchronize(self.device)
         timings["postprocess"] = time.perf_counter() - t0
         # MapAnything predicts metric geometry (its scale head, or the metric priors it was given).
-        return WindowPrediction(views, metric_scale, None, timings, metric=True)
+        return WindowPrediction(views, metric_scale, None, timings, metric=True,
+                                pose_priors_used=self._uses_poses(frames))
 
     def _prepare(self, frames: list[Frame], order: list[int]) -> list[_Prepared]:
         """Build upstream input views (in model order), run preprocess_inputs, add rays."""

@@ -49,6 +49,8 @@ MAX_ANCHORS = 64
 #: Two windows' depths of the frames they share may differ by this factor at most (a unit slip, a
 #: collapsed prediction); beyond, the newer window is rejected.
 MAX_LINK_SCALE = 1.25
+#: How much more loosely refinement holds views to poses that leant towards their priors.
+PRIOR_LEANING_SIGMA_FACTOR = 4.0
 #: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
 RECENT_KEYFRAMES = 48
 
@@ -128,6 +130,10 @@ class WindowPlacer:
             placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted)
         placed.rejected_views = [i for i, a in enumerate(depth_ok) if not a]
         placed.depth_ok = depth_ok
+        if placed.status is PlacementStatus.REJECTED and scale != 1.0:  # depth that still goes out is in metres
+            placed.prediction = dataclasses.replace(placed.prediction, views=[
+                dataclasses.replace(v, depth=v.depth * scale) if ok else v
+                for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
         if placed.status is not PlacementStatus.REJECTED:
             self._report(groups, placed)
         self._bookkeep(groups, n_context, frames, placed)
@@ -206,8 +212,11 @@ class WindowPlacer:
         """Refine the accepted views' poses; a view that had to move far more than the model's
         noise to agree with its neighbours is rejected, and the rest refined again without it."""
         cfg = self.config
-        kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units,
-                      prior_sigma_rad=np.radians(cfg.view_sigma_deg), depth_sigma=cfg.overlap_sigma / 2,
+        # Poses that lean towards the odometry they were given are not the model's own evidence: its
+        # depth is. Held only loosely to them, the views move wherever the geometry observes them.
+        loose = PRIOR_LEANING_SIGMA_FACTOR if prediction.pose_priors_used else 1.0
+        kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units * loose,
+                      prior_sigma_rad=np.radians(cfg.view_sigma_deg) * loose, depth_sigma=cfg.overlap_sigma / 2,
                       kernel_threshold=cfg.robust_threshold)
         active = [i for i, a in enumerate(accepted) if a]
         ref = refine_window_poses(prediction.views, stack, active, **kwargs)
