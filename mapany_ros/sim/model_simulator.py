@@ -332,7 +332,8 @@ class ModelSimulator:
             colors = torch.as_tensor(np.ascontiguousarray(frame.image), device=self.device)
             confidence = self._confidence(model, true).float()
             views.append(ViewPrediction(depth, confidence, valid, points, colors, T_window, K))
-        return WindowPrediction(views, metric_scale=scale, metric=self.metric)
+        return WindowPrediction(views, metric_scale=scale, metric=self.metric,
+                                pose_priors_used=self.log.used_priors[-1])
 
     def _drift(self, call: int, center: np.ndarray):
         """The window's bend: view index, true pose -> pose turned and moved by index x the drift."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mapany_ros.core.alignment import rigidify, robust_similarity
+from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.backends.base import WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert
@@ -23,8 +23,10 @@ from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, move
 from mapany_ros.core.placement.pose_graph import Observation, PoseGraph
 from mapany_ros.core.placement.scale import ScaleFilter, ScaleMeasurement
 
-#: Least spread (RMS, m) of a window's camera centres for its scale to be measured against odometry.
-MIN_BASELINE_M = 0.05
+#: Consecutive views closer than this (by odometry) say nothing about the window's scale.
+MIN_STEP_M = 0.05
+#: Least spread assumed for one step's log scale ratio (views carry a few centimetres of noise).
+MIN_STEP_LOG_SIGMA = 0.05
 #: A metric window whose scale, measured against the odometry, is off the model's usual scale by more
 #: than this factor (at three sigmas of the measurement) is wrong, not a scale to adopt.
 MAX_METRIC_SCALE_ERROR = 1.25
@@ -62,19 +64,25 @@ class OdometryGraphPlacement:
         return self.scale
 
     def _measure(self, frames: list[Frame], prediction: WindowPrediction, idx: list[int]) -> ScaleMeasurement | None:
-        if len(idx) < 3:
+        """log(scale) from the ratios of consecutive odometry steps to the window's own: their median,
+        so one step where the odometry slipped, or one bad view, does not stretch the window."""
+        order = sorted(idx, key=lambda i: (frames[i].camera, frames[i].stamp_ns))
+        odo = {i: frames[i].T_world_camera[:3, 3] for i in order}
+        win = {i: prediction.views[i].T_world_camera[:3, 3] for i in order}
+        logs = []
+        for a, b in zip(order, order[1:], strict=False):
+            if frames[a].camera != frames[b].camera:
+                continue
+            d_odo, d_win = np.linalg.norm(odo[b] - odo[a]), np.linalg.norm(win[b] - win[a])
+            if d_odo >= MIN_STEP_M and d_win > 0:
+                logs.append(np.log(d_odo / d_win))
+        if len(logs) < 3:
             return None
-        src = np.stack([prediction.views[i].T_world_camera[:3, 3] for i in idx]).astype(np.float64)
-        dst = np.stack([frames[i].T_world_camera[:3, 3] for i in idx])
-        spread2 = float(np.sum((dst - dst.mean(0)) ** 2))
-        if np.sqrt(spread2 / len(idx)) < MIN_BASELINE_M:
-            return None
-        cfg = self.config
-        fit = robust_similarity(src, dst, np.full(len(idx), cfg.view_sigma_m), kernel=cfg.robust_kernel,
-                                threshold=cfg.robust_threshold)
-        extent = float(np.linalg.norm(dst.max(0) - dst.min(0)))
-        var_point = cfg.view_sigma_m**2 + (cfg.odom_sigma_ratio * extent / 2) ** 2
-        return ScaleMeasurement(float(np.log(fit.transform.scale)), var_point / spread2)
+        logs = np.asarray(logs)
+        median = float(np.median(logs))
+        spread = 1.4826 * float(np.median(np.abs(logs - median)))
+        # The median of n samples is about sqrt(pi / 2) times noisier than their mean.
+        return ScaleMeasurement(median, (np.pi / 2) * max(spread, MIN_STEP_LOG_SIGMA) ** 2 / len(logs))
 
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
               accepted: list[bool]) -> PlacedWindow:
@@ -101,11 +109,13 @@ class OdometryGraphPlacement:
         check = graph.check_window(obs)
         limit = cfg.max_residual_m
         if limit > 0 and check.residual_m > limit:
+            graph.commit_odometry()  # its keyframes keep their odometry estimates
             return rejected(prediction, f"window disagrees with odometry by {check.residual_m:.3f} m RMS "
                             f"(placement.max_residual_m = {limit})", graph.T_map_odom)
         for i, ok in zip(idx, check.accepted, strict=True):
             accepted[i] = accepted[i] and ok
-        graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window)
+        graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
+                            check.poses)
         self._scale.update(self._measurement, prediction.metric, scale)
         poses: list[np.ndarray | None] = [None] * len(frames)
         for i in idx:

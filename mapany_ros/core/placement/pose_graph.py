@@ -126,6 +126,9 @@ class PoseGraph:
         #: Keyframe id -> odometry pose (None without odometry). Ids grow with the keyframes' stamps.
         self.odom: dict[int, np.ndarray | None] = {}
         self._in_graph: set[int] = set()
+        #: Keyframes with odometry waiting to enter the graph, oldest first.
+        self._pending: list[int] = []
+        #: Newest keyframe in the graph.
         self._newest: int | None = None
         self._T_map_odom = np.eye(4)
 
@@ -149,30 +152,55 @@ class PoseGraph:
 
     # ------------------------------------------------------------------ keyframes
     def has(self, kid: int) -> bool:
-        return kid in self._in_graph
+        """The keyframe has a pose: in the graph, or (with odometry) waiting to enter it."""
+        return kid in self._in_graph or kid in self._pending
 
     def add_keyframe(self, kid: int, T_odom_base: np.ndarray | None) -> None:
-        """A new keyframe, newer (and with a larger id) than every other. With odometry it enters the graph now (an
-        odometry factor from the previous keyframe); without, with the first window that places it."""
+        """A new keyframe, newer (and with a larger id) than every other.
+
+        With odometry it waits, predicted by the odometry, until the window that observes it
+        commits it - at the window's local solution, so that iSAM2 starts from values where a
+        slipped odometry step's robust kernel already weighs little - or until a later commit
+        takes it along on its odometry alone. Without odometry it enters with the window that
+        places it.
+        """
         T = None if T_odom_base is None else rigidify(T_odom_base)
-        previous = next(reversed(self.odom), None)
+        if self.odom and (T is None) != (self.odom[next(reversed(self.odom))] is None):
+            raise ValueError("odometry must be given for every keyframe or for none")
         self.odom[kid] = T
-        if T is None:
-            return
-        if previous is None or self.odom[previous] is None:
-            if self._in_graph:
-                raise ValueError("odometry must be given for every keyframe or for none")
-            # map = odom at the first keyframe
-            self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(T), _origin_noise()))
+        if T is not None:
+            self._pending.append(kid)
+
+    def _predicted(self, kid: int) -> np.ndarray:
+        """A waiting keyframe's pose: the newest committed one's, moved by the odometry since."""
+        if not self._in_graph:
+            return self.odom[kid]  # map = odom at the first keyframe
+        base = self._newest
+        return self.T_map_base(base) @ invert(self.odom[base]) @ self.odom[kid]
+
+    def _commit_pending(self, upto: int, poses: dict[int, np.ndarray]) -> None:
+        """Queue the waiting keyframes up to ``upto`` with their odometry factors (at ``poses`` where given)."""
+        while self._pending and self._pending[0] <= upto:
+            kid = self._pending.pop(0)
+            T = poses.get(kid)
+            if T is None:
+                T = self._predicted(kid)
+            if not self._in_graph:
+                self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(self.odom[kid]), _origin_noise()))
+            else:
+                previous = self._newest
+                delta = invert(self.odom[previous]) @ self.odom[kid]
+                noise = self._robust(self.odometry_sigmas(delta))
+                self._new_factors.add(gtsam.BetweenFactorPose3(x_key(previous), x_key(kid), _pose(delta), noise))
             self._new_values.insert(x_key(kid), _pose(T))
-        else:
-            delta = invert(self.odom[previous]) @ T
-            noise = self._robust(self.odometry_sigmas(delta))
-            self._new_factors.add(gtsam.BetweenFactorPose3(x_key(previous), x_key(kid), _pose(delta), noise))
-            self._new_values.insert(x_key(kid), _pose(self.T_map_base(previous) @ delta))
-        self._in_graph.add(kid)
-        self._newest = kid
-        self._flush()
+            self._in_graph.add(kid)
+            self._newest = kid
+
+    def commit_odometry(self) -> None:
+        """Take every waiting keyframe into the graph on its odometry alone (its window was rejected)."""
+        if self._pending:
+            self._commit_pending(self._pending[-1], {})
+            self._flush()
 
     def _flush(self) -> None:
         if self._new_factors.size() or self._new_values.size():
@@ -193,16 +221,30 @@ class PoseGraph:
         if not observations:
             raise ValueError("a window needs at least one observation")
         lo, hi = min(o.kid for o in observations), max(o.kid for o in observations)
-        kids = [k for k in range(lo, hi + 1) if k in self._in_graph]  # and those between (rejected windows')
-        values = gtsam.Values()
-        for k in kids:
-            values.insert(x_key(k), _pose(self.T_map_base(k)))
-        first = observations[0]
-        values.insert(w_key(0), _pose(self.T_map_base(first.kid) @ invert(first.T_window_base)))
+        kids = [k for k in range(lo, hi + 1) if self.has(k)]  # and those between (rejected windows')
+        current = {k: self.T_map_base(k) for k in kids}
+        # Two starts: the odometry's poses, and the window's own geometry hung on its oldest keyframe.
+        # With robust kernels a solve keeps the side it starts on, so a slipped odometry step must be
+        # given the chance to lose against the window, and a wrong view to lose against the odometry.
+        first = next(o for o in observations if o.kid == kids[0])
+        W = current[kids[0]] @ invert(first.T_window_base)
+        by_window = dict(current)
+        for o in reversed(observations):
+            by_window[o.kid] = W @ o.T_window_base
+        starts = []
+        for poses in (current, by_window):
+            values = gtsam.Values()
+            for k in kids:
+                values.insert(x_key(k), _pose(poses[k]))
+            values.insert(w_key(0), _pose(W))
+            starts.append(values)
         graph = gtsam.NonlinearFactorGraph()
-        cov = self._isam.marginalCovariance(x_key(kids[0]))
-        graph.add(gtsam.PriorFactorPose3(x_key(kids[0]), _pose(self.T_map_base(kids[0])),
-                                         gtsam.noiseModel.Gaussian.Covariance(0.5 * (cov + cov.T))))
+        if kids[0] in self._in_graph:
+            cov = self._isam.marginalCovariance(x_key(kids[0]))
+            noise = gtsam.noiseModel.Gaussian.Covariance(0.5 * (cov + cov.T))
+        else:  # the map's first keyframe
+            noise = _origin_noise()
+        graph.add(gtsam.PriorFactorPose3(x_key(kids[0]), _pose(current[kids[0]]), noise))
         steps = []
         for a, b in zip(kids, kids[1:], strict=False):
             delta = invert(self.odom[a]) @ self.odom[b]
@@ -211,7 +253,8 @@ class PoseGraph:
             graph.add(gtsam.BetweenFactorPose3(x_key(a), x_key(b), _pose(delta), self._robust(sigmas)))
         active = [True] * len(observations)
 
-        def solve() -> gtsam.Values:
+        def solve(*initial: gtsam.Values) -> gtsam.Values:
+            """The lowest-cost solution from the given starts."""
             g = gtsam.NonlinearFactorGraph(graph)
             for o, on in zip(observations, active, strict=True):
                 if on:
@@ -219,16 +262,17 @@ class PoseGraph:
                                                    self._robust(self._view_sigmas(o))))
             params = gtsam.LevenbergMarquardtParams()
             params.setMaxIterations(LOCAL_ITERATIONS)
-            return gtsam.LevenbergMarquardtOptimizer(g, values, params).optimize()
+            solutions = [gtsam.LevenbergMarquardtOptimizer(g, v, params).optimize() for v in initial]
+            return min(solutions, key=g.error)
 
-        result = solve()
+        result = solve(*starts)
         chi2 = [self._view_chi2(result, o) for o in observations]
         bad = [c > self.config.reject_chi2 for c, _ in chi2]
         # A few views off: those views are wrong. Many: the window and the odometry disagree, and
         # the residual decides about the whole window.
         if 0 < sum(bad) <= max(1, len(bad) // 4):
             active = [not b for b in bad]
-            result = solve()
+            result = solve(result)
             chi2 = [self._view_chi2(result, o) for o in observations]
         used = [e for (_, e), a in zip(chi2, active, strict=True) if a]
         residual = float(np.sqrt(np.mean(np.square(used)))) if used else float("inf")
@@ -265,6 +309,9 @@ class PoseGraph:
         new_poses = new_poses or {}
         if not observations:
             raise ValueError("a window needs at least one observation")
+        if self._pending:  # with odometry: the window's keyframes (and older waiting ones) enter now
+            self._commit_pending(max(o.kid for o in observations), new_poses)
+            new_poses = {}
         missing = [o.kid for o in observations if o.kid not in self._in_graph and o.kid not in new_poses]
         if missing:
             raise ValueError(f"keyframes {missing} are neither in the graph nor given a pose")
@@ -300,7 +347,10 @@ class PoseGraph:
 
     # ------------------------------------------------------------------ results
     def T_map_base(self, kid: int) -> np.ndarray:
-        return self._isam.calculateEstimatePose3(x_key(kid)).matrix()
+        """The keyframe's current estimate (a waiting one's is predicted by the odometry)."""
+        if kid in self._in_graph:
+            return self._isam.calculateEstimatePose3(x_key(kid)).matrix()
+        return self._predicted(kid)
 
     def marginal_covariance(self, kid: int) -> np.ndarray:
         """6x6 covariance (rotation, translation; in the keyframe's frame) of a keyframe's pose."""
@@ -308,8 +358,8 @@ class PoseGraph:
 
     @property
     def keyframes(self) -> list[int]:
-        """Keyframe ids in the graph, oldest first."""
-        return [k for k in self.odom if k in self._in_graph]
+        """Keyframe ids with a pose (see :meth:`has`), oldest first."""
+        return [k for k in self.odom if self.has(k)]
 
     @property
     def T_map_odom(self) -> np.ndarray:
