@@ -51,9 +51,11 @@ def make_T_base_camera(forward_m: float = 0.3, up_m: float = 0.5, pitch_down_deg
     R_base_optical = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     p = math.radians(pitch_down_deg)
     R_pitch = np.array([[math.cos(p), 0.0, math.sin(p)], [0.0, 1.0, 0.0], [-math.sin(p), 0.0, math.cos(p)]])
-    y = math.radians(yaw_deg)
-    R_yaw = np.array([[math.cos(y), -math.sin(y), 0.0], [math.sin(y), math.cos(y), 0.0], [0.0, 0.0, 1.0]])
-    return make_pose(R_yaw @ R_pitch @ R_base_optical, [forward_m, left_m, up_m])
+    R = R_pitch @ R_base_optical
+    if yaw_deg:
+        y = math.radians(yaw_deg)
+        R = np.array([[math.cos(y), -math.sin(y), 0.0], [math.sin(y), math.cos(y), 0.0], [0.0, 0.0, 1.0]]) @ R
+    return make_pose(R, [forward_m, left_m, up_m])
 
 
 @dataclass(frozen=True)
@@ -805,23 +807,40 @@ def make_sequence(
     speed_mps: float = 0.5,
     supersample: int = 2,
     scene: SyntheticScene | None = None,
+    camera: RigCamera | None = None,
 ) -> SyntheticSequence:
     """Render ``n_frames`` at ``rate_hz`` from ``start_s`` along the default trajectory of ``seed``.
 
     Pass ``scene`` to reuse an already built scene (``seed`` and ``speed_mps`` are then unused).
+    ``camera``: one camera of a rig (its extrinsic, and its images stamped ``stamp_offset_s`` later);
+    default the scene's single camera.
     """
     if n_frames < 1 or rate_hz <= 0:
         raise ValueError("need n_frames >= 1 and rate_hz > 0")
     scene = scene if scene is not None else SyntheticScene(seed, speed_mps=speed_mps)
     cam = make_camera_model(width, height, hfov_deg)
-    seq = SyntheticSequence(scene, cam, scene.T_base_camera.copy())
+    T_base_camera = scene.T_base_camera if camera is None else camera.T_base_camera
+    offset_s = 0.0 if camera is None else camera.stamp_offset_s
+    seq = SyntheticSequence(scene, cam, T_base_camera.copy())
     for i in range(n_frames):
-        t = start_s + i / rate_hz
+        t = start_s + i / rate_hz + offset_s
         T_ob = scene.base_pose(t)
-        T_oc = T_ob @ scene.T_base_camera
+        T_oc = T_ob @ T_base_camera
         rgb, depth = scene.render(T_oc, cam, supersample)
         seq.frames.append(SyntheticFrame(int(round(t * 1e9)), rgb, depth, T_ob, T_oc))
     return seq
+
+
+def make_rig_sequences(rig: dict[str, RigCamera], seed: int = 0, width: int = 640, height: int = 480,
+                       n_frames: int = 8, rate_hz: float = 10.0, **options) -> dict[str, SyntheticSequence]:
+    """One :func:`make_sequence` per camera of ``rig`` (name -> sequence), on one scene and timeline.
+
+    ``options`` are :func:`make_sequence`'s; the scene is built once when not given.
+    """
+    if options.get("scene") is None:
+        options["scene"] = SyntheticScene(seed, speed_mps=options.pop("speed_mps", 0.5))
+    return {name: make_sequence(seed, width, height, n_frames, rate_hz, camera=camera, **options)
+            for name, camera in rig.items()}
 
 
 __all__ = [
@@ -837,5 +856,6 @@ __all__ = [
     "make_T_base_camera",
     "make_camera_model",
     "make_rig",
+    "make_rig_sequences",
     "make_sequence",
 ]
