@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mapany_ros.core.frames import Frame
+from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import Pipeline, PipelineConfig, WindowResult
 from mapany_ros.sim.odometry import DriftingOdometry
@@ -41,13 +41,15 @@ class Run:
 
 def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float = 5.0, width: int = 128,
           height: int = 96, odometry: DriftingOdometry | None = None, pace: float | None = None,
-          **config) -> Run:
+          camera: CameraModel | None = None, **config) -> Run:
     """Play ``loops`` of the scene's trajectory into a pipeline running ``backend``.
 
     ``pace``: wall-clock speed-up (frames are fed in real time divided by it); None feeds them as
-    fast as the callbacks take them, then waits for the backend.
+    fast as the callbacks take them, then waits for the backend. ``camera`` replaces the default
+    pinhole camera (``width`` and ``height`` are then its own).
     """
-    cam = make_camera_model(width, height)
+    cam = camera if camera is not None else make_camera_model(width, height)
+    width, height = cam.width, cam.height
     duration = loops * scene.trajectory.loop_length_m / scene.trajectory.speed_mps
     n = int(duration * rate_hz)
     results: list[WindowResult] = []

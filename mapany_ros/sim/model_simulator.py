@@ -24,9 +24,10 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.camera_rays import plane_rays
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import make_pose, pixel_rays
-from mapany_ros.sim.scene import SyntheticScene
+from mapany_ros.core.geometry import make_pose
+from mapany_ros.sim.scene import SyntheticScene, render_depth
 
 
 @dataclass
@@ -127,8 +128,7 @@ class ModelSimulator:
             cam = frame.camera_model
             if (cam.width, cam.height) != (frame.width, frame.height):
                 cam = cam.scaled(frame.width, frame.height)
-            _, depth = self.scene.render(self.true_camera_pose(frame.stamp_ns), cam, supersample=1)
-            self._depth_cache[key] = depth
+            self._depth_cache[key] = render_depth(self.scene, self.true_camera_pose(frame.stamp_ns), cam)
             while len(self._depth_cache) > 256:
                 self._depth_cache.popitem(last=False)
         return self._depth_cache[key]
@@ -161,8 +161,9 @@ class ModelSimulator:
             depth_true = self._true_depth(frame)
             noise = 1.0 + self.depth_sigma * _patch_noise(rng, *depth_true.shape)
             depth = torch.as_tensor(depth_true * noise * scale, dtype=torch.float32, device=self.device)
-            K = frame.camera_model.scaled(frame.width, frame.height).K
-            rays = pixel_rays(K, frame.height, frame.width, self.device)
+            cam = frame.camera_model.scaled(frame.width, frame.height)
+            K = cam.K
+            rays, _ = plane_rays(cam, self.device)  # a distorted camera's output grid is its own grid
             Tt = torch.as_tensor(T_window, dtype=torch.float32, device=self.device)
             points = (rays * depth[..., None]) @ Tt[:3, :3].T + Tt[:3, 3]
             valid = torch.isfinite(depth) & (depth > 0)
