@@ -456,6 +456,8 @@ class Pipeline:
         frames = window.frames
         t0 = time.perf_counter()
         prediction = self.backend.infer(frames)
+        if len(prediction.views) == len(frames):  # a count mismatch is the placer's error to report
+            prediction = prediction.with_cameras(frames)
         t1 = time.perf_counter()
         # A backend that needs pose priors returns them as its poses.
         placed = self.placer.place(window.groups, window.n_context, prediction,
@@ -493,7 +495,7 @@ class Pipeline:
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
             if out and ok:
-                voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
+                voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
         for key, T_map_camera in placed.view_corrections.items():  # any camera, any age: the map follows
             voxel_map.update_pose(key, T_map_camera)

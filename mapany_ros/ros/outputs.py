@@ -52,7 +52,8 @@ class OutputBuilder:
             # The depth lies on the camera's own (possibly distorted) grid, scaled to the output size:
             # the distortion coefficients hold in normalised coordinates, K is the output grid's.
             cam = frame.camera_model
-            grid = CameraModel(view.width, view.height, view.K, cam.distortion_model, cam.D)
+            grid = view.camera if view.camera is not None else CameraModel(
+                view.width, view.height, view.K, cam.distortion_model, cam.D)
             out.append((topics["depth"], conv.depth_to_image_msg(view.depth.detach().float().cpu().numpy(), header)))
             out.append((topics["info"], conv.model_to_camera_info(grid, header)))
             out.append((topics["conf"], conv.float_image_msg(view.confidence.detach().float().cpu().numpy(), header)))

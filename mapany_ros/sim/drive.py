@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mapany_ros.core.frames import Frame
+from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import Pipeline, PipelineConfig, WindowResult
 from mapany_ros.sim.odometry import DriftingOdometry
@@ -53,7 +53,7 @@ class Run:
 def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float = 5.0, width: int = 128,
           height: int = 96, odometry: DriftingOdometry | None = None, pace: float | None = None,
           cameras: Mapping[str, RigCamera] | None = None, every_frame_keyframe: bool = False,
-          **config) -> Run:
+          camera: CameraModel | None = None, **config) -> Run:
     """Play ``loops`` of the scene's trajectory into a pipeline running ``backend``.
 
     ``cameras``: the rig, name -> :class:`RigCamera` (e.g. ``scene.rig("front", "left")``); each
@@ -64,13 +64,16 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     take them, then waits for the backend, and no keyframe is thinned, as offline processing does.
     The pipeline gets :class:`PipelineConfig`'s defaults (the node's: keyframes every 15 cm, 10 deg or
     1 s), ``use_odometry`` when ``odometry`` is given, and ``config`` on top.
+    ``camera`` replaces the default pinhole camera model of every camera (``width`` and ``height``
+    are then its own).
     ``every_frame_keyframe``: every frame a keyframe, whatever the motion (keyframe thresholds off,
     ``max_interval_s`` just under the frame period) with a 100-window queue - dense windows for
     tests of placement on many views.
     """
     rig = dict(cameras) if cameras is not None else {DEFAULT_CAMERA: RigCamera(scene.T_base_camera)}
     order = sorted(rig, key=lambda c: rig[c].stamp_offset_s)  # within one rig snapshot, in stamp order
-    cam = make_camera_model(width, height)
+    cam = camera if camera is not None else make_camera_model(width, height)
+    width, height = cam.width, cam.height
     duration = loops * scene.trajectory.loop_length_m / scene.trajectory.speed_mps
     n = int(duration * rate_hz)
     results: list[WindowResult] = []

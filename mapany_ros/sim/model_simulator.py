@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.camera_rays import plane_rays
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import interpolate, invert, make_pose, pixel_rays
-from mapany_ros.sim.scene import SyntheticScene
+from mapany_ros.core.geometry import interpolate, invert, make_pose
+from mapany_ros.sim.scene import SyntheticScene, render_depth
 
 
 @dataclass
@@ -272,8 +273,7 @@ class ModelSimulator:
             cam = frame.camera_model
             if (cam.width, cam.height) != (frame.width, frame.height):
                 cam = cam.scaled(frame.width, frame.height)
-            _, depth = self.scene.render(self.true_frame_pose(frame), cam, supersample=1)
-            self._depth_cache[key] = depth
+            self._depth_cache[key] = render_depth(self.scene, self.true_frame_pose(frame), cam)
             while len(self._depth_cache) > 256:
                 self._depth_cache.popitem(last=False)
         return self._depth_cache[key]
@@ -324,8 +324,9 @@ class ModelSimulator:
             model = self._flying(call, i, true)  # the model's depth before its noise, in metres
             model = model * torch.as_tensor(noise, dtype=torch.float64, device=self.device)
             depth = (model * scale).float()
-            K = frame.camera_model.scaled(frame.width, frame.height).K
-            rays = pixel_rays(K, frame.height, frame.width, self.device)
+            cam = frame.camera_model.scaled(frame.width, frame.height)
+            K = cam.K
+            rays, _ = plane_rays(cam, self.device)  # a distorted camera's output grid is its own grid
             Tt = torch.as_tensor(T_window, dtype=torch.float32, device=self.device)
             points = (rays * depth[..., None]) @ Tt[:3, :3].T + Tt[:3, 3]
             valid = torch.isfinite(depth) & (depth > 0)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mapany_ros.core.camera_rays import plane_rays
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import make_pose
 
@@ -754,6 +755,20 @@ class SyntheticScene:
         return torch.lerp(top, bot, fy)
 
 
+def render_depth(scene: SyntheticScene, T_world_camera: np.ndarray, camera_model: CameraModel) -> np.ndarray:
+    """Exact z-depth (H, W) float32 of any ROS camera model, distortion included (NaN where the
+    model has no ray): a pinhole camera through :meth:`SyntheticScene.render`, a distorted one by
+    casting each pixel's true ray."""
+    if camera_model.is_pinhole:
+        return scene.render(T_world_camera, camera_model, supersample=1)[1]
+    rays, valid = plane_rays(camera_model)  # cached per camera: the model is inverted once
+    unit = (rays / rays.norm(dim=-1, keepdim=True)).double().numpy()
+    T = np.asarray(T_world_camera, dtype=np.float64)
+    dist = scene.ray_distance(T[:3, 3], unit.reshape(-1, 3) @ T[:3, :3].T).reshape(unit.shape[:2])
+    depth = dist * unit[..., 2]
+    return np.where(valid.numpy(), depth, np.nan).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- sequences
 
 
@@ -857,5 +872,6 @@ __all__ = [
     "make_camera_model",
     "make_rig",
     "make_rig_sequences",
+    "render_depth",
     "make_sequence",
 ]
