@@ -112,6 +112,9 @@ class PipelineStats:
     views_unplaced: int = 0
     chain_breaks: int = 0
     odometry_slips: int = 0
+    loop_candidates: int = 0
+    loops_rejected: int = 0
+    loops_closed: int = 0
     frames_dropped: int = 0
     resets: int = 0
     backend_time_s: float = 0.0
@@ -189,6 +192,8 @@ class Pipeline:
         self._generation = 0  # bumped by every reset: results of an older generation are dropped
         self._placer_generation = 0
         self._busy = False
+        #: The placer has loop candidates to verify (set by the worker after each job).
+        self._loops_waiting = False
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -207,7 +212,7 @@ class Pipeline:
         """Block until no window can be sent and the backend is idle (for tools and tests)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._busy or self._ready_locked():
+            while self._busy or self._ready_locked() or self._loops_waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -396,33 +401,82 @@ class Pipeline:
         return self._generation != self._placer_generation or self._pending.windows_ready > 0
 
     def process_ready(self) -> int:
-        """Run every window that can be sent now in the caller's thread (offline processing,
-        without :meth:`start`); returns how many ran."""
+        """Run every window that can be sent now in the caller's thread, then the loop closures they
+        proposed (offline processing, without :meth:`start`); returns how many windows ran."""
         ran = 0
         while True:
             with self._cv:
-                if not self._ready_locked():
+                ready = self._ready_locked()
+                if not ready and not self._loops_waiting:
                     return ran
-                job = self._take_locked()
-            if job is not None:
-                self._run_job(job)
-                ran += 1
+                job = self._take_locked() if ready else None
+                if not ready:
+                    self._busy = True
+            if ready:
+                if job is not None:
+                    self._run_job(job)
+                    ran += 1
+            else:
+                self._run_loop()
 
     def _run(self) -> None:
+        """The worker: windows first; loop closures only while no window waits for the backend."""
         while True:
             with self._cv:
-                while not self._stop and not self._ready_locked():
+                while not self._stop and not self._ready_locked() and not self._loops_waiting:
                     self._cv.wait()
                 if self._stop:
                     return
-                job = self._take_locked()
+                ready = self._ready_locked()
+                job = self._take_locked() if ready else None
+                if not ready:
+                    self._busy = True
+            if ready:
+                if job is not None:
+                    self._run_job(job)
+            else:
+                self._run_loop()
+
+    def _run_loop(self) -> None:
+        """Verify one loop candidate with the backend and close it when it holds (worker thread)."""
+        with self._lock:
+            generation = self._generation
+        result = None
+        try:
+            job = self.placer.loop_job()
             if job is not None:
-                self._run_job(job)
+                t0 = time.perf_counter()
+                prediction = self.backend.infer(job.frames)
+                placed = self.placer.close_loop(job, prediction)
+                self.placer.stats.last_loop_s = time.perf_counter() - t0
+                if placed is not None:
+                    if self.map is not None:
+                        self._fuse(Window(-1, [], 0), placed)
+                    result = WindowResult(Window(-1, [], 0), [], placed.prediction, [], placed, 0.0)
+        except Exception as exc:  # a failed verification loses a candidate, nothing else
+            self._on_error(exc)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._loops_waiting = self.placer.loops.pending
+                self._copy_placer_stats_locked()
+                if generation != self._generation:
+                    result = None
+                self._cv.notify_all()
+        if result is not None:
+            self._on_result(result)
+
+    def _copy_placer_stats_locked(self) -> None:
+        p, s = self.placer.stats, self.stats
+        s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+        s.odometry_slips, s.loops_closed, s.loop_candidates = p.odometry_slips, p.loops_closed, p.loop_candidates
+        s.loops_rejected = p.loops_rejected
 
     def _take_locked(self) -> tuple[Window, int, int] | None:
         """The next window (placed context + the oldest waiting keyframes), or None after a map reset."""
         if self._generation != self._placer_generation:
             self.placer.reset()
+            self._loops_waiting = False
             if self.map is not None:
                 self.map.reset()
             self._placer_generation = self._generation
@@ -450,6 +504,7 @@ class Pipeline:
         finally:
             with self._cv:
                 self._busy = False
+                self._loops_waiting = self.placer.loops.pending
                 self._cv.notify_all()
 
     def _process(self, window: Window, queued_ns: int, generation: int) -> None:
@@ -468,14 +523,12 @@ class Pipeline:
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
         t3 = time.perf_counter()
-        p = self.placer.stats
         with self._lock:
             if generation != self._generation:
                 return  # the input restarted while this window was running: its map is gone
             s = self.stats
             s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
-            s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
-            s.odometry_slips = p.odometry_slips
+            self._copy_placer_stats_locked()
             self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
             mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
             depth_only = [o and d and not m for o, d, m in zip(window.output_mask, placed.depth_ok, mask, strict=True)]

@@ -73,7 +73,7 @@ class OutputBuilder:
             del self._path[min(self._path)]
         if transforms:
             out.append(("/tf", TFMessage(transforms=transforms)))
-        if any(result.output_mask) and self._path:
+        if (any(result.output_mask) or result.placement.corrections) and self._path:
             out.append(("path", self.path()))
         return out
 

@@ -59,9 +59,10 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     ``cameras``: the rig, name -> :class:`RigCamera` (e.g. ``scene.rig("front", "left")``); each
     camera's image i is stamped ``i / rate_hz + stamp_offset_s`` and its extrinsic is set on the
     pipeline. None: the scene's single camera, named ``camera``.
-    ``pace``: wall-clock speed-up (frames are fed in real time divided by it), and the pipeline thins
-    keyframes when the backend lags, as the node does; None feeds the frames as fast as the callbacks
-    take them, then waits for the backend, and no keyframe is thinned, as offline processing does.
+    ``pace``: wall-clock speed-up (frames are fed in real time divided by it) to a pipeline with its
+    worker thread, which thins keyframes when the backend lags, as the node does; None runs every
+    window and loop closure in this thread as soon as it can, and thins nothing, as offline
+    processing does (deterministic).
     The pipeline gets :class:`PipelineConfig`'s defaults (the node's: keyframes every 15 cm, 10 deg or
     1 s), ``use_odometry`` when ``odometry`` is given, and ``config`` on top.
     ``camera`` replaces the default pinhole camera model of every camera (``width`` and ``height``
@@ -84,7 +85,8 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     p = Pipeline(PipelineConfig(**{**defaults, **config}), backend, results.append, on_error=errors.append)
     for name, camera in rig.items():
         p.set_extrinsic(name, camera.T_base_camera)
-    p.start()
+    if pace is not None:
+        p.start()
     image = np.zeros((height, width, 3), np.uint8)
     t_odom, dt_odom = 0.0, 0.02
     start = time.perf_counter()
@@ -97,9 +99,14 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
             if pace is not None:
                 time.sleep(max(0.0, start + t / pace - time.perf_counter()))
             p.add_frame(Frame(image, int(round(t * 1e9)), name, f"{name}_optical_frame", cam))
+            if pace is None:  # as offline processing: every window (and loop closure) in this thread, in order
+                p.process_ready()
     p.flush()
-    assert p.wait_idle(600), "the pipeline did not finish"
-    p.stop()
+    if pace is None:
+        p.process_ready()
+    else:
+        assert p.wait_idle(600), "the pipeline did not finish"
+        p.stop()
     if errors:
         raise errors[0]
     run = Run(scene, p, results, odometry=odometry, cameras=rig)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from mapany_ros.core.placement.loops.closer import LoopConfig
 from mapany_ros.core.placement.pose_graph import GraphConfig
 
 
@@ -39,6 +40,7 @@ class PlacementConfig:
     anchor_samples: int = 3000
     #: Refine each window's view poses so that their depth maps agree (see :mod:`.refine`).
     refine_poses: bool = True
+    loops: LoopConfig = field(default_factory=LoopConfig)
 
     def graph(self) -> GraphConfig:
         return GraphConfig(

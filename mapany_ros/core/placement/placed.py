@@ -21,6 +21,8 @@ class PlacementStatus(enum.Enum):
     PLACED = "placed"
     RELOCALISED = "chain broken: continued from the last placed pose"
     REJECTED = "rejected"
+    #: Not a window: a loop closure moved keyframes already placed (the result carries corrections only).
+    LOOP_CLOSED = "loop closed"
 
 
 @dataclass
@@ -35,6 +37,12 @@ class PlacementStats:
     last_residual_m: float = 0.0
     #: Keyframes in the global pose graph.
     graph_keyframes: int = 0
+    loop_candidates: int = 0
+    loops_verified: int = 0
+    loops_rejected: int = 0
+    loops_closed: int = 0
+    #: Backend + verification + graph time of the newest loop job, seconds.
+    last_loop_s: float = 0.0
 
 
 @dataclass

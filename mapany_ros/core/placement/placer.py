@@ -30,6 +30,7 @@ from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, is_rigid
 from mapany_ros.core.placement.config import PlacementConfig
 from mapany_ros.core.placement.keyframe_index import KeyframeIndex
+from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob
 from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
@@ -85,6 +86,9 @@ class WindowPlacer:
         #: the newest one's id. Continuous: only the graph's relative motion enters it.
         self._vo: dict[int, np.ndarray] = {}
         self._vo_newest: int | None = None
+        self.loops = LoopCloser(self.config.loops, self.config.view_sigma_m, np.radians(self.config.view_sigma_deg))
+        #: The graph's latest word on every keyframe (recent ones after each window, all after a loop).
+        self._poses: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ queries
     def context(self, n: int) -> list[list[Frame]]:
@@ -166,6 +170,7 @@ class WindowPlacer:
         this window's own included; and, without odometry, the chained estimate of the new ones."""
         kids = self.graph.keyframes[-RECENT_KEYFRAMES:]
         poses = {k: self.graph.T_map_base(k) for k in kids}
+        self._poses.update(poses)
         placed.corrections, placed.view_corrections = self.index.changed(poses)
         if not self.config.use_odometry:
             for k in kids:
@@ -255,5 +260,61 @@ class WindowPlacer:
                 self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
                 if isinstance(self._mode, OverlapChainPlacement):
                     self._mode.last_pose = view.T_world_camera
+            kf = self.index.get(groups[gi])
+            if kf is not None and self.loops.config.enabled:
+                views = [(frames[i], kf.cameras[frames[i].key], placed.prediction.views[i].depth,
+                          placed.prediction.views[i].valid) for i in idx if frames[i].key in kf.cameras]
+                if views:
+                    self.loops.remember(kf.kid, kf.stamp_ns, views)
+                    self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
         while len(self._anchors) > MAX_ANCHORS:
             self._anchors.popitem(last=False)
+        s.loop_candidates = self.loops.stats.candidates
+
+    def _position_sigma(self, kid: int) -> float:
+        """Largest standard deviation (m) of a keyframe's position in the graph: how far it may have drifted."""
+        if not self.graph.has(kid) or kid not in self._poses:
+            return 0.0
+        try:
+            cov = self.graph.marginal_covariance(kid)[3:, 3:]
+        except RuntimeError:  # not yet in iSAM2 (waiting for its window)
+            return 0.0
+        return float(np.sqrt(max(np.linalg.eigvalsh(0.5 * (cov + cov.T)).max(), 0.0)))
+
+    # ------------------------------------------------------------------ loop closure
+    def loop_job(self) -> LoopJob | None:
+        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do)."""
+        return self.loops.next_job() if self.loops.pending else None
+
+    def close_loop(self, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
+        """Verify ``job`` with the backend's ``prediction``; when it closes a loop, the corrections of
+        every keyframe it moved (no views), else None."""
+        s = self.stats
+        loop = self.loops.verify(job, prediction)
+        if isinstance(loop, str):
+            s.loops_rejected += 1
+            self.loops.stats.last_message = loop
+            log.debug("loop %s rejected: %s", job.candidate, loop)
+            return None
+        s.loops_verified += 1
+        g = self.graph
+        if not (g.has(loop.old_kid) and g.has(loop.new_kid)):
+            return None
+        ready = self.loops.confirm(loop, g.T_map_base(loop.old_kid), g.T_map_base(loop.new_kid))
+        if not ready:
+            return None
+        for m in ready:
+            g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
+        s.loops_closed += len(ready)
+        poses = {k: g.T_map_base(k) for k in g.keyframes}
+        self._poses.update(poses)
+        corrections, view_corrections = self.index.changed(poses)
+        stamps = {k: self.index.by_kid[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
+        message = (f"loop closed between the keyframes at {stamps[loop.old_kid]:.2f} s and "
+                   f"{stamps[loop.new_kid]:.2f} s ({loop.source}, {loop.overlap:.0%} overlap, {len(ready)} "
+                   f"loops); {len(corrections)} keyframes moved")
+        log.info(message)
+        placed = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOOP_CLOSED, 1.0, None,
+                              None, corrections, view_corrections, message=message)
+        placed.T_map_odom = self._T_map_odom()
+        return placed

@@ -128,6 +128,8 @@ class PoseGraph:
         self._in_graph: set[int] = set()
         #: Keyframes with odometry waiting to enter the graph, oldest first.
         self._pending: list[int] = []
+        #: Every keyframe with a pose (in the graph or waiting), oldest first.
+        self._known: list[int] = []
         #: Newest keyframe in the graph.
         self._newest: int | None = None
         self._T_map_odom = np.eye(4)
@@ -170,6 +172,7 @@ class PoseGraph:
         self.odom[kid] = T
         if T is not None:
             self._pending.append(kid)
+            self._known.append(kid)
 
     def _predicted(self, kid: int) -> np.ndarray:
         """A waiting keyframe's pose: the newest committed one's, moved by the odometry since."""
@@ -325,10 +328,11 @@ class PoseGraph:
                                                            gtsam.noiseModel.Diagonal.Sigmas(BRIDGE_SIGMAS)))
         elif all(o.kid in new_poses for o in observations):
             raise ValueError("a window must share a keyframe with the graph")
-        for k, T in new_poses.items():
+        for k, T in sorted(new_poses.items()):
             if k not in self._in_graph:
                 self._new_values.insert(x_key(k), _pose(T))
                 self._in_graph.add(k)
+                self._known.append(k)
                 self._newest = k if self._newest is None else max(self._newest, k)
         self._new_values.insert(w_key(j), _pose(T_map_window))
         for o in observations:
@@ -359,7 +363,7 @@ class PoseGraph:
     @property
     def keyframes(self) -> list[int]:
         """Keyframe ids with a pose (see :meth:`has`), oldest first."""
-        return [k for k in self.odom if self.has(k)]
+        return self._known
 
     @property
     def T_map_odom(self) -> np.ndarray:
