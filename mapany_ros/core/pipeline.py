@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig, VoxelMap
 from mapany_ros.core.keyframes import KeyframeSelector
+from mapany_ros.core.map_folder import MAP_PLY, read_keyframes, write_keyframes
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStatus, WindowPlacer
 from mapany_ros.core.sync import FrameSync
@@ -71,6 +73,9 @@ class PipelineConfig:
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
     #: The fused voxel map of every placed keyframe (None: no map).
     fusion: FusionConfig | None = dataclasses.field(default_factory=FusionConfig)
+    #: False: localisation only in a loaded map - new keyframes are placed and published, the map
+    #: (fused, and what a saved map holds) is not changed.
+    update_map: bool = True
 
     def __post_init__(self) -> None:
         self.placement = dataclasses.replace(self.placement, use_odometry=self.use_odometry)
@@ -194,6 +199,8 @@ class Pipeline:
         self._busy = False
         #: The placer has loop candidates to verify (set by the worker after each job).
         self._loops_waiting = False
+        #: ~/save_map requests the worker answers between jobs.
+        self._save_requests: list[dict] = []
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -423,10 +430,15 @@ class Pipeline:
         """The worker: windows first; loop closures only while no window waits for the backend."""
         while True:
             with self._cv:
-                while not self._stop and not self._ready_locked() and not self._loops_waiting:
+                while not (self._stop or self._ready_locked() or self._loops_waiting or self._save_requests):
                     self._cv.wait()
                 if self._stop:
                     return
+                saves = bool(self._save_requests)
+            if saves:
+                self._serve_saves()
+                continue
+            with self._cv:
                 ready = self._ready_locked()
                 job = self._take_locked() if ready else None
                 if not ready:
@@ -460,11 +472,68 @@ class Pipeline:
                 self._busy = False
                 self._loops_waiting = self.placer.loops.pending
                 self._copy_placer_stats_locked()
+                # A relocalisation places its first keyframe: the next window starts from it.
+                self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
                 if generation != self._generation:
                     result = None
                 self._cv.notify_all()
         if result is not None:
             self._on_result(result)
+
+    # ------------------------------------------------------------------ saved maps
+    def load_map(self, folder: str | Path) -> int:
+        """Start in the map saved in ``folder`` (before :meth:`start`): its fused map is loaded and
+        the robot is relocalised in it before anything is placed. Returns its keyframe count.
+
+        Raises ValueError naming what is missing or wrong in the folder.
+        """
+        folder = Path(folder)
+        saved = read_keyframes(folder)
+        if self.map is not None and (folder / MAP_PLY).is_file():
+            self.map.load_ply(folder / MAP_PLY)
+        self.placer.load(saved)
+        return len(saved.keyframes)
+
+    def save_map(self, folder: str | Path, timeout: float = 60.0) -> str:
+        """Write the map into ``folder`` (fused map, keyframes for relocalisation); returns what it
+        wrote. Runs on the worker between two jobs (placement is the worker's), or here without one.
+
+        Raises OSError when the folder cannot be written, ValueError in localisation-only mode.
+        """
+        if not self.config.update_map:
+            raise ValueError("localisation only (map.update: false): the loaded map is not changed")
+        if not self._worker.is_alive():
+            return self._write_map(Path(folder))
+        done = threading.Event()
+        request = {"folder": Path(folder), "done": done}
+        with self._cv:
+            self._save_requests.append(request)
+            self._cv.notify_all()
+        if not done.wait(timeout):
+            raise OSError(f"the map was not written within {timeout:g} s (the backend is busy)")
+        if "error" in request:
+            raise request["error"]
+        return request["result"]
+
+    def _write_map(self, folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = self.placer.saved_keyframes()
+        extra = {}
+        if self.map is not None:
+            extra["map_points"] = self.map.save_ply(folder / MAP_PLY)
+        write_keyframes(folder, saved, extra)
+        return f"{extra.get('map_points', 0)} map points and {len(saved.keyframes)} keyframes"
+
+    def _serve_saves(self) -> None:
+        """Answer the waiting ~/save_map requests (worker thread, between jobs)."""
+        with self._lock:
+            requests, self._save_requests = self._save_requests, []
+        for r in requests:
+            try:
+                r["result"] = self._write_map(r["folder"])
+            except (OSError, ValueError) as exc:
+                r["error"] = exc
+            r["done"].set()
 
     def _copy_placer_stats_locked(self) -> None:
         p, s = self.placer.stats, self.stats
@@ -547,7 +616,7 @@ class Pipeline:
         assert voxel_map is not None
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
-            if out and ok:
+            if out and ok and self.config.update_map:
                 voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
         for key, T_map_camera in placed.view_corrections.items():  # any camera, any age: the map follows

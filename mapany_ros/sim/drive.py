@@ -53,7 +53,8 @@ class Run:
 def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float = 5.0, width: int = 128,
           height: int = 96, odometry: DriftingOdometry | None = None, pace: float | None = None,
           cameras: Mapping[str, RigCamera] | None = None, every_frame_keyframe: bool = False,
-          camera: CameraModel | None = None, **config) -> Run:
+          camera: CameraModel | None = None, start_s: float = 0.0, map_folder: str | None = None,
+          render: bool = False, **config) -> Run:
     """Play ``loops`` of the scene's trajectory into a pipeline running ``backend``.
 
     ``cameras``: the rig, name -> :class:`RigCamera` (e.g. ``scene.rig("front", "left")``); each
@@ -67,6 +68,11 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     1 s), ``use_odometry`` when ``odometry`` is given, and ``config`` on top.
     ``camera`` replaces the default pinhole camera model of every camera (``width`` and ``height``
     are then its own).
+    ``start_s``: scene time of the first frame (the robot starts elsewhere on its loop; odometry
+    must then start there too, e.g. ``DriftingOdometry(..., t0_s=start_s)``).
+    ``map_folder``: start in that saved map (:meth:`Pipeline.load_map`).
+    ``render``: every frame carries its rendered image (appearance, visual keyframes); else blank
+    images, all the model simulator needs.
     ``every_frame_keyframe``: every frame a keyframe, whatever the motion (keyframe thresholds off,
     ``max_interval_s`` just under the frame period) with a 100-window queue - dense windows for
     tests of placement on many views.
@@ -85,20 +91,24 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     p = Pipeline(PipelineConfig(**{**defaults, **config}), backend, results.append, on_error=errors.append)
     for name, camera in rig.items():
         p.set_extrinsic(name, camera.T_base_camera)
+    if map_folder is not None:
+        p.load_map(map_folder)
     if pace is not None:
         p.start()
     image = np.zeros((height, width, 3), np.uint8)
-    t_odom, dt_odom = 0.0, 0.02
+    t_odom, dt_odom = start_s, 0.02
     start = time.perf_counter()
     for i in range(n):
         for name in order:
-            t = i / rate_hz + rig[name].stamp_offset_s
+            t = start_s + i / rate_hz + rig[name].stamp_offset_s
             while odometry is not None and t_odom <= t + 0.05:
                 p.add_odometry(int(round(t_odom * 1e9)), odometry.pose(t_odom))
                 t_odom += dt_odom
             if pace is not None:
                 time.sleep(max(0.0, start + t / pace - time.perf_counter()))
-            p.add_frame(Frame(image, int(round(t * 1e9)), name, f"{name}_optical_frame", cam))
+            pixels = np.ascontiguousarray(scene.render(scene.camera_pose(t, rig[name].T_base_camera), cam)[0]) \
+                if render else image
+            p.add_frame(Frame(pixels, int(round(t * 1e9)), name, f"{name}_optical_frame", cam))
             if pace is None:  # as offline processing: every window (and loop closure) in this thread, in order
                 p.process_ready()
     p.flush()

@@ -23,6 +23,8 @@ class PlacementStatus(enum.Enum):
     REJECTED = "rejected"
     #: Not a window: a loop closure moved keyframes already placed (the result carries corrections only).
     LOOP_CLOSED = "loop closed"
+    #: Not a window: the robot was localised in a loaded map; the keyframe that starts the map is the correction.
+    LOCALISED = "localised in the loaded map"
 
 
 @dataclass
@@ -43,6 +45,8 @@ class PlacementStats:
     loops_closed: int = 0
     #: Backend + verification + graph time of the newest loop job, seconds.
     last_loop_s: float = 0.0
+    #: Windows that arrived while the robot was not yet localised in a loaded map.
+    windows_unlocalised: int = 0
 
 
 @dataclass

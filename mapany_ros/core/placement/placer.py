@@ -27,15 +27,16 @@ import torch
 from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.backends.base import WindowPrediction
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import invert, is_rigid
+from mapany_ros.core.geometry import invert, is_rigid, rotation_angle
 from mapany_ros.core.placement.config import PlacementConfig
 from mapany_ros.core.placement.keyframe_index import KeyframeIndex
-from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob
+from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob, LoopMeasurement
+from mapany_ros.core.placement.loops.memory import SavedKeyframes
 from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
-from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected
+from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, move_view, rejected
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
@@ -52,6 +53,11 @@ MAX_ANCHORS = 64
 MAX_LINK_SCALE = 1.25
 #: How much more loosely refinement holds views to poses that leant towards their priors.
 PRIOR_LEANING_SIGMA_FACTOR = 4.0
+#: Relocalising: two verified matches confirm each other when their keyframes are this many apart
+#: at most and put them within RELOCALISE_M (per keyframe between them) and RELOCALISE_DEG.
+RELOCALISE_NEIGHBOURS = 3
+RELOCALISE_M = 0.3
+RELOCALISE_DEG = 10.0
 #: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
 RECENT_KEYFRAMES = 48
 
@@ -70,6 +76,7 @@ class WindowPlacer:
         self.config = config
         self._extrinsic = extrinsic
         self.stats = PlacementStats()
+        self._loaded: SavedKeyframes | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -89,6 +96,31 @@ class WindowPlacer:
         self.loops = LoopCloser(self.config.loops, self.config.view_sigma_m, np.radians(self.config.view_sigma_deg))
         #: The graph's latest word on every keyframe (recent ones after each window, all after a loop).
         self._poses: dict[int, np.ndarray] = {}
+        #: With a loaded map: its keyframes (negative ids) in loop closure's memory, and until the
+        #: robot is localised in it nothing is placed. New keyframes' groups wait to start the map.
+        self.localised = True
+        self._waiting_groups: dict[int, list[Frame]] = {}
+        self._matches: list[tuple[int, np.ndarray]] = []  # verified (new keyframe, T_map_base) while relocalising
+        if self._loaded is not None:
+            order = sorted(self._loaded.poses)
+            for n, kid in enumerate(order):  # oldest saved = -len, newest = -1: neighbours stay neighbours
+                new_id = n - len(order)
+                kf = next(k for k in self._loaded.keyframes if k.kid == kid)
+                self.loops.memory.insert(dataclasses.replace(kf, kid=new_id))
+                self._poses[new_id] = self._loaded.poses[kid]
+            self.localised = not order
+
+    def load(self, saved: SavedKeyframes | None) -> None:
+        """Start in a saved map (None: a new map). Its keyframes keep their poses; the robot is
+        relocalised by loop closure against them before anything is placed (see :meth:`place`)."""
+        self._loaded = saved
+        self.reset()
+
+    def saved_keyframes(self, map_frame: str = "map") -> SavedKeyframes:
+        """Every keyframe loop closure remembers, at its latest pose, loaded ones included (a map folder)."""
+        poses = {k: self.graph.T_map_base(k) if self.graph.has(k) else T for k, T in self._poses.items()}
+        kfs = [kf for k, kf in self.loops.memory.keyframes.items() if k in poses]
+        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame)
 
     # ------------------------------------------------------------------ queries
     def context(self, n: int) -> list[list[Frame]]:
@@ -110,6 +142,8 @@ class WindowPlacer:
             raise ValueError(f"backend returned {len(views)} views for {len(frames)} frames")
         usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
         accepted = [i in usable for i in range(len(views))]
+        if not self.localised:
+            return self._relocalise(groups, n_context, frames, prediction, accepted)
         mode = self._mode
         if isinstance(mode, OdometryGraphPlacement):
             mode.register(groups)
@@ -141,6 +175,80 @@ class WindowPlacer:
         if placed.status is not PlacementStatus.REJECTED:
             self._report(groups, placed)
         self._bookkeep(groups, n_context, frames, placed)
+        return placed
+
+    def _relocalise(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
+                    prediction: WindowPrediction, accepted: list[bool]) -> PlacedWindow:
+        """A window while not localised in the loaded map: its new keyframes are remembered and
+        matched against the map's keyframes (by appearance; loop jobs verify); nothing is placed,
+        only the depth of views that pass the view checks goes out."""
+        self._reject_outliers(frames, prediction, accepted, 1.0)
+        group_of = [gi for gi, g in enumerate(groups) for _ in g]
+        for gi in range(n_context, len(groups)):
+            g = groups[gi]
+            newest = self.index.newest
+            if self.index.get(g) is not None or (newest is not None and g[0].stamp_ns <= newest.stamp_ns):
+                continue
+            kf = self.index.add(g)
+            self._waiting_groups[kf.kid] = g
+            idx = [i for i in range(len(frames)) if group_of[i] == gi and accepted[i] and frames[i].key in kf.cameras]
+            if idx:
+                self.loops.remember(kf.kid, kf.stamp_ns, [(frames[i], kf.cameras[frames[i].key],
+                                                          prediction.views[i].depth, prediction.views[i].valid)
+                                                         for i in idx])
+                self.loops.propose(kf.kid, self._poses, 0.0, every=True)
+        self.stats.windows_unlocalised += 1
+        self.stats.loop_candidates = self.loops.stats.candidates
+        placed = rejected(prediction, "not localised in the loaded map yet")
+        placed.depth_ok = list(accepted)
+        placed.rejected_views = [i for i, a in enumerate(accepted) if not a]
+        return placed
+
+    def _localise(self, loop: LoopMeasurement, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
+        """A verified match of a new keyframe with a loaded one: localised once a second match of a
+        keyframe close by agrees; then that keyframe starts the map, in the loaded map's frame."""
+        if loop.old_kid >= 0 or loop.new_kid < 0:
+            return None  # two new keyframes: no use before the map is there
+        T_map_new = self._poses[loop.old_kid] @ loop.T_old_new
+        agree = any(abs(k - loop.new_kid) <= RELOCALISE_NEIGHBOURS
+                    and np.linalg.norm(T[:3, 3] - T_map_new[:3, 3]) <= RELOCALISE_M * (1 + abs(k - loop.new_kid))
+                    and np.degrees(rotation_angle(invert(T) @ T_map_new)) <= RELOCALISE_DEG
+                    for k, T in self._matches)
+        self._matches.append((loop.new_kid, T_map_new))
+        if not agree:
+            return None
+        kf = self.index.by_kid[loop.new_kid]
+        group = self._waiting_groups[loop.new_kid]
+        if self.config.use_odometry:
+            self.graph.set_origin(T_map_new @ invert(group[0].T_world_base))
+            self.graph.add_keyframe(kf.kid, group[0].T_world_base)
+        else:
+            self.graph.add_origin(kf.kid, T_map_new)
+        # The keyframe's views as the verification window saw them, at their place in the map: the
+        # next window attaches to them as to any placed context.
+        for i, (k, _) in enumerate(job.owners):
+            if k != kf.kid:
+                continue
+            key = job.frames[i].key
+            T_base_cam = kf.cameras.get(key)
+            if T_base_cam is None:
+                continue
+            view = move_view(prediction.views[i], rigidify(prediction.views[i].T_world_camera), T_map_new @ T_base_cam,
+                             loop.scale)
+            self._anchors[key] = make_anchor(key, view, self.config.anchor_samples)
+            if isinstance(self._mode, OverlapChainPlacement):
+                self._mode.last_pose = view.T_world_camera
+        self._placed_groups.append(group)
+        self._waiting_groups.clear()
+        self.localised = True
+        self._poses[kf.kid] = T_map_new
+        corrections, view_corrections = self.index.changed({kf.kid: T_map_new})
+        message = (f"localised in the loaded map at the keyframe of {kf.stamp_ns * 1e-9:.2f} s "
+                   f"({len(self._matches)} matches verified)")
+        log.info(message)
+        placed = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOCALISED, 1.0, None,
+                              None, corrections, view_corrections, message=message)
+        placed.T_map_odom = self._T_map_odom()
         return placed
 
     def _depth_disagreement(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
@@ -297,7 +405,11 @@ class WindowPlacer:
             log.debug("loop %s rejected: %s", job.candidate, loop)
             return None
         s.loops_verified += 1
+        if not self.localised:
+            return self._localise(loop, job, prediction)
         g = self.graph
+        if loop.old_kid < 0 and loop.old_kid in self._poses:  # a keyframe of the loaded map: held where it is
+            g.add_fixed(loop.old_kid, self._poses[loop.old_kid])
         if not (g.has(loop.old_kid) and g.has(loop.new_kid)):
             return None
         ready = self.loops.confirm(loop, g.T_map_base(loop.old_kid), g.T_map_base(loop.new_kid))
@@ -309,7 +421,7 @@ class WindowPlacer:
         poses = {k: g.T_map_base(k) for k in g.keyframes}
         self._poses.update(poses)
         corrections, view_corrections = self.index.changed(poses)
-        stamps = {k: self.index.by_kid[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
+        stamps = {k: self.loops.memory.keyframes[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
         message = (f"loop closed between the keyframes at {stamps[loop.old_kid]:.2f} s and "
                    f"{stamps[loop.new_kid]:.2f} s ({loop.source}, {loop.overlap:.0%} overlap, {len(ready)} "
                    f"loops); {len(corrections)} keyframes moved")

@@ -44,7 +44,8 @@ BRIDGE_SIGMAS = np.array([np.radians(10.0)] * 3 + [0.5] * 3)
 
 
 def x_key(k: int) -> int:
-    return gtsam.symbol("x", k)
+    """Keyframe k's variable; keyframes of a loaded map have negative ids (``s`` variables)."""
+    return gtsam.symbol("x", k) if k >= 0 else gtsam.symbol("s", -k)
 
 
 def w_key(j: int) -> int:
@@ -123,6 +124,8 @@ class PoseGraph:
         self._isam = gtsam.ISAM2(params)
         self._new_factors = gtsam.NonlinearFactorGraph()
         self._new_values = gtsam.Values()
+        #: map -> odom where the map starts (identity: map = odom at the first keyframe).
+        self._origin = np.eye(4)
         #: Keyframe id -> odometry pose (None without odometry). Ids grow with the keyframes' stamps.
         self.odom: dict[int, np.ndarray | None] = {}
         self._in_graph: set[int] = set()
@@ -176,8 +179,8 @@ class PoseGraph:
 
     def _predicted(self, kid: int) -> np.ndarray:
         """A waiting keyframe's pose: the newest committed one's, moved by the odometry since."""
-        if not self._in_graph:
-            return self.odom[kid]  # map = odom at the first keyframe
+        if self._newest is None:
+            return self._origin @ self.odom[kid]  # map = odom at the first keyframe (or the origin set)
         base = self._newest
         return self.T_map_base(base) @ invert(self.odom[base]) @ self.odom[kid]
 
@@ -188,8 +191,9 @@ class PoseGraph:
             T = poses.get(kid)
             if T is None:
                 T = self._predicted(kid)
-            if not self._in_graph:
-                self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(self.odom[kid]), _origin_noise()))
+            if self._newest is None:  # the map's first keyframe: map = odom there (or the origin set)
+                origin = self._origin @ self.odom[kid]
+                self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(origin), _origin_noise()))
             else:
                 previous = self._newest
                 delta = invert(self.odom[previous]) @ self.odom[kid]
@@ -198,6 +202,29 @@ class PoseGraph:
             self._new_values.insert(x_key(kid), _pose(T))
             self._in_graph.add(kid)
             self._newest = kid
+
+    def set_origin(self, T_map_odom: np.ndarray) -> None:
+        """Start the map with this drift instead of map = odom (relocalised in a loaded map): the
+        first keyframe to enter the graph is held at ``T_map_odom @ T_odom_base``."""
+        if self._in_graph:
+            raise ValueError("the origin can only be set before the first keyframe enters the graph")
+        self._origin = rigidify(T_map_odom)
+        self._T_map_odom = self._origin.copy()
+
+    def add_fixed(self, kid: int, T_map_base: np.ndarray) -> None:
+        """A keyframe held where it is (a loaded map's): loops to it pull only the new keyframes."""
+        if kid in self._in_graph:
+            return
+        self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(T_map_base), _origin_noise()))
+        self._new_values.insert(x_key(kid), _pose(T_map_base))
+        self._in_graph.add(kid)
+        self._flush()
+
+    def add_origin(self, kid: int, T_map_base: np.ndarray) -> None:
+        """The map's first keyframe, without odometry, at a given pose (relocalised in a loaded map)."""
+        self.add_fixed(kid, T_map_base)
+        self._known.append(kid)
+        self._newest = kid
 
     def commit_odometry(self) -> None:
         """Take every waiting keyframe into the graph on its odometry alone (its window was rejected)."""
@@ -318,7 +345,7 @@ class PoseGraph:
         missing = [o.kid for o in observations if o.kid not in self._in_graph and o.kid not in new_poses]
         if missing:
             raise ValueError(f"keyframes {missing} are neither in the graph nor given a pose")
-        if not self._in_graph:  # the first window: its first keyframe is the map's origin
+        if self._newest is None:  # the first window: its first keyframe is the map's origin
             first = min(new_poses)
             self._new_factors.add(gtsam.PriorFactorPose3(x_key(first), _pose(new_poses[first]),
                                                          _origin_noise()))

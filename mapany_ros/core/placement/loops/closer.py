@@ -137,16 +137,17 @@ class LoopCloser:
             self.memory.add(kid, stamp_ns, views, descriptors)
 
     # ------------------------------------------------------------------ candidates
-    def propose(self, kid: int, poses: dict[int, np.ndarray], position_sigma_m: float) -> None:
+    def propose(self, kid: int, poses: dict[int, np.ndarray], position_sigma_m: float, every: bool = False) -> None:
         """Queue the candidates of a new keyframe: by position (``poses``: keyframe id -> T_map_base,
-        the graph's latest) and by appearance."""
+        the graph's latest) and by appearance. Keyframes of a loaded map (negative ids) are always
+        old enough. ``every``: whatever ``every_keyframes`` says (relocalising)."""
         cfg = self.config
         new = self.memory.keyframes.get(kid)
-        if not cfg.enabled or new is None or kid % max(1, cfg.every_keyframes):
+        if not cfg.enabled or new is None or (kid % max(1, cfg.every_keyframes) and not every):
             return
-        before = kid - cfg.min_gap_keyframes
+        before = max(kid - cfg.min_gap_keyframes, 0)
         found: list[LoopCandidate] = []
-        if before > 0 and kid in poses:
+        if kid in poses:
             old = [k for k in poses if k < before and k in self.memory.keyframes]
             if old:
                 here = poses[kid]

@@ -94,6 +94,15 @@ class StoredKeyframe:
         return np.stack([v.descriptor for v in self.views])
 
 
+@dataclass
+class SavedKeyframes:
+    """Stored keyframes with their map poses (T_map_base), as a map folder holds them."""
+
+    keyframes: list[StoredKeyframe]
+    poses: dict[int, np.ndarray]
+    map_frame: str = "map"
+
+
 def resized(frame: Frame, width: int) -> tuple[np.ndarray, CameraModel]:
     """The frame's image at most ``width`` wide and its camera model at that size."""
     if frame.width <= width:
@@ -138,6 +147,14 @@ class KeyframeMemory:
             self._stack = None
         self.keyframes[kid] = kf
         return kf
+
+    def insert(self, kf: StoredKeyframe) -> None:
+        """Keep an already stored keyframe (a loaded map's), with its descriptors."""
+        self.keyframes[kf.kid] = kf
+        for v in kf.views:
+            self._desc.append(np.asarray(v.descriptor, np.float32))
+            self._desc_kid.append(kf.kid)
+        self._stack = None
 
     def similar(self, descriptors: np.ndarray, before_kid: int, top: int) -> list[tuple[int, float]]:
         """Stored keyframes older than ``before_kid`` most alike any of ``descriptors``: (kid, cosine),
