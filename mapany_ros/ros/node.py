@@ -91,6 +91,14 @@ class MapanyNode(Node):
         self.get_logger().info(f"backend {self.backend.name!r} ready in {time.perf_counter() - t0:.1f} s")
         self.pipeline = Pipeline(self.config.pipeline, self.backend, self._publish_result, self._on_backend_error,
                                  clock=self._now_ns, on_reset=self._on_reset)
+        if self.config["map.load_path"]:
+            try:
+                n = self.pipeline.load_map(self.config["map.load_path"])
+            except (OSError, ValueError) as exc:
+                raise ParameterError(f"map.load_path = {self.config['map.load_path']!r}: {exc}") from exc
+            only = "" if self.config["map.update"] else ", localisation only"
+            self.get_logger().info(f"loaded {n} keyframes from {self.config['map.load_path']}: relocalising "
+                                   f"(nothing is placed until then){only}")
         self.inputs = InputHandler(self.config, self.pipeline, self.warn)
         self.outputs = OutputBuilder(self.config)
 
@@ -123,7 +131,7 @@ class MapanyNode(Node):
             self.map_pub = self.create_publisher(PointCloud2, "map_points", LATCHED_QOS)
             self._map_published = -1
             self.create_timer(self.config["map.publish_period_s"], self._publish_map)
-            self.create_service(Trigger, "~/save_map", self._save_map)
+        self.create_service(Trigger, "~/save_map", self._save_map)
         self.create_service(Trigger, "~/reset", self._reset)
         self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
@@ -199,15 +207,14 @@ class MapanyNode(Node):
         self.map_pub.publish(conv.map_cloud(xyz, rgb, confidence, header))
 
     def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        voxel_map = self.pipeline.map
-        assert voxel_map is not None
-        path = self.config["map.save_path"]
+        """Write the map folder (map.save_path): fused map, keyframes for relocalisation."""
+        folder = self.config["map.save_path"]
         try:
-            n = voxel_map.save_ply(path)
-        except OSError as exc:
-            response.success, response.message = False, f"cannot write {path}: {exc} (set map.save_path)"
+            wrote = self.pipeline.save_map(folder)
+        except (OSError, ValueError) as exc:
+            response.success, response.message = False, f"cannot write {folder}: {exc} (set map.save_path)"
             return response
-        response.success, response.message = True, f"wrote {n} points to {path}"
+        response.success, response.message = True, f"wrote {wrote} to the map folder {folder}"
         self.get_logger().info(response.message)
         return response
 

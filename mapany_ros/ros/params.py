@@ -16,6 +16,7 @@ from mapany_ros.core.backends import BACKENDS, is_backend_name
 from mapany_ros.core.fusion import FusionConfig
 from mapany_ros.core.pipeline import PipelineConfig
 from mapany_ros.core.placement import PlacementConfig
+from mapany_ros.core.placement.loops import LoopConfig
 from mapany_ros.core.placement.pose_graph import KERNELS
 
 
@@ -128,8 +129,23 @@ PARAMETERS: tuple[Param, ...] = (
           "(0: the least recently seen first).", 0.0, 1e6),
     Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
           0.1, 3600.0),
-    Param("map.save_path", "mapany_map.ply", "Where ~/save_map writes the fused map (PLY; relative to the "
-          "node's working directory)."),
+    Param("map.save_path", "mapany_map", "Map folder ~/save_map writes (map.ply, the keyframes a later run "
+          "relocalises with, the grid's Nav2 files; relative to the node's working directory)."),
+    Param("map.load_path", "", "Map folder to start in (written by ~/save_map): the node relocalises in it "
+          "before it publishes, then maps in its frame (empty: a new map)."),
+    Param("map.update", True, "With map.load_path: false is localisation only, the loaded map is not changed."),
+    Param("loops.enabled", True, "Close loops: recognise revisited places and correct the whole map."),
+    Param("loops.min_gap_keyframes", 30, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
+    Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
+          "drift) of the robot are loop candidates.", 0.0, 1000.0),
+    Param("loops.min_similarity", 0.8, "Old keyframes whose image descriptor is at least this alike (cosine) are "
+          "loop candidates, however far the map drifted.", 0.0, 1.0),
+    Param("loops.min_overlap", 0.5, "Fraction of one place's points that must lie on the other's surfaces when "
+          "the backend sees both in one window, for a loop to hold.", 0.05, 1.0),
+    Param("loops.every_keyframes", 4, "Look for loop candidates at every n-th keyframe (each costs a backend call "
+          "while it is idle).", 1, 1000),
+    Param("loops.image_width", 512, "Width of the keyframe images kept in memory (JPEG) to verify loops with.",
+          64, 4096),
     Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
@@ -197,6 +213,9 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     if values["backend"] == "planesweep" and not values["use_odometry"]:
         raise ParameterError("backend planesweep needs pose priors: set use_odometry: true (odom topic and "
                              "/tf_static extrinsics) or use backend mapanything")
+    if not values["map.update"] and not values["map.load_path"]:
+        raise ParameterError("map.update = false is localisation only and needs a map to localise in: set "
+                             "map.load_path to a folder written by ~/save_map (or map.update: true)")
     for frame in ("map_frame", "odom_frame", "base_frame"):
         if not values[frame] or values[frame].startswith("/"):
             raise ParameterError(f"{frame} = {values[frame]!r}: must be a non-empty frame id without leading '/'")
@@ -238,7 +257,17 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             metric_scale_sigma=values["placement.metric_scale_sigma"],
             odom_sigma_ratio=values["odometry.sigma_translation"],
             odom_sigma_deg_per_m=values["odometry.sigma_rotation_deg_per_m"],
+            loops=LoopConfig(
+                enabled=values["loops.enabled"],
+                min_gap_keyframes=values["loops.min_gap_keyframes"],
+                search_radius_m=values["loops.search_radius_m"],
+                min_similarity=values["loops.min_similarity"],
+                min_overlap=values["loops.min_overlap"],
+                every_keyframes=values["loops.every_keyframes"],
+                image_width=values["loops.image_width"],
+            ),
         ),
+        update_map=values["map.update"],
     )
     if values["backend"] not in BACKENDS:
         options = plugin_options(values["backend_options"])
