@@ -10,6 +10,7 @@ never whole windows dropped, so every window still overlaps a placed one.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import threading
@@ -39,7 +40,8 @@ class FrameStatus(enum.Enum):
     DROPPED_ODOM_GAP = "no odometry close enough to the image stamp"
     DROPPED_ODOM_TIMEOUT = "odometry for the image stamp never arrived"
     DROPPED_TOO_OLD = "image stamp is older than all buffered odometry"
-    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static within odometry.max_wait_s"
+    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static or /tf within odometry.max_wait_s"
+    DROPPED_EXTRINSIC_GAP = "no moving base -> camera extrinsic on /tf close enough to the image stamp"
     DROPPED_WAIT_QUEUE = "too many frames waiting for odometry"
     DROPPED_DUPLICATE = "same stamp as the previous image of this camera"
     DROPPED_OUT_OF_ORDER = "stamp older than the previous image of this camera"
@@ -58,6 +60,9 @@ class PipelineConfig:
     max_interval_s: float = 1.0
     min_interval_s: float = 0.0
     sync_tolerance_s: float = 0.02
+    #: A camera without a frame for this long (message time, against the others' stamps) is left out of
+    #: groups until it sends again; 0 = groups always wait for every camera.
+    camera_timeout_s: float = 1.0
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
     max_waiting_frames: int = 60
@@ -120,6 +125,11 @@ class _Waiting:
     deadline_ns: int
 
 
+#: Least keyframe groups whose extrinsics are remembered for pose-graph corrections (the map keeps
+#: ``keep_keyframes`` movable).
+MAX_FUSED_GROUPS = 256
+
+
 def _monotonic_ns() -> int:
     return time.monotonic_ns()
 
@@ -157,8 +167,15 @@ class Pipeline:
         self._clock = clock
         self.stats = PipelineStats()
         self.odometry = OdometryBuffer(max_gap_s=config.odom_max_gap_s)
+        #: Per camera its newest known base -> optical extrinsic (static, or the newest moving sample).
         self._extrinsics: dict[str, np.ndarray] = {}
-        self._sync = FrameSync(config.cameras, config.sync_tolerance_s)
+        #: Cameras whose extrinsic moves (/tf): their samples by stamp, looked up at each image's stamp.
+        self._moving_extrinsics: dict[str, OdometryBuffer] = {}
+        self._sync = FrameSync(config.cameras, config.sync_tolerance_s, camera_timeout_s=config.camera_timeout_s)
+        #: Group stamp -> (frame key, T_base_camera) of recently fused keyframes (worker thread only), so a
+        #: pose-graph correction of the base moves each camera's contribution with its own extrinsic.
+        self._fused_extrinsics: collections.OrderedDict[int, list[tuple[tuple[str, int], np.ndarray]]] = \
+            collections.OrderedDict()
         self._keyframes = KeyframeSelector(
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
@@ -210,17 +227,50 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
     def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> list[FrameStatus]:
-        """The camera's base -> optical transform; returns the fate of frames that waited for it."""
+        """The camera's static base -> optical transform; returns the fate of frames that waited for it."""
         with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
+            self._moving_extrinsics.pop(camera, None)
+            return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
+
+    def add_extrinsic(self, camera: str, stamp_ns: int, T_base_camera: np.ndarray) -> list[FrameStatus]:
+        """A sample of a moving camera's base -> optical transform (a pan-tilt head on /tf).
+
+        From then on the camera's frames get the extrinsic interpolated at their own stamp, and wait
+        for it as for odometry. Raises ValueError for a transform that is not finite and rigid.
+        """
+        with self._cv:
+            buf = self._moving_extrinsics.get(camera)
+            if buf is None:
+                buf = self._moving_extrinsics[camera] = OdometryBuffer(max_gap_s=self.config.odom_max_gap_s)
+            buf.add(stamp_ns, T_base_camera.copy())
+            if buf.newest_ns == stamp_ns:
+                self._extrinsics[camera] = T_base_camera.copy()
+            self._odometry_seen += 1  # pose input: a frame waiting for it is not timed out while it flows
             return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
+        """The camera's newest known extrinsic (static, or the newest sample of a moving one)."""
         with self._lock:
             return self._extrinsics.get(camera)
 
-    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray) -> list[FrameStatus]:
-        """Buffer an odometry sample; returns the fate of frames it released or timed out.
+    def _extrinsic_at_locked(self, camera: str, stamp_ns: int) -> tuple[Lookup | None, np.ndarray | None]:
+        """The extrinsic at an image stamp: (None, None) while none is known."""
+        moving = self._moving_extrinsics.get(camera)
+        if moving is not None:
+            return moving.lookup(stamp_ns)
+        T = self._extrinsics.get(camera)
+        return (None, None) if T is None else (Lookup.OK, T)
+
+    def missing_cameras(self) -> list[str]:
+        """Cameras left out of groups for now (no frame for ``camera_timeout_s``), for diagnostics."""
+        with self._lock:
+            return self._sync.missing()
+
+    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray,
+                     covariance: np.ndarray | None = None) -> list[FrameStatus]:
+        """Buffer an odometry sample (with its 6x6 pose covariance, when used); returns the fate of
+        frames it released or timed out.
 
         Raises ValueError for a pose that is not finite and rigid. A stamp more than
         ``reset_jump_s`` older than the newest sample means the source restarted (bag loop): every
@@ -230,7 +280,7 @@ class Pipeline:
             newest = self.odometry.newest_ns
             if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
                 self._reset_locked(f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s")
-            self.odometry.add(stamp_ns, T_odom_base)
+            self.odometry.add(stamp_ns, T_odom_base, covariance)
             self._odometry_seen += 1
             return self._release_waiting_locked(timeouts=False)
 
@@ -255,8 +305,10 @@ class Pipeline:
             self._last_stamp[frame.camera] = frame.stamp_ns
             self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
             self._check_latency_locked(frame.stamp_ns)
-            if not self.config.use_odometry:
-                self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)))
+            if not self.config.use_odometry:  # the extrinsic only sets the map's axes: the newest will do
+                status, T_base_camera = self._extrinsic_at_locked(frame.camera, frame.stamp_ns)
+                T_base_camera = T_base_camera if status is Lookup.OK else self._extrinsics.get(frame.camera)
+                self._accept_locked(dataclasses.replace(frame, T_base_camera=T_base_camera))
                 return FrameStatus.ACCEPTED, reset
             deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
             if len(self._waiting) >= self.config.max_waiting_frames:
@@ -350,10 +402,17 @@ class Pipeline:
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
-            if item.frame.camera not in self._extrinsics:  # /tf_static may come just after the first images
+            extrinsic, T_base_camera = self._extrinsic_at_locked(item.frame.camera, item.frame.stamp_ns)
+            if extrinsic is None:  # /tf_static may come just after the first images
                 if not timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is Lookup.WAIT:  # a moving extrinsic is waited for as odometry is
+                if not odometry_timeouts or now <= item.deadline_ns:
+                    break
+                statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is not Lookup.OK:
+                statuses.append(FrameStatus.DROPPED_EXTRINSIC_GAP)
             elif status is Lookup.WAIT:
                 if not odometry_timeouts or now <= item.deadline_ns:
                     break
@@ -363,9 +422,10 @@ class Pipeline:
             elif status is Lookup.TOO_OLD:
                 statuses.append(FrameStatus.DROPPED_TOO_OLD)
             else:
-                T_base_camera = self._extrinsics[item.frame.camera]
+                assert T_base_camera is not None and T_odom_base is not None
                 frame = dataclasses.replace(item.frame, T_world_base=T_odom_base,
-                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera)
+                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera,
+                                            odometry_covariance=self.odometry.covariance(item.frame.stamp_ns))
                 self._accept_locked(frame)
                 statuses.append(FrameStatus.ACCEPTED)
             if statuses[-1] is not FrameStatus.ACCEPTED:
@@ -417,6 +477,7 @@ class Pipeline:
         """The next window (placed context + the oldest waiting keyframes), or None after a map reset."""
         if self._generation != self._placer_generation:
             self.placer.reset()
+            self._fused_extrinsics.clear()
             if self.map is not None:
                 self.map.reset()
             self._placer_generation = self._generation
@@ -485,11 +546,15 @@ class Pipeline:
             if out and ok:
                 voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
+        for group in window.groups[window.n_context:]:
+            self._fused_extrinsics[group[0].stamp_ns] = [(f.key, f.T_base_camera) for f in group
+                                                          if f.T_base_camera is not None]
+        keep = max(MAX_FUSED_GROUPS, self.config.fusion.keep_keyframes if self.config.fusion is not None else 0)
+        while len(self._fused_extrinsics) > keep:
+            self._fused_extrinsics.popitem(last=False)
         for stamp, T_map_base in placed.corrections.items():
-            for camera in self.config.cameras:
-                T_base_camera = self.extrinsic(camera)
-                if T_base_camera is not None:
-                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+            for key, T_base_camera in self._fused_extrinsics.get(stamp, ()):
+                voxel_map.update_pose(key, T_map_base @ T_base_camera)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:
