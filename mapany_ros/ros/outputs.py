@@ -43,7 +43,13 @@ class OutputBuilder:
         map_frame = cfg["map_frame"]
         out: list[tuple[str, Any]] = []
         transforms = []
-        for frame, view, emit in zip(result.frames, result.prediction.views, result.output_mask, strict=True):
+        # The path follows each group's first camera: a group may lack a camera that went silent.
+        firsts, i = set(), 0
+        for group in result.window.groups:
+            firsts.add(i)
+            i += len(group)
+        for k, (frame, view, emit) in enumerate(zip(result.frames, result.prediction.views, result.output_mask,
+                                                    strict=True)):
             if not emit:
                 continue
             header = Header(stamp=conv.ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
@@ -60,7 +66,7 @@ class OutputBuilder:
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))
             T_base_cam = frame.T_base_camera
             T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
-            if frame.camera == cfg.pipeline.cameras[0]:
+            if k in firsts:
                 self._path[frame.stamp_ns] = T_map_body
                 if not cfg["use_odometry"]:
                     child = cfg["base_frame"] if T_base_cam is not None else frame.frame_id

@@ -1,7 +1,8 @@
 """A rosbag2 of the synthetic robot with its ground truth, for offline runs and ``mapany-ros eval``.
 
 The bag holds what the robot's drivers would record - camera (raw or compressed as
-image_transport sends it), camera_info, wheel odometry (exact or drifting, optionally late) and
+image_transport sends it), camera_info, wheel odometry (exact or drifting, optionally late; as
+nav_msgs/Odometry or, as odometry nodes that publish only TF send it, odom -> base_link on /tf) and
 the static base -> camera chain - plus what no real robot has: the true base pose and the true
 z-depth at every image stamp. Playing it into the node and scoring the outputs against the
 ground-truth topics needs no live scene. Messages are built with the ROS layer's converters and
@@ -48,6 +49,7 @@ COMPRESSED_TOPIC = f"/{CAMERA}/image_raw/compressed"
 INFO_TOPIC = f"/{CAMERA}/camera_info"
 ODOM_TOPIC = "/odom"
 TF_STATIC_TOPIC = "/tf_static"
+TF_TOPIC = "/tf"
 GT_ODOM_TOPIC = "/ground_truth/odom"
 GT_DEPTH_TOPIC = "/ground_truth/depth"
 GT_INFO_TOPIC = "/ground_truth/camera_info"
@@ -106,6 +108,8 @@ def write_synthetic_bag(
     odometry_errors: OdometryErrors | None = None,
     odom_rate_hz: float = 50.0,
     odom_delay_s: float = 0.0,
+    odom_source: str = "topic",
+    extrinsic_source: str = "tf_static",
     stamp_offset_ns: int = 1_700_000_000 * 10**9,
     overwrite: bool = False,
     scene: SyntheticScene | None = None,
@@ -117,13 +121,21 @@ def write_synthetic_bag(
     at its first sample (so ``odom`` coincides with the ground truth's ``map`` there), runs at
     ``odom_rate_hz`` from two periods before the first image to two after the last, and with
     ``odometry_errors`` drifts as :class:`DriftingOdometry` does. ``odom_delay_s`` delays its
-    log time only (late odometry); stamps stay on the images' timeline. ``scene``: one already
-    built (building takes seconds), which ``seed`` then no longer chooses. Returns ``out_dir``.
+    log time only (late odometry); stamps stay on the images' timeline. ``odom_source``: ``topic``
+    writes it as nav_msgs/Odometry on /odom, ``tf`` as the odom -> base_link transform on /tf only.
+    ``extrinsic_source``: ``tf_static`` latches base_link -> camera_link once; ``tf`` publishes it on
+    /tf with every odometry sample, as robot_state_publisher does for a joint that may move.
+    ``scene``: one already built (building takes seconds), which ``seed`` then no longer chooses.
+    Returns ``out_dir``.
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if image_format not in ("raw", *COMPRESSED_FORMATS):
         raise ValueError(f"image_format must be raw, jpeg or png, got {image_format!r}")
+    if extrinsic_source not in ("tf_static", "tf"):
+        raise ValueError(f"extrinsic_source must be tf_static or tf, got {extrinsic_source!r}")
+    if odom_source not in ("topic", "tf"):
+        raise ValueError(f"odom_source must be topic or tf, got {odom_source!r}")
     if odom_rate_hz <= 0 or odom_delay_s < 0:
         raise ValueError("need odom_rate_hz > 0 and odom_delay_s >= 0")
     n_frames = int(round(duration_s * rate_hz))
@@ -148,15 +160,23 @@ def write_synthetic_bag(
 
     start_ns = stamp_offset_ns + int(odom_ns[0])
     T_base_link = seq.T_base_camera @ invert(T_LINK_OPTICAL)
-    add(start_ns, TF_STATIC_TOPIC, TFMessage(transforms=[
-        conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, LINK_FRAME, start_ns),
-        conv.matrix_to_transform_stamped(T_LINK_OPTICAL, LINK_FRAME, OPTICAL_FRAME, start_ns),
-    ]))
+    static = [conv.matrix_to_transform_stamped(T_LINK_OPTICAL, LINK_FRAME, OPTICAL_FRAME, start_ns)]
+    if extrinsic_source == "tf_static":
+        static.insert(0, conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, LINK_FRAME, start_ns))
+    add(start_ns, TF_STATIC_TOPIC, TFMessage(transforms=static))
     for t_ns in odom_ns:
         t_s = int(t_ns) * 1e-9
         T = drifting.pose(t_s) if drifting is not None else seq.scene.base_pose(t_s)
         stamp = stamp_offset_ns + int(t_ns)
-        add(stamp + int(round(odom_delay_s * 1e9)), ODOM_TOPIC, _odometry(T, stamp, ODOM_FRAME))
+        if extrinsic_source == "tf":
+            add(stamp, TF_TOPIC, TFMessage(transforms=[
+                conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, LINK_FRAME, stamp)]))
+        log_ns = stamp + int(round(odom_delay_s * 1e9))
+        if odom_source == "tf":
+            add(log_ns, TF_TOPIC, TFMessage(transforms=[
+                conv.matrix_to_transform_stamped(T, ODOM_FRAME, BASE_FRAME, stamp)]))
+        else:
+            add(log_ns, ODOM_TOPIC, _odometry(T, stamp, ODOM_FRAME))
     image_topic = IMAGE_TOPIC if image_format == "raw" else COMPRESSED_TOPIC
     for f in seq.frames:
         stamp = stamp_offset_ns + f.stamp_ns
@@ -169,7 +189,9 @@ def write_synthetic_bag(
         add(stamp, GT_DEPTH_TOPIC, conv.depth_to_image_msg(f.depth, header))
         add(stamp, GT_INFO_TOPIC, info)
 
-    types = {TF_STATIC_TOPIC: TFMessage, ODOM_TOPIC: Odometry, INFO_TOPIC: CameraInfo,
+    types = {TF_STATIC_TOPIC: TFMessage, INFO_TOPIC: CameraInfo,
+             **({} if odom_source == "tf" else {ODOM_TOPIC: Odometry}),
+             **({TF_TOPIC: TFMessage} if "tf" in (odom_source, extrinsic_source) else {}),
              image_topic: Image if image_format == "raw" else CompressedImage,
              GT_ODOM_TOPIC: Odometry, GT_DEPTH_TOPIC: Image, GT_INFO_TOPIC: CameraInfo}
     typestore = get_typestore(Stores.ROS2_KILTED)
@@ -201,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--odom-rate", type=float, default=50.0, help="odometry rate in Hz")
     ap.add_argument("--odom-delay", type=float, default=0.0,
                     help="odometry is logged this many seconds after its stamp (late odometry)")
+    ap.add_argument("--odom-source", choices=("topic", "tf"), default="topic",
+                    help="odometry as nav_msgs/Odometry on /odom, or as the odom -> base_link transform on /tf only")
     ap.add_argument("--odom-scale-error", type=float, default=0.0,
                     help="odometry translations are too long by this fraction")
     ap.add_argument("--odom-yaw-drift", type=float, default=0.0, help="odometry heading drift, degrees per metre")
@@ -219,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, seed=args.seed, width=args.width, height=args.height, duration_s=args.duration,
             rate_hz=args.rate, start_s=args.start, storage=args.storage, image_format=args.format,
             odometry_errors=errors, odom_rate_hz=args.odom_rate, odom_delay_s=args.odom_delay,
-            overwrite=args.overwrite,
+            odom_source=args.odom_source, overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as e:
         print(f"synthetic_bag: error: {e}", file=sys.stderr)
