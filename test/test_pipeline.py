@@ -1,5 +1,6 @@
 """The pipeline's threading, queueing, odometry waits and resets, with a fake backend."""
 
+import dataclasses
 import threading
 import time
 
@@ -325,3 +326,44 @@ def test_keyframes_keep_flowing_while_one_camera_of_two_is_silent_and_it_rejoins
     assert len(silent) >= 17 and all(groups[t] == {"left"} for t in silent)
     assert all(groups[t] == {"left", "right"} for t in groups if t < 3.9 or t > 14.2)
     assert max(groups) > 19.0 and p.stats.windows_failed == 0
+
+
+def test_a_pose_graph_correction_moves_each_fused_camera_with_its_own_stamp_and_extrinsic():
+    """Two cameras a few ms apart in one group, each with its own extrinsic (one on a moving head): a
+    correction of the group's base pose moves both contributions to the map, each where its camera was."""
+    from mapany_ros.core.placement import PlacedWindow, PlacementStatus
+    from mapany_ros.core.windows import Window
+
+    p, _ = make(RecordingBackend(), cameras=("left", "right"))
+    T_world_base = base_pose(1.0)
+    extrinsics = {"left": T_BASE_CAM, "right": T_BASE_CAM @ make_pose(np.eye(3), [0.12, 0, 0])}
+    group = [dataclasses.replace(frame(1.0 + 0.003 * i, cam), T_world_base=T_world_base, T_base_camera=T,
+                                 T_world_camera=T_world_base @ T) for i, (cam, T) in enumerate(extrinsics.items())]
+    prediction = RecordingBackend().infer(group)
+    p._fuse(Window(0, [group], 0), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None))
+    corrected = make_pose(np.eye(3), [0.2, 0.1, 0]) @ T_world_base
+    p._fuse(Window(1, [group], 1), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None,
+                                                 {group[0].stamp_ns: corrected}))
+    assert p.map.keyframes_reposed == 2
+    for f in group:
+        np.testing.assert_allclose(p.map._recent[f.key].T_map_camera, corrected @ extrinsics[f.camera], atol=1e-12)
+
+
+def test_a_frame_whose_moving_extrinsic_stops_is_dropped_while_odometry_still_flows():
+    clock = [0]
+    p = Pipeline(PipelineConfig(odom_max_wait_s=0.5), RecordingBackend(), lambda r: None, clock=lambda: clock[0])
+    for t in (0.0, 0.1):
+        p.add_extrinsic("camera", int(t * 1e9), T_BASE_CAM)
+    for i in range(3):
+        p.add_odometry(int(i * 0.1e9), base_pose(0.1 * i))
+    assert p.add_frame(frame(0.05))[0] is FrameStatus.ACCEPTED
+    assert p.add_frame(frame(0.15))[0] is FrameStatus.WAITING  # the head's joint states stop at 0.1 s
+    statuses = []
+    for i in range(3, 12):  # the odometry goes on: the frame waits for the extrinsic, then goes
+        clock[0] = int(i * 0.1e9)
+        p.add_odometry(int(i * 0.1e9), base_pose(0.1 * i))
+        statuses += p.poll()
+    assert statuses == [FrameStatus.DROPPED_NO_EXTRINSIC]
+    p.add_extrinsic("camera", int(0.3e9), T_BASE_CAM)  # the joint states come back
+    assert p.add_frame(frame(0.35))[0] is FrameStatus.WAITING
+    assert p.add_extrinsic("camera", int(0.4e9), T_BASE_CAM) == [FrameStatus.ACCEPTED]

@@ -194,6 +194,8 @@ class Pipeline:
         self._odometry_seen = 0
         self._latency_armed: int | None = None
         self._odometry_armed: int | None = None
+        self._extrinsics_seen = 0  # the same for the samples of moving extrinsics
+        self._extrinsic_armed: int | None = None
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
         self._cv = threading.Condition(self._lock)
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
@@ -246,7 +248,7 @@ class Pipeline:
             buf.add(stamp_ns, T_base_camera.copy())
             if buf.newest_ns == stamp_ns:
                 self._extrinsics[camera] = T_base_camera.copy()
-            self._odometry_seen += 1  # pose input: a frame waiting for it is not timed out while it flows
+            self._extrinsics_seen += 1  # a frame waiting for it is not timed out while samples flow
             return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
@@ -330,7 +332,10 @@ class Pipeline:
             overdue = bool(self._waiting) and now > self._waiting[0].deadline_ns
             quiet = overdue and self._odometry_armed == self._odometry_seen
             self._odometry_armed = self._odometry_seen if overdue and not quiet else None
-            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet)
+            quiet_extrinsics = overdue and self._extrinsic_armed == self._extrinsics_seen
+            self._extrinsic_armed = self._extrinsics_seen if overdue and not quiet_extrinsics else None
+            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet,
+                                                    extrinsic_timeouts=quiet_extrinsics)
             oldest = self._pending.oldest_uncut
             due = oldest is not None and now > self._due[oldest[0].stamp_ns] and self._cuttable_locked()
             if due and self._latency_armed == self._frames_seen:
@@ -384,19 +389,23 @@ class Pipeline:
         self.stats.resets += 1
         self._on_reset(reason)
         self.odometry.clear()
+        for moving in self._moving_extrinsics.values():  # message-time samples of the input that restarted
+            moving.clear()
         self._sync.clear()
         self._keyframes.reset()
         self._pending.clear()
         self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._latency_armed = self._odometry_armed = None
+        self._latency_armed = self._odometry_armed = self._extrinsic_armed = None
         self._n_context = 0
         self._generation += 1
 
-    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False) -> list[FrameStatus]:
+    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False,
+                                extrinsic_timeouts: bool = False) -> list[FrameStatus]:
         """Frames whose odometry and extrinsic have arrived go on; with ``timeouts`` (polls only)
-        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``."""
+        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``
+        (for a moving extrinsic's missing sample with ``extrinsic_timeouts``)."""
         statuses = []
         now = self._clock()
         while self._waiting:
@@ -408,7 +417,7 @@ class Pipeline:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
             elif extrinsic is Lookup.WAIT:  # a moving extrinsic is waited for as odometry is
-                if not odometry_timeouts or now <= item.deadline_ns:
+                if not extrinsic_timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
             elif extrinsic is not Lookup.OK:
