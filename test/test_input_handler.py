@@ -120,3 +120,36 @@ def test_odometry_covariance_reaches_the_frames_only_when_asked_for():
             assert warnings == ["odom_covariance"]
         else:
             assert all(f.odometry_covariance is None for f in seen.values()) and warnings == []
+
+
+def test_the_path_goes_on_while_the_first_camera_is_silent():
+    """The path follows each group's first camera: with ``cameras[0]`` silent, the other camera carries it."""
+    from core_fakes import base_pose, frame
+
+    from mapany_ros.ros.outputs import OutputBuilder
+
+    values = {p.name: p.default for p in PARAMETERS}
+    values.update({"backend": "planesweep", "cameras": ["left", "right"], "window.size": 3, "window.overlap": 1,
+                   "keyframe.min_translation_m": 0.05, "sync.tolerance_s": 0.01})
+    config = validate(values)
+    results = []
+    pipeline = Pipeline(config.pipeline, RecordingBackend(), results.append)
+    for cam in ("left", "right"):
+        pipeline.set_extrinsic(cam, T_LINK_OPTICAL)
+    pipeline.add_odometry(0, base_pose(0.0))
+    for i in range(60):  # the left camera is silent from 2 s to 4 s
+        t = round(0.1 * i, 3)
+        pipeline.add_odometry(int(round((t + 0.1) * 1e9)), base_pose(0.5 * (t + 0.1)))
+        if not 2.0 <= t < 4.0:
+            pipeline.add_frame(frame(t, "left"))
+        pipeline.add_frame(frame(t + 0.003, "right"))
+        pipeline.process_ready()
+    pipeline.flush()
+    pipeline.process_ready()
+    outputs = OutputBuilder(config)
+    for result in results:
+        outputs.window(result)
+    stamps = [s * 1e-9 for s in outputs.path_stamps()]
+    during = [s for s in stamps if 3.05 < s < 4.0]
+    assert len(during) >= 4 and all(round(s * 1000) % 100 == 3 for s in during)  # the right camera's stamps
+    assert max(stamps) > 5.5 and all(round(s * 1000) % 100 == 0 for s in stamps if s > 4.2)  # left again
