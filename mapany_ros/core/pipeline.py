@@ -10,7 +10,6 @@ never whole windows dropped, so every window still overlaps a placed one.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import threading
@@ -94,6 +93,9 @@ class WindowResult:
     placement: PlacedWindow
     #: Seconds (node clock) from the window's oldest new keyframe being queued to its placed prediction.
     latency_s: float
+    #: Per frame: a new keyframe placement could not put in the map whose view passed the view
+    #: checks: its depth (in its own camera frame) still goes out, without points or a path pose.
+    depth_only_mask: list[bool] = dataclasses.field(default_factory=list)
 
     @property
     def T_map_odom(self) -> np.ndarray | None:
@@ -110,7 +112,13 @@ class PipelineStats:
     windows_failed: int = 0
     windows_rejected: int = 0
     views_rejected: int = 0
+    #: Views whose depth was published without a place in the map (their window was rejected).
+    views_unplaced: int = 0
     chain_breaks: int = 0
+    odometry_slips: int = 0
+    loop_candidates: int = 0
+    loops_rejected: int = 0
+    loops_closed: int = 0
     frames_dropped: int = 0
     resets: int = 0
     backend_time_s: float = 0.0
@@ -123,11 +131,6 @@ class PipelineStats:
 class _Waiting:
     frame: Frame
     deadline_ns: int
-
-
-#: Least keyframe groups whose extrinsics are remembered for pose-graph corrections (the map keeps
-#: ``keep_keyframes`` movable).
-MAX_FUSED_GROUPS = 256
 
 
 def _monotonic_ns() -> int:
@@ -172,10 +175,6 @@ class Pipeline:
         #: Cameras whose extrinsic moves (/tf): their samples by stamp, looked up at each image's stamp.
         self._moving_extrinsics: dict[str, OdometryBuffer] = {}
         self._sync = FrameSync(config.cameras, config.sync_tolerance_s, camera_timeout_s=config.camera_timeout_s)
-        #: Group stamp -> (frame key, T_base_camera) of recently fused keyframes (worker thread only), so a
-        #: pose-graph correction of the base moves each camera's contribution with its own extrinsic.
-        self._fused_extrinsics: collections.OrderedDict[int, list[tuple[tuple[str, int], np.ndarray]]] = \
-            collections.OrderedDict()
         self._keyframes = KeyframeSelector(
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
@@ -202,6 +201,8 @@ class Pipeline:
         self._generation = 0  # bumped by every reset: results of an older generation are dropped
         self._placer_generation = 0
         self._busy = False
+        #: The placer has loop candidates to verify (set by the worker after each job).
+        self._loops_waiting = False
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -220,7 +221,7 @@ class Pipeline:
         """Block until no window can be sent and the backend is idle (for tools and tests)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._busy or self._ready_locked():
+            while self._busy or self._ready_locked() or self._loops_waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -459,34 +460,82 @@ class Pipeline:
         return self._generation != self._placer_generation or self._pending.windows_ready > 0
 
     def process_ready(self) -> int:
-        """Run every window that can be sent now in the caller's thread (offline processing,
-        without :meth:`start`); returns how many ran."""
+        """Run every window that can be sent now in the caller's thread, then the loop closures they
+        proposed (offline processing, without :meth:`start`); returns how many windows ran."""
         ran = 0
         while True:
             with self._cv:
-                if not self._ready_locked():
+                ready = self._ready_locked()
+                if not ready and not self._loops_waiting:
                     return ran
-                job = self._take_locked()
-            if job is not None:
-                self._run_job(job)
-                ran += 1
+                job = self._take_locked() if ready else None
+                if not ready:
+                    self._busy = True
+            if ready:
+                if job is not None:
+                    self._run_job(job)
+                    ran += 1
+            else:
+                self._run_loop()
 
     def _run(self) -> None:
+        """The worker: windows first; loop closures only while no window waits for the backend."""
         while True:
             with self._cv:
-                while not self._stop and not self._ready_locked():
+                while not self._stop and not self._ready_locked() and not self._loops_waiting:
                     self._cv.wait()
                 if self._stop:
                     return
-                job = self._take_locked()
+                ready = self._ready_locked()
+                job = self._take_locked() if ready else None
+                if not ready:
+                    self._busy = True
+            if ready:
+                if job is not None:
+                    self._run_job(job)
+            else:
+                self._run_loop()
+
+    def _run_loop(self) -> None:
+        """Verify one loop candidate with the backend and close it when it holds (worker thread)."""
+        with self._lock:
+            generation = self._generation
+        result = None
+        try:
+            job = self.placer.loop_job()
             if job is not None:
-                self._run_job(job)
+                t0 = time.perf_counter()
+                prediction = self.backend.infer(job.frames)
+                placed = self.placer.close_loop(job, prediction)
+                self.placer.stats.last_loop_s = time.perf_counter() - t0
+                if placed is not None:
+                    if self.map is not None:
+                        self._fuse(Window(-1, [], 0), placed)
+                    result = WindowResult(Window(-1, [], 0), [], placed.prediction, [], placed, 0.0)
+        except Exception as exc:  # a failed verification loses a candidate, nothing else
+            self._on_error(exc)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._loops_waiting = self.placer.loops.pending
+                self._copy_placer_stats_locked()
+                if generation != self._generation:
+                    result = None
+                self._cv.notify_all()
+        if result is not None:
+            self._on_result(result)
+
+    def _copy_placer_stats_locked(self) -> None:
+        p, s = self.placer.stats, self.stats
+        s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+        s.odometry_slips, s.loops_closed, s.loop_candidates = p.odometry_slips, p.loops_closed, p.loop_candidates
+        s.loops_rejected = p.loops_rejected
 
     def _take_locked(self) -> tuple[Window, int, int] | None:
         """The next window (placed context + the oldest waiting keyframes), or None after a map reset."""
         if self._generation != self._placer_generation:
             self.placer.reset()
-            self._fused_extrinsics.clear()
+            self._loops_waiting = False
             if self.map is not None:
                 self.map.reset()
             self._placer_generation = self._generation
@@ -514,12 +563,15 @@ class Pipeline:
         finally:
             with self._cv:
                 self._busy = False
+                self._loops_waiting = self.placer.loops.pending
                 self._cv.notify_all()
 
     def _process(self, window: Window, queued_ns: int, generation: int) -> None:
         frames = window.frames
         t0 = time.perf_counter()
         prediction = self.backend.infer(frames)
+        if len(prediction.views) == len(frames):  # a count mismatch is the placer's error to report
+            prediction = prediction.with_cameras(frames)
         t1 = time.perf_counter()
         # A backend that needs pose priors returns them as its poses.
         placed = self.placer.place(window.groups, window.n_context, prediction,
@@ -530,20 +582,22 @@ class Pipeline:
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
         t3 = time.perf_counter()
-        p = self.placer.stats
         with self._lock:
             if generation != self._generation:
                 return  # the input restarted while this window was running: its map is gone
             s = self.stats
             s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
-            s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+            self._copy_placer_stats_locked()
             self._n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
-            if placed.status is PlacementStatus.REJECTED:
+            mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
+            depth_only = [o and d and not m for o, d, m in zip(window.output_mask, placed.depth_ok, mask, strict=True)]
+            s.views_unplaced += sum(depth_only)
+            if placed.status is PlacementStatus.REJECTED and not any(depth_only):
                 return
-            s.windows_done += 1
+            if placed.status is not PlacementStatus.REJECTED:
+                s.windows_done += 1
             s.latency_s = max(0.0, (self._clock() - queued_ns) * 1e-9)
-        mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
-        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s))
+        self._on_result(WindowResult(window, frames, placed.prediction, mask, placed, self.stats.latency_s, depth_only))
 
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:
@@ -553,17 +607,10 @@ class Pipeline:
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
             if out and ok:
-                voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
+                voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
-        for group in window.groups[window.n_context:]:
-            self._fused_extrinsics[group[0].stamp_ns] = [(f.key, f.T_base_camera) for f in group
-                                                          if f.T_base_camera is not None]
-        keep = max(MAX_FUSED_GROUPS, self.config.fusion.keep_keyframes if self.config.fusion is not None else 0)
-        while len(self._fused_extrinsics) > keep:
-            self._fused_extrinsics.popitem(last=False)
-        for stamp, T_map_base in placed.corrections.items():
-            for key, T_base_camera in self._fused_extrinsics.get(stamp, ()):
-                voxel_map.update_pose(key, T_map_base @ T_base_camera)
+        for key, T_map_camera in placed.view_corrections.items():  # any camera, any age: the map follows
+            voxel_map.update_pose(key, T_map_camera)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

@@ -131,6 +131,7 @@ class MapanyNode(Node):
         self.create_service(Trigger, "~/reset", self._reset)
         self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
+                             "views_unplaced": 0, "odometry_slips": 0,
                              "windows_failed": 0, "frames_dropped": 0}
         self._last_images: dict[str, int] = {}
         self._missing_cameras: list[str] = []
@@ -243,8 +244,9 @@ class MapanyNode(Node):
                  for cam in self.config.pipeline.cameras}
         self._last_images = dict(self.inputs.images)
         errors = [f"{new[k]} {k.replace('_', ' ')}" for k in ("windows_failed", "chain_breaks") if new[k] > 0]
-        warnings = [f"{new[k]} {k.replace('_', ' ')}" for k in ("keyframes_skipped", "windows_rejected",
-                                                               "views_rejected", "frames_dropped") if new[k] > 0]
+        warnings = [f"{new[k]} {k.replace('_', ' ')}" for k in ("odometry_slips", "keyframes_skipped",
+                                                               "windows_rejected", "views_rejected", "views_unplaced",
+                                                               "frames_dropped") if new[k] > 0]
         stale_s = self.config["diagnostics.stale_input_s"]
         for cam in self.config.pipeline.cameras:
             last = self.inputs.last_image_ns.get(cam)

@@ -16,7 +16,6 @@ from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.frames import CameraModel
-from mapany_ros.core.geometry import invert
 from mapany_ros.core.pipeline import WindowResult
 from mapany_ros.ros import conversions as conv
 from mapany_ros.ros.params import NodeConfig
@@ -43,42 +42,38 @@ class OutputBuilder:
         map_frame = cfg["map_frame"]
         out: list[tuple[str, Any]] = []
         transforms = []
-        # The path follows each group's first camera: a group may lack a camera that went silent.
-        firsts, i = set(), 0
-        for group in result.window.groups:
-            firsts.add(i)
-            i += len(group)
-        for k, (frame, view, emit) in enumerate(zip(result.frames, result.prediction.views, result.output_mask,
-                                                    strict=True)):
-            if not emit:
+        depth_only = result.depth_only_mask or [False] * len(result.frames)
+        for frame, view, placed, depth in zip(result.frames, result.prediction.views, result.output_mask, depth_only,
+                                              strict=True):
+            if not (placed or depth):
                 continue
             header = Header(stamp=conv.ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
             topics = depth_topics(frame.camera)
             # The depth lies on the camera's own (possibly distorted) grid, scaled to the output size:
             # the distortion coefficients hold in normalised coordinates, K is the output grid's.
             cam = frame.camera_model
-            grid = CameraModel(view.width, view.height, view.K, cam.distortion_model, cam.D)
+            grid = view.camera if view.camera is not None else CameraModel(
+                view.width, view.height, view.K, cam.distortion_model, cam.D)
             out.append((topics["depth"], conv.depth_to_image_msg(view.depth.detach().float().cpu().numpy(), header)))
             out.append((topics["info"], conv.model_to_camera_info(grid, header)))
             out.append((topics["conf"], conv.float_image_msg(view.confidence.detach().float().cpu().numpy(), header)))
+            if not placed:  # depth in its own camera frame is right; its place in the map is not known
+                continue
             valid = view.valid & torch.isfinite(view.depth)
             out.append(("points", conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))
-            T_base_cam = frame.T_base_camera
-            T_map_body = view.T_world_camera @ invert(T_base_cam) if T_base_cam is not None else view.T_world_camera
-            if k in firsts:
-                self._path[frame.stamp_ns] = T_map_body
-                if not cfg["use_odometry"]:
-                    child = cfg["base_frame"] if T_base_cam is not None else frame.frame_id
-                    transforms.append(conv.matrix_to_transform_stamped(T_map_body, map_frame, child, frame.stamp_ns))
-        for stamp, T_map_base in result.placement.corrections.items():  # the pose graph moved earlier keyframes
-            if stamp in self._path:
-                self._path[stamp] = T_map_base
+        if not cfg["use_odometry"]:  # the node's own chained estimate, as a visual odometry publishes it
+            first = result.frames[0]
+            child = cfg["base_frame"] if first.T_base_camera is not None else first.frame_id
+            for stamp, T_odom_base in sorted(result.placement.visual_odometry.items()):
+                transforms.append(conv.matrix_to_transform_stamped(T_odom_base, cfg["odom_frame"], child, stamp))
+        # The base of every keyframe group the graph placed or moved, this window's and earlier ones.
+        self._path.update(result.placement.corrections)
         while len(self._path) > cfg["path.max_poses"]:
             del self._path[min(self._path)]
         if transforms:
             out.append(("/tf", TFMessage(transforms=transforms)))
-        if any(result.output_mask) and self._path:
+        if (any(result.output_mask) or result.placement.corrections) and self._path:
             out.append(("path", self.path()))
         return out
 

@@ -125,7 +125,6 @@ PARAMETERS: tuple[Param, ...] = (
     Param("placement.view_sigma_deg", 1.0, "Expected orientation error of one view of the model.", 0.01, 90.0),
     Param("placement.metric_scale_sigma", 0.03, "Expected scale error of one metric window (how much each window "
           "may correct the map's scale without odometry).", 0.001, 1.0),
-    Param("placement.graph_windows", 4, "Windows kept in the sliding-window pose graph (with odometry).", 1, 100),
     Param("map.enabled", True, "Fuse every placed keyframe into a voxel map (map_points, ~/save_map, ~/reset)."),
     Param("map.voxel_size_m", 0.05, "Voxel edge of the fused map.", 0.005, 10.0),
     Param("map.max_voxels", 2_000_000, "Memory budget of the fused map, in voxels (about 60 bytes each).",
@@ -261,7 +260,6 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             metric_scale_sigma=values["placement.metric_scale_sigma"],
             odom_sigma_ratio=values["odometry.sigma_translation"],
             odom_sigma_deg_per_m=values["odometry.sigma_rotation_deg_per_m"],
-            graph_windows=values["placement.graph_windows"],
         ),
     )
     if values["backend"] not in BACKENDS:

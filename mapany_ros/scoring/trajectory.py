@@ -73,3 +73,29 @@ def trajectory_errors(stamps: np.ndarray, estimate: np.ndarray, truth: np.ndarra
         out[f"rpe_{key}_rmse_{unit}"] = float(rpe.get_statistic(metrics.StatisticsType.rmse))
         out[f"rpe_{key}_max_{unit}"] = float(rpe.get_statistic(metrics.StatisticsType.max))
     return out, aligned
+
+
+def revisit_errors(estimate: list[np.ndarray], truth: list[np.ndarray], stamps: list[int], *,
+                   radius_m: float = 0.3, min_gap_s: float = 10.0) -> np.ndarray:
+    """Error (m) of the estimated relative position of keyframe pairs at the same true place on
+    different passes: true positions within ``radius_m``, stamps at least ``min_gap_s`` apart.
+
+    The estimate is first SE(3)-aligned to the truth (evo), so the error is that of the map where
+    the robot came back: a double wall shows as the pair's offset, whatever the frame. Each keyframe
+    is paired with its nearest true neighbour of an earlier pass.
+    """
+    ts = np.asarray(stamps, dtype=np.float64) * 1e-9
+    est = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in estimate], timestamps=ts)
+    ref = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in truth], timestamps=ts)
+    est.align(ref, correct_scale=False)
+    p_est, p_ref = est.positions_xyz, ref.positions_xyz
+    errors = []
+    for b in range(len(ts)):
+        earlier = np.flatnonzero(ts < ts[b] - min_gap_s)
+        if earlier.size == 0:
+            continue
+        d = np.linalg.norm(p_ref[earlier] - p_ref[b], axis=1)
+        a = earlier[int(np.argmin(d))]
+        if d.min() <= radius_m:
+            errors.append(np.linalg.norm((p_est[b] - p_est[a]) - (p_ref[b] - p_ref[a])))
+    return np.asarray(errors)

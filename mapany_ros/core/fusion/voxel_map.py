@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mapany_ros.core.camera_rays import plane_rays
+from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.fusion.config import MAX_PIXEL_WEIGHT, FusionConfig
 from mapany_ros.core.fusion.grid import COORD_OFFSET, Contribution, VoxelGrid, nbytes, reduce_samples, unpack
 from mapany_ros.core.fusion.ply import read_ply, write_ply
@@ -104,7 +106,7 @@ class VoxelMap:
         self,
         key: Hashable,
         depth: ImageLike,
-        K: np.ndarray,
+        K: np.ndarray | CameraModel,
         T_map_camera: np.ndarray,
         colors: ImageLike,
         confidence: ImageLike | None = None,
@@ -112,16 +114,18 @@ class VoxelMap:
     ) -> None:
         """Fuse one keyframe: z-depth (h, w) metres (NaN = none), RGB uint8 (h, w, 3), pose camera-to-map.
 
+        ``K`` is the depth grid's pinhole matrix, or its :class:`CameraModel` (w x h) when the grid is a
+        distorted camera's: pixels are then back-projected along the model's true rays.
         ``confidence`` (h, w) is divided by the keyframe's median valid confidence, since backends
         use different scales; None weighs every pixel 1. ``valid`` (h, w) bool drops pixels.
         ``key`` (e.g. (camera, stamp_ns)) names the keyframe for update_pose.
         """
-        K = _check_K(K)
+        camera = _check_camera(K)
         T = self._check_pose(T_map_camera)
         with self._lock:
             if key in self._recent:
                 raise ValueError(f"keyframe {key!r} is already in the map; move it with update_pose")
-            points_cam, weights, rgb = self._samples(depth, K, colors, confidence, valid)
+            points_cam, weights, rgb = self._samples(depth, camera, colors, confidence, valid)
             contribution = self._reduce(points_cam, weights, rgb, T)
             self._integrated += 1
             self._camera_xyz = T[:3, 3].copy()
@@ -225,7 +229,7 @@ class VoxelMap:
     def _samples(
         self,
         depth: ImageLike,
-        K: np.ndarray,
+        camera: np.ndarray | CameraModel,
         colors: ImageLike,
         confidence: ImageLike | None,
         valid: ImageLike | None,
@@ -236,6 +240,8 @@ class VoxelMap:
         if d.dim() != 2 or not d.is_floating_point():
             raise ValueError(f"depth must be a floating-point (h, w) image, got {d.dtype} of shape {tuple(d.shape)}")
         h, w = d.shape
+        if isinstance(camera, CameraModel) and (camera.width, camera.height) != (w, h):
+            raise ValueError(f"the camera model is {camera.width}x{camera.height}, the depth {w}x{h}")
         d = d[::s, ::s].to(dev, non_blocking=True).float()
         rgb = _strided("colors", colors, (h, w, 3), (torch.uint8,), s, dev)
         ok = (d > 0) & (d <= cfg.max_depth_m)  # False for NaN too
@@ -254,9 +260,14 @@ class VoxelMap:
                 weights = (weights / weights.median()).clamp_(max=MAX_PIXEL_WEIGHT)
             keep = torch.nonzero(weights >= cfg.min_confidence, as_tuple=True)[0]
             v, u, weights = v[keep], u[keep], weights[keep]
+        if isinstance(camera, CameraModel):  # distorted: the model's rays, cached per camera and stride
+            rays, ray_ok = plane_rays(camera, dev, s)
+            keep = torch.nonzero(ray_ok[v, u], as_tuple=True)[0]
+            v, u, weights = v[keep], u[keep], weights[keep]
+            return rays[v, u] * d[v, u, None], weights, rgb[v, u]
         z = d[v, u]
         x, y = (u * s).float(), (v * s).float()
-        Ki = np.linalg.inv(K)  # rows 0 and 1 map (u, v, 1) to the ray's x and y; its z is 1
+        Ki = np.linalg.inv(camera)  # rows 0 and 1 map (u, v, 1) to the ray's x and y; its z is 1
         rays_x = x * Ki[0, 0] + y * Ki[0, 1] + Ki[0, 2]
         rays_y = x * Ki[1, 0] + y * Ki[1, 1] + Ki[1, 2]
         return torch.stack([rays_x * z, rays_y * z, z], dim=1), weights, rgb[v, u]
@@ -308,6 +319,15 @@ def _strided(
     if t.dtype not in dtypes:
         raise ValueError(f"{name} must be of dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
     return t[::stride, ::stride].to(device, non_blocking=True)
+
+
+def _check_camera(K: np.ndarray | CameraModel) -> np.ndarray | CameraModel:
+    """A pinhole K as float64, or a distorted camera model (after checking its K); a distortion-free
+    model becomes its K, so pinhole cameras take the plain path whichever way they come."""
+    if isinstance(K, CameraModel):
+        _check_K(K.K)
+        return K if not K.is_pinhole else np.asarray(K.K, dtype=np.float64)
+    return _check_K(K)
 
 
 def _check_K(K: np.ndarray) -> np.ndarray:
