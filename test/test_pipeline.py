@@ -329,24 +329,42 @@ def test_keyframes_keep_flowing_while_one_camera_of_two_is_silent_and_it_rejoins
 
 
 def test_a_pose_graph_correction_moves_each_fused_camera_with_its_own_stamp_and_extrinsic():
-    """Two cameras a few ms apart in one group, each with its own extrinsic (one on a moving head): a
-    correction of the group's base pose moves both contributions to the map, each where its camera was."""
+    """Two cameras a few ms apart in one group, each with its own extrinsic (one on a moving head, sampled
+    at its own stamp): a correction of the group's base pose moves both contributions to the map, each
+    where its camera was - placement's per-frame corrections, applied by the pipeline's fusion."""
+    from scipy.spatial.transform import Rotation
+
     from mapany_ros.core.placement import PlacedWindow, PlacementStatus
+    from mapany_ros.core.placement.keyframe_index import KeyframeIndex
     from mapany_ros.core.windows import Window
 
+    def base_at(t: float) -> np.ndarray:  # turning at 1 rad/s: 3 ms between the cameras matter
+        return make_pose(Rotation.from_euler("z", t).as_matrix(), [t, 0.0, 0.0])
+
     p, _ = make(RecordingBackend(), cameras=("left", "right"))
-    T_world_base = base_pose(1.0)
-    extrinsics = {"left": T_BASE_CAM, "right": T_BASE_CAM @ make_pose(np.eye(3), [0.12, 0, 0])}
-    group = [dataclasses.replace(frame(1.0 + 0.003 * i, cam), T_world_base=T_world_base, T_base_camera=T,
-                                 T_world_camera=T_world_base @ T) for i, (cam, T) in enumerate(extrinsics.items())]
+    head = make_pose(Rotation.from_euler("y", 7, degrees=True).as_matrix(), [0.12, 0, 0])
+    extrinsics = {"left": T_BASE_CAM, "right": T_BASE_CAM @ head}
+    group = []
+    for i, (cam, T_base_camera) in enumerate(extrinsics.items()):
+        f = frame(1.0 + 0.003 * i, cam)
+        T_world_base = base_at(f.stamp_ns * 1e-9)
+        group.append(dataclasses.replace(f, T_world_base=T_world_base, T_base_camera=T_base_camera,
+                                         T_world_camera=T_world_base @ T_base_camera))
     prediction = RecordingBackend().infer(group)
     p._fuse(Window(0, [group], 0), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None))
-    corrected = make_pose(np.eye(3), [0.2, 0.1, 0]) @ T_world_base
+    index = KeyframeIndex()
+    kf = index.add(group)
+    T_odom_ref = group[0].T_world_base
+    index.changed({kf.kid: T_odom_ref})  # reported where odometry put it
+    corrected = make_pose(np.eye(3), [0.2, 0.1, 0]) @ T_odom_ref
+    corrections, view_corrections = index.changed({kf.kid: corrected})
+    assert set(corrections) == {group[0].stamp_ns} and set(view_corrections) == {f.key for f in group}
     p._fuse(Window(1, [group], 1), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None,
-                                                 {group[0].stamp_ns: corrected}))
+                                                 corrections, view_corrections))  # the group as context now
     assert p.map.keyframes_reposed == 2
-    for f in group:
-        np.testing.assert_allclose(p.map._recent[f.key].T_map_camera, corrected @ extrinsics[f.camera], atol=1e-12)
+    for f in group:  # the right camera: 3 ms of motion after the group's stamp, then its own head pose
+        expected = corrected @ invert(T_odom_ref) @ f.T_world_base @ extrinsics[f.camera]
+        np.testing.assert_allclose(p.map._recent[f.key].T_map_camera, expected, atol=1e-9)
 
 
 def test_a_frame_whose_moving_extrinsic_stops_is_dropped_while_odometry_still_flows():
