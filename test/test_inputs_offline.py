@@ -134,3 +134,41 @@ def test_an_extrinsic_on_tf_instead_of_tf_static_gives_the_same_path(bags, refer
     for s in ref:
         np.testing.assert_allclose(got[s], ref[s], atol=1e-6)
     assert moving.pipeline.stats.keyframes == topic.pipeline.stats.keyframes and not moving.warnings
+
+
+def test_a_rig_with_odometry_and_extrinsics_on_tf_gives_the_path_of_the_topic_rig(tmp_path):
+    """Two cameras, each with its own extrinsic and stamps: odometry as TF only and every camera's
+    base -> C_link on /tf (the moving-joint path, interpolated at each image stamp) give the same path
+    and the same depth of both cameras as odometry on /odom with the chains on /tf_static."""
+    scene = SyntheticScene(0)
+    rig = scene.rig("front", "left")
+    kinds = {"topic": {}, "tf": {"odom_source": "tf", "extrinsic_source": "tf"}}
+    bags = {k: write_synthetic_bag(tmp_path / f"rig_{k}", width=W, height=H, duration_s=DURATION, rate_hz=RATE,
+                                   scene=scene, cameras=rig, odometry_errors=ERRORS, odom_delay_s=0.1, **kw)
+            for k, kw in kinds.items()}
+    cameras = "cameras:=[front,left]"
+    topic = run(bags["topic"], tmp_path / "topic", cameras)
+    tf = run(bags["tf"], tmp_path / "tf", cameras, "odometry.source:=tf")
+    assert tf.warnings == topic.warnings
+    assert set(tf.pipeline._moving_extrinsics) == {"front", "left"} and not topic.pipeline._moving_extrinsics
+    ref, got = final_path(tmp_path / "topic"), final_path(tmp_path / "tf")
+    assert sorted(got) == sorted(ref) and len(ref) >= 6
+    for s in ref:
+        np.testing.assert_allclose(got[s], ref[s], atol=1e-6)
+    assert tf.pipeline.stats.keyframes == topic.pipeline.stats.keyframes
+    assert tf.pipeline.stats.frames_dropped == topic.pipeline.stats.frames_dropped
+    for out in ("topic", "tf"):
+        depth = depth_stamps(tmp_path / out)
+        assert depth["/front/depth"] and depth["/left/depth"], depth
+        assert depth == depth_stamps(tmp_path / "topic")
+
+
+def depth_stamps(out: Path) -> dict[str, list[int]]:
+    """Per camera the stamps of its published depth images."""
+    stamps: dict[str, list[int]] = {"/front/depth": [], "/left/depth": []}
+    with AnyReader([out], default_typestore=TYPESTORE) as reader:
+        conns = [c for c in reader.connections if c.topic in stamps]
+        for conn, _, raw in reader.messages(connections=conns):
+            m = reader.deserialize(raw, conn.msgtype)
+            stamps[conn.topic].append(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)
+    return stamps
