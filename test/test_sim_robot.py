@@ -93,6 +93,30 @@ def test_a_two_camera_bag_has_each_camera_on_its_own_topics_stamps_and_extrinsic
     assert before < 0.2 and after > 4.8, (before, after)
 
 
+def test_a_rig_bag_with_odometry_and_extrinsics_on_tf_chains_every_camera(tmp_path, scene):
+    """A rig whose odometry is TF only and whose base -> C_link joints are on /tf: every odometry stamp
+    carries odom -> base_link and each camera's base_link -> C_link; /tf_static keeps C_link -> optical."""
+    rig = scene.rig("front", "left")
+    bag = write_synthetic_bag(tmp_path / "rig_tf", width=W, height=H, duration_s=N_FRAMES / RATE, rate_hz=RATE,
+                              start_s=START, scene=scene, cameras=rig, odom_source="tf", extrinsic_source="tf")
+    types, msgs = read_bag(bag)
+    assert "/odom" not in types and types["/tf"] == "tf2_msgs/msg/TFMessage"
+    [(_, tf_static)] = msgs["/tf_static"]
+    assert set(static_chains(tf_static)) == {(f"{c}_link", f"{c}_optical_frame") for c in rig}
+    by_stamp: dict[int, dict] = {}
+    for _, m in msgs["/tf"]:
+        for tf in m.transforms:
+            by_stamp.setdefault(conv.stamp_to_ns(tf.header.stamp), {})[tf.header.frame_id, tf.child_frame_id] = \
+                conv.transform_to_matrix(tf.transform)
+    assert len(by_stamp) >= N_FRAMES
+    for s, chains in by_stamp.items():
+        assert set(chains) == {("odom", "base_link")} | {("base_link", f"{c}_link") for c in rig}, s
+        np.testing.assert_allclose(chains["odom", "base_link"], scene.base_pose((s - OFFSET_NS) * 1e-9), atol=1e-9)
+        check_rig_extrinsics({**chains, **static_chains(tf_static)}, rig)
+    with pytest.raises(ValueError, match="extrinsic_source"):
+        write_synthetic_bag(tmp_path / "bad", scene=scene, cameras=rig, extrinsic_source="joint_states")
+
+
 def test_the_bag_command_takes_a_rig_and_slips(tmp_path, capsys):
     rc = synthetic_bag_main([str(tmp_path / "bag"), "--width", "32", "--height", "24", "--duration", "0.3",
                              "--cameras", "front,left,right", "--odom-slip", "4.1,0.2,3"])
@@ -106,8 +130,10 @@ def test_the_bag_command_takes_a_rig_and_slips(tmp_path, capsys):
 
 
 @pytest.mark.ros
-def test_the_robot_publishes_every_camera_of_its_rig(rclpy_context, scene):
+@pytest.mark.parametrize("odom_as_tf", [False, True])
+def test_the_robot_publishes_every_camera_of_its_rig(rclpy_context, scene, odom_as_tf):
     import rclpy
+    from nav_msgs.msg import Odometry
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
@@ -117,7 +143,7 @@ def test_the_robot_publishes_every_camera_of_its_rig(rclpy_context, scene):
 
     rig = scene.rig("front", "left")
     seqs = make_rig_sequences(rig, 0, W, H, N_FRAMES, RATE, start_s=START, scene=scene, supersample=1)
-    source = SyntheticSource(seqs, stamp_offset_ns=OFFSET_NS, context=rclpy_context)
+    source = SyntheticSource(seqs, stamp_offset_ns=OFFSET_NS, odom_as_tf=odom_as_tf, context=rclpy_context)
     listener = rclpy.create_node("rig_listener", context=rclpy_context)
     got: dict[str, list] = {}
 
@@ -129,16 +155,27 @@ def test_the_robot_publishes_every_camera_of_its_rig(rclpy_context, scene):
         listener.create_subscription(CameraInfo, f"{name}/camera_info", keep(f"{name}/camera_info"), RELIABLE)
     latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     listener.create_subscription(TFMessage, "/tf_static", keep("/tf_static"), latched)
+    listener.create_subscription(TFMessage, "/tf", keep("/tf"), RELIABLE)
+    listener.create_subscription(Odometry, "odom", keep("odom"), RELIABLE)
     executor = SingleThreadedExecutor(context=rclpy_context)
     executor.add_node(listener)
     try:
         deadline = time.monotonic() + 30.0
-        while source.image_pubs["left"].get_subscription_count() == 0 and time.monotonic() < deadline:
+        pubs = (source.image_pubs["left"], source.tf_pub if odom_as_tf else source.odom_pub)
+        while any(p.get_subscription_count() == 0 for p in pubs) and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.05)
         player = threading.Thread(target=source.play, kwargs={"speed": 4.0})
         player.start()
+        last_image = max(OFFSET_NS + seq.frames[-1].stamp_ns for seq in seqs.values())
+
+        def odometry_done() -> bool:  # the odometry after the last image, published after it, is in
+            if odom_as_tf:
+                return any(conv.stamp_to_ns(tf.header.stamp) > last_image for m in got.get("/tf", [])
+                           for tf in m.transforms)
+            return any(stamp(m) > last_image for m in got.get("odom", []))
+
         while time.monotonic() < deadline and (player.is_alive() or any(
-                len(got.get(f"{c}/image_raw", [])) < N_FRAMES for c in rig)):
+                len(got.get(f"{c}/image_raw", [])) < N_FRAMES for c in rig) or not odometry_done()):
             executor.spin_once(timeout_sec=0.05)
         player.join()
     finally:
@@ -154,3 +191,16 @@ def test_the_robot_publishes_every_camera_of_its_rig(rclpy_context, scene):
         np.testing.assert_array_equal(conv.image_to_rgb(images[0]), seqs[name].frames[0].rgb)
         assert {m.header.frame_id for m in got[f"{name}/camera_info"]} == {f"{name}_optical_frame"}
     check_rig_extrinsics(static_chains(got["/tf_static"][-1]), rig)
+    # Odometry on odom, or as odom -> base_link on /tf only: the same poses, around every camera's stamps.
+    assert not got.get("/tf" if not odom_as_tf else "odom")
+    if odom_as_tf:
+        odom = {conv.stamp_to_ns(tf.header.stamp): conv.transform_to_matrix(tf.transform)
+                for m in got["/tf"] for tf in m.transforms}
+        assert {(tf.header.frame_id, tf.child_frame_id) for m in got["/tf"] for tf in m.transforms} == \
+            {("odom", "base_link")}
+    else:
+        odom = {stamp(m): conv.odometry_to_matrix(m) for m in got["odom"]}
+    images = sorted(OFFSET_NS + f.stamp_ns for seq in seqs.values() for f in seq.frames)
+    assert min(odom) < images[0] and max(odom) > images[-1]
+    for s, T in odom.items():
+        np.testing.assert_allclose(T, scene.base_pose((s - OFFSET_NS) * 1e-9), atol=1e-6)

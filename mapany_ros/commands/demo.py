@@ -1,6 +1,7 @@
 """`make demo`: the whole product on the embedded synthetic scene, over real ROS 2 topics.
 
-A synthetic robot (camera, odometry, static TF) publishes; ``mapany_node`` runs as its own
+A synthetic robot (camera, odometry - on odom, or as TF only with ``--odom-source tf`` - and static TF)
+publishes; ``mapany_node`` runs as its own
 process with the weight-free plane-sweep backend; a recorder writes everything to MCAP; the
 outputs are scored against ground truth. Results land in ``out/demo/``.
 """
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="odometry arrives this many seconds after the images it covers (late, as real odometry)")
     ap.add_argument("--odom-jitter", type=float, default=0.3,
                     help="odometry intervals vary by up to this fraction (irregular, as real odometry)")
+    ap.add_argument("--odom-source", choices=("topic", "tf"), default="topic",
+                    help="the robot publishes odometry on odom, or only as the odom -> base_link transform on /tf "
+                         "(the node then runs with odometry.source: tf)")
     ap.add_argument("--params", type=Path, default=None, help="node parameters file (default config/demo.yaml)")
     ap.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     ap.add_argument("--bag", type=Path, default=None,
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         write_synthetic_bag(args.bag, seed=args.seed, width=args.width, height=args.height,
                             duration_s=args.duration, rate_hz=args.rate, start_s=args.start,
-                            odom_delay_s=args.odom_delay, image_format=args.bag_format, storage=args.bag_storage)
+                            odom_delay_s=args.odom_delay, image_format=args.bag_format, storage=args.bag_storage,
+                            odom_source=args.odom_source)
         print(f"[demo] wrote {args.bag}")
         return 0
     apply_localhost_dds()
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log = open(out / "node.log", "w")
     node_proc = subprocess.Popen(
-        [sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file", str(params)],
+        [sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file", str(params),
+         "-p", f"odometry.source:={args.odom_source}"],
         stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
     )
     rclpy.init()
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(bag_path)
-    source = SyntheticSource(seq, odom_delay_s=args.odom_delay, odom_jitter=args.odom_jitter)
+    source = SyntheticSource(seq, odom_delay_s=args.odom_delay, odom_jitter=args.odom_jitter,
+                             odom_as_tf=args.odom_source == "tf")
     collector = OutputCollector()
     recorder = BagRecorder(bag_path, {
         "/camera/image_raw": Image, "/camera/camera_info": CameraInfo, "/odom": Odometry, "/tf_static": TFMessage,

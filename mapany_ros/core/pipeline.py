@@ -41,7 +41,8 @@ class FrameStatus(enum.Enum):
     DROPPED_ODOM_GAP = "no odometry close enough to the image stamp"
     DROPPED_ODOM_TIMEOUT = "odometry for the image stamp never arrived"
     DROPPED_TOO_OLD = "image stamp is older than all buffered odometry"
-    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static within odometry.max_wait_s"
+    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static or /tf within odometry.max_wait_s"
+    DROPPED_EXTRINSIC_GAP = "no moving base -> camera extrinsic on /tf close enough to the image stamp"
     DROPPED_WAIT_QUEUE = "too many frames waiting for odometry"
     DROPPED_DUPLICATE = "same stamp as the previous image of this camera"
     DROPPED_OUT_OF_ORDER = "stamp older than the previous image of this camera"
@@ -60,6 +61,9 @@ class PipelineConfig:
     max_interval_s: float = 1.0
     min_interval_s: float = 0.0
     sync_tolerance_s: float = 0.02
+    #: A camera without a frame for this long (message time, against the others' stamps) is left out of
+    #: groups until it sends again; 0 = groups always wait for every camera.
+    camera_timeout_s: float = 1.0
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
     max_waiting_frames: int = 60
@@ -171,8 +175,11 @@ class Pipeline:
         self._clock = clock
         self.stats = PipelineStats()
         self.odometry = OdometryBuffer(max_gap_s=config.odom_max_gap_s)
+        #: Per camera its newest known base -> optical extrinsic (static, or the newest moving sample).
         self._extrinsics: dict[str, np.ndarray] = {}
-        self._sync = FrameSync(config.cameras, config.sync_tolerance_s)
+        #: Cameras whose extrinsic moves (/tf): their samples by stamp, looked up at each image's stamp.
+        self._moving_extrinsics: dict[str, OdometryBuffer] = {}
+        self._sync = FrameSync(config.cameras, config.sync_tolerance_s, camera_timeout_s=config.camera_timeout_s)
         self._keyframes = KeyframeSelector(
             config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
         )
@@ -191,6 +198,8 @@ class Pipeline:
         self._odometry_seen = 0
         self._latency_armed: int | None = None
         self._odometry_armed: int | None = None
+        self._extrinsics_seen = 0  # the same for the samples of moving extrinsics
+        self._extrinsic_armed: int | None = None
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker
         self._cv = threading.Condition(self._lock)
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
@@ -228,17 +237,50 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
     def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> list[FrameStatus]:
-        """The camera's base -> optical transform; returns the fate of frames that waited for it."""
+        """The camera's static base -> optical transform; returns the fate of frames that waited for it."""
         with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
+            self._moving_extrinsics.pop(camera, None)
+            return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
+
+    def add_extrinsic(self, camera: str, stamp_ns: int, T_base_camera: np.ndarray) -> list[FrameStatus]:
+        """A sample of a moving camera's base -> optical transform (a pan-tilt head on /tf).
+
+        From then on the camera's frames get the extrinsic interpolated at their own stamp, and wait
+        for it as for odometry. Raises ValueError for a transform that is not finite and rigid.
+        """
+        with self._cv:
+            buf = self._moving_extrinsics.get(camera)
+            if buf is None:
+                buf = self._moving_extrinsics[camera] = OdometryBuffer(max_gap_s=self.config.odom_max_gap_s)
+            buf.add(stamp_ns, T_base_camera.copy())
+            if buf.newest_ns == stamp_ns:
+                self._extrinsics[camera] = T_base_camera.copy()
+            self._extrinsics_seen += 1  # a frame waiting for it is not timed out while samples flow
             return self._release_waiting_locked(timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
+        """The camera's newest known extrinsic (static, or the newest sample of a moving one)."""
         with self._lock:
             return self._extrinsics.get(camera)
 
-    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray) -> list[FrameStatus]:
-        """Buffer an odometry sample; returns the fate of frames it released or timed out.
+    def _extrinsic_at_locked(self, camera: str, stamp_ns: int) -> tuple[Lookup | None, np.ndarray | None]:
+        """The extrinsic at an image stamp: (None, None) while none is known."""
+        moving = self._moving_extrinsics.get(camera)
+        if moving is not None:
+            return moving.lookup(stamp_ns)
+        T = self._extrinsics.get(camera)
+        return (None, None) if T is None else (Lookup.OK, T)
+
+    def missing_cameras(self) -> list[str]:
+        """Cameras left out of groups for now (no frame for ``camera_timeout_s``), for diagnostics."""
+        with self._lock:
+            return self._sync.missing()
+
+    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray,
+                     covariance: np.ndarray | None = None) -> list[FrameStatus]:
+        """Buffer an odometry sample (with its 6x6 pose covariance, when used); returns the fate of
+        frames it released or timed out.
 
         Raises ValueError for a pose that is not finite and rigid. A stamp more than
         ``reset_jump_s`` older than the newest sample means the source restarted (bag loop): every
@@ -248,7 +290,7 @@ class Pipeline:
             newest = self.odometry.newest_ns
             if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
                 self._reset_locked(f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s")
-            self.odometry.add(stamp_ns, T_odom_base)
+            self.odometry.add(stamp_ns, T_odom_base, covariance)
             self._odometry_seen += 1
             return self._release_waiting_locked(timeouts=False)
 
@@ -273,8 +315,10 @@ class Pipeline:
             self._last_stamp[frame.camera] = frame.stamp_ns
             self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
             self._check_latency_locked(frame.stamp_ns)
-            if not self.config.use_odometry:
-                self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)))
+            if not self.config.use_odometry:  # the extrinsic only sets the map's axes: the newest will do
+                status, T_base_camera = self._extrinsic_at_locked(frame.camera, frame.stamp_ns)
+                T_base_camera = T_base_camera if status is Lookup.OK else self._extrinsics.get(frame.camera)
+                self._accept_locked(dataclasses.replace(frame, T_base_camera=T_base_camera))
                 return FrameStatus.ACCEPTED, reset
             deadline = max(frame.stamp_ns, self._clock()) + int(self.config.odom_max_wait_s * 1e9)
             if len(self._waiting) >= self.config.max_waiting_frames:
@@ -296,7 +340,10 @@ class Pipeline:
             overdue = bool(self._waiting) and now > self._waiting[0].deadline_ns
             quiet = overdue and self._odometry_armed == self._odometry_seen
             self._odometry_armed = self._odometry_seen if overdue and not quiet else None
-            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet)
+            quiet_extrinsics = overdue and self._extrinsic_armed == self._extrinsics_seen
+            self._extrinsic_armed = self._extrinsics_seen if overdue and not quiet_extrinsics else None
+            statuses = self._release_waiting_locked(timeouts=True, odometry_timeouts=quiet,
+                                                    extrinsic_timeouts=quiet_extrinsics)
             oldest = self._pending.oldest_uncut
             due = oldest is not None and now > self._due[oldest[0].stamp_ns] and self._cuttable_locked()
             if due and self._latency_armed == self._frames_seen:
@@ -350,28 +397,39 @@ class Pipeline:
         self.stats.resets += 1
         self._on_reset(reason)
         self.odometry.clear()
+        for moving in self._moving_extrinsics.values():  # message-time samples of the input that restarted
+            moving.clear()
         self._sync.clear()
         self._keyframes.reset()
         self._pending.clear()
         self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._latency_armed = self._odometry_armed = None
+        self._latency_armed = self._odometry_armed = self._extrinsic_armed = None
         self._n_context = 0
         self._generation += 1
 
-    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False) -> list[FrameStatus]:
+    def _release_waiting_locked(self, *, timeouts: bool, odometry_timeouts: bool = False,
+                                extrinsic_timeouts: bool = False) -> list[FrameStatus]:
         """Frames whose odometry and extrinsic have arrived go on; with ``timeouts`` (polls only)
-        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``."""
+        frames past their deadline are dropped, for missing odometry only with ``odometry_timeouts``
+        (for a moving extrinsic's missing sample with ``extrinsic_timeouts``)."""
         statuses = []
         now = self._clock()
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
-            if item.frame.camera not in self._extrinsics:  # /tf_static may come just after the first images
+            extrinsic, T_base_camera = self._extrinsic_at_locked(item.frame.camera, item.frame.stamp_ns)
+            if extrinsic is None:  # /tf_static may come just after the first images
                 if not timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is Lookup.WAIT:  # a moving extrinsic is waited for as odometry is
+                if not extrinsic_timeouts or now <= item.deadline_ns:
+                    break
+                statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is not Lookup.OK:
+                statuses.append(FrameStatus.DROPPED_EXTRINSIC_GAP)
             elif status is Lookup.WAIT:
                 if not odometry_timeouts or now <= item.deadline_ns:
                     break
@@ -381,9 +439,10 @@ class Pipeline:
             elif status is Lookup.TOO_OLD:
                 statuses.append(FrameStatus.DROPPED_TOO_OLD)
             else:
-                T_base_camera = self._extrinsics[item.frame.camera]
+                assert T_base_camera is not None and T_odom_base is not None
                 frame = dataclasses.replace(item.frame, T_world_base=T_odom_base,
-                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera)
+                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera,
+                                            odometry_covariance=self.odometry.covariance(item.frame.stamp_ns))
                 self._accept_locked(frame)
                 statuses.append(FrameStatus.ACCEPTED)
             if statuses[-1] is not FrameStatus.ACCEPTED:

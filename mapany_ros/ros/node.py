@@ -56,6 +56,9 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=R
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: As tf2's listener subscribes /tf.
+TF_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                    durability=DurabilityPolicy.VOLATILE)
 
 
 def _descriptor(p) -> ParameterDescriptor:
@@ -72,7 +75,7 @@ def _descriptor(p) -> ParameterDescriptor:
 
 
 class MapanyNode(Node):
-    """Subscribes camera images, camera_info, odometry and /tf_static; publishes depth, points, path, TF."""
+    """Subscribes camera images, camera_info, odometry, /tf_static and /tf; publishes depth, points, path, TF."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("mapany_node", **kwargs)
@@ -120,9 +123,10 @@ class MapanyNode(Node):
             self._pubs[topics["depth"]] = self.create_publisher(Image, topics["depth"], OUTPUT_QOS)
             self._pubs[topics["info"]] = self.create_publisher(CameraInfo, topics["info"], OUTPUT_QOS)
             self._pubs[topics["conf"]] = self.create_publisher(Image, topics["conf"], OUTPUT_QOS)
-        if self.config["use_odometry"]:
+        if self.config["use_odometry"] and self.config["odometry.source"] == "topic":
             self.create_subscription(Odometry, "odom", self._on_odometry, qos)
         self.create_subscription(TFMessage, "/tf_static", self.inputs.on_tf_static, TF_STATIC_QOS)
+        self.create_subscription(TFMessage, "/tf", self._on_tf, TF_QOS)
         self._pubs["points"] = self.create_publisher(PointCloud2, "points", OUTPUT_QOS)
         self._pubs["path"] = self.create_publisher(Path, "path", LATCHED_QOS)
         self._pubs["/tf"] = self.tf_pub = self.create_publisher(TFMessage, "/tf", OUTPUT_QOS)
@@ -138,6 +142,7 @@ class MapanyNode(Node):
                              "views_unplaced": 0, "odometry_slips": 0,
                              "windows_failed": 0, "frames_dropped": 0}
         self._last_images: dict[str, int] = {}
+        self._missing_cameras: list[str] = []
         self._last_stats_ns = self._now_ns()
         #: Facts about the newest published window (scale, residual, backend timings).
         self._last_window: dict[str, object] = {}
@@ -176,6 +181,10 @@ class MapanyNode(Node):
     def _on_odometry(self, msg: Odometry) -> None:
         self._last_odom_ns = self._now_ns()
         self.inputs.on_odometry(msg)
+
+    def _on_tf(self, msg: TFMessage) -> None:
+        if self.inputs.on_tf(msg):  # odometry from TF (odometry.source: tf)
+            self._last_odom_ns = self._now_ns()
 
     def _on_reset(self, reason: str) -> None:
         self.get_logger().warning(f"input restarted ({reason}): buffers, map and path reset")
@@ -252,10 +261,20 @@ class MapanyNode(Node):
                 warnings.append(f"no image from {cam} for {stale_s:g} s")
         if self.config["use_odometry"] and (self._last_odom_ns is None or (now - self._last_odom_ns) * 1e-9 > stale_s):
             warnings.append(f"no odometry for {stale_s:g} s")
+        missing = self.pipeline.missing_cameras()
+        if missing:
+            warnings.append(f"camera {', '.join(missing)} missing: no frame for sync.camera_timeout_s = "
+                            f"{self.config['sync.camera_timeout_s']:g} s, groups go on without it")
+        for cam in sorted(set(missing) - set(self._missing_cameras)):
+            self.get_logger().warning(f"camera {cam} is missing: mapping goes on with the other cameras")
+        for cam in sorted(set(self._missing_cameras) - set(missing)):
+            self.get_logger().info(f"camera {cam} is back: it joins the groups again")
+        self._missing_cameras = missing
         diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
         diag.level = DiagnosticStatus.ERROR if errors else DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
         diag.message = "; ".join(errors + warnings) if errors or warnings else "ok"
-        values = {**status, **{f"input_rate_hz/{c}": f"{r:.2f}" for c, r in rates.items()}, **self._last_window}
+        values = {**status, **{f"input_rate_hz/{c}": f"{r:.2f}" for c, r in rates.items()},
+                  "cameras_missing": ",".join(missing), **self._last_window}
         diag.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[diag]))
         s = self.pipeline.stats

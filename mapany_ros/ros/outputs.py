@@ -62,7 +62,7 @@ class OutputBuilder:
             valid = view.valid & torch.isfinite(view.depth)
             out.append(("points", conv.pointcloud2_from_points(
                 view.points_world[valid], view.colors[valid], Header(stamp=header.stamp, frame_id=map_frame))))
-        if not cfg["use_odometry"]:  # the node's own chained estimate, as a visual odometry publishes it
+        if not cfg["use_odometry"] and result.placement.visual_odometry:  # as a visual odometry publishes it
             first = result.frames[0]
             child = cfg["base_frame"] if first.T_base_camera is not None else first.frame_id
             for stamp, T_odom_base in sorted(result.placement.visual_odometry.items()):

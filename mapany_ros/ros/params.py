@@ -53,10 +53,11 @@ PARAMETERS: tuple[Param, ...] = (
           "(jpeg, png) on C/image_raw/compressed, as image_transport names it.", choices=("raw", "compressed")),
     Param("image_rectified", False, "The images are rectified (image_proc's image_rect remapped to C/image_raw): "
           "the camera is CameraInfo P, without distortion."),
-    Param("use_odometry", True, "Use odom (nav_msgs/Odometry) + /tf_static extrinsics as metric pose priors."),
+    Param("use_odometry", True, "Use odometry (the odom topic, or /tf with odometry.source: tf) + base -> camera "
+          "extrinsics (/tf_static, /tf) as metric pose priors."),
     Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
     Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
-    Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages."),
+    Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages (or on /tf)."),
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
     Param("window.max_latency_s", 2.0, "Send a partial window at the first frame stamped this long after its "
@@ -68,7 +69,17 @@ PARAMETERS: tuple[Param, ...] = (
     Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
     Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
     Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
-    Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across.", 0.001, 10.0),
+    Param("sync.camera_timeout_s", 1.0, "A camera without a frame for this long (message time, against the other "
+          "cameras' stamps) is left out of groups, which go on with the others (WARN on /diagnostics naming it); "
+          "it rejoins with its next frame. 0 = groups always wait for every camera.", 0.0, 3600.0),
+    Param("odometry.source", "topic", "Where odometry comes from: topic (nav_msgs/Odometry on odom) or tf (the "
+          "odom_frame -> base_frame transform on /tf, interpolated at each image stamp), for odometry nodes that "
+          "publish only TF.", choices=("topic", "tf")),
+    Param("odometry.use_covariance", False, "Carry the pose covariance of the odom messages onto each frame "
+          "(Frame.odometry_covariance) for the pose graph's odometry noise; where it is zero or unset, "
+          "odometry.sigma_* apply."),
+    Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across (also between two /tf samples of a "
+          "moving transform).", 0.001, 10.0),
     Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp; it is dropped after "
           "that only while no odometry arrives (an odometry that lags is waited for).", 0.0, 10.0),
     Param("odometry.sigma_translation", 0.05, "Odometry translation error, as a fraction of the distance driven "
@@ -146,6 +157,8 @@ PARAMETERS: tuple[Param, ...] = (
           "while it is idle).", 1, 1000),
     Param("loops.image_width", 512, "Width of the keyframe images kept in memory (JPEG) to verify loops with.",
           64, 4096),
+    Param("tf.buffer_s", 10.0, "How long moving transforms from /tf are kept, per edge, for lookups at image "
+          "stamps (a camera on a pan-tilt head; odometry with odometry.source: tf).", 0.1, 3600.0),
     Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
@@ -219,6 +232,14 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     for frame in ("map_frame", "odom_frame", "base_frame"):
         if not values[frame] or values[frame].startswith("/"):
             raise ParameterError(f"{frame} = {values[frame]!r}: must be a non-empty frame id without leading '/'")
+    if len({values["map_frame"], values["odom_frame"], values["base_frame"]}) < 3:
+        raise ParameterError(f"map_frame, odom_frame and base_frame must be three different frames, got "
+                             f"{values['map_frame']!r}, {values['odom_frame']!r}, {values['base_frame']!r}")
+    timeout = values["sync.camera_timeout_s"]
+    if 0 < timeout <= values["sync.tolerance_s"]:
+        raise ParameterError(f"sync.camera_timeout_s = {timeout} must exceed sync.tolerance_s = "
+                             f"{values['sync.tolerance_s']} (a camera is late only after a group could have formed), "
+                             "or be 0 (groups always wait for every camera)")
     fusion = None
     if values["map.enabled"]:
         try:
@@ -239,6 +260,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         max_interval_s=values["keyframe.max_interval_s"],
         min_interval_s=values["keyframe.min_interval_s"],
         sync_tolerance_s=values["sync.tolerance_s"],
+        camera_timeout_s=values["sync.camera_timeout_s"],
         odom_max_gap_s=values["odometry.max_gap_s"],
         odom_max_wait_s=values["odometry.max_wait_s"],
         queue_size=values["window.queue_size"],

@@ -2,9 +2,10 @@
 
 The bag holds what the robot's drivers would record - every camera's images (raw or compressed as
 image_transport sends it) and camera_info under its namespace, wheel odometry (exact, drifting or
-slipping, optionally late) and the static base -> camera chains - plus what no real robot has: the
-true base pose and the true z-depth at every image stamp (with a rig, of every camera, told apart
-by stamp and frame id). Playing it into the node and scoring the outputs against the
+slipping, optionally late; as nav_msgs/Odometry or, as odometry nodes that publish only TF send it,
+odom -> base_link on /tf) and the base -> camera chains (static, or base -> C_link on /tf) - plus
+what no real robot has: the true base pose and the true z-depth at every image stamp (with a rig,
+of every camera, told apart by stamp and frame id). Playing it into the node and scoring the outputs against the
 ground-truth topics needs no live scene. Messages are built with the ROS layer's converters and
 serialised with rclpy (no ROS context needed), so they are exactly what the node publishes and
 reads; the log time of every message is its header stamp (odometry: plus its delay).
@@ -50,6 +51,7 @@ COMPRESSED_TOPIC = f"/{CAMERA}/image_raw/compressed"
 INFO_TOPIC = f"/{CAMERA}/camera_info"
 ODOM_TOPIC = "/odom"
 TF_STATIC_TOPIC = "/tf_static"
+TF_TOPIC = "/tf"
 GT_ODOM_TOPIC = "/ground_truth/odom"
 GT_DEPTH_TOPIC = "/ground_truth/depth"
 GT_INFO_TOPIC = "/ground_truth/camera_info"
@@ -108,6 +110,8 @@ def write_synthetic_bag(
     odometry_errors: OdometryErrors | None = None,
     odom_rate_hz: float = 50.0,
     odom_delay_s: float = 0.0,
+    odom_source: str = "topic",
+    extrinsic_source: str = "tf_static",
     stamp_offset_ns: int = 1_700_000_000 * 10**9,
     overwrite: bool = False,
     scene: SyntheticScene | None = None,
@@ -120,16 +124,24 @@ def write_synthetic_bag(
     at its first sample (so ``odom`` coincides with the ground truth's ``map`` there), runs at
     ``odom_rate_hz`` from two periods before the first image to two after the last, and with
     ``odometry_errors`` drifts as :class:`DriftingOdometry` does. ``odom_delay_s`` delays its
-    log time only (late odometry); stamps stay on the images' timeline. ``scene``: one already
-    built (building takes seconds), which ``seed`` then no longer chooses. ``cameras``: a rig
-    (name -> :class:`RigCamera`, e.g. ``make_rig("front", "left")``) whose every camera ``C`` is
-    recorded on ``/C/image_raw`` and ``/C/camera_info`` with its own stamps, and its chain on
-    /tf_static; default the scene's single camera ``camera``. Returns ``out_dir``.
+    log time only (late odometry); stamps stay on the images' timeline. ``odom_source``: ``topic``
+    writes it as nav_msgs/Odometry on /odom, ``tf`` as the odom -> base_link transform on /tf only.
+    ``extrinsic_source``: ``tf_static`` latches every camera's base_link -> C_link once; ``tf``
+    publishes them on /tf with every odometry sample, as robot_state_publisher does for a joint that
+    may move (C_link -> C_optical_frame stays on /tf_static). ``scene``: one already built (building
+    takes seconds), which ``seed`` then no longer chooses. ``cameras``: a rig (name ->
+    :class:`RigCamera`, e.g. ``make_rig("front", "left")``) whose every camera ``C`` is recorded on
+    ``/C/image_raw`` and ``/C/camera_info`` with its own stamps, and its chain on TF; default the
+    scene's single camera ``camera``. Returns ``out_dir``.
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if image_format not in ("raw", *COMPRESSED_FORMATS):
         raise ValueError(f"image_format must be raw, jpeg or png, got {image_format!r}")
+    if extrinsic_source not in ("tf_static", "tf"):
+        raise ValueError(f"extrinsic_source must be tf_static or tf, got {extrinsic_source!r}")
+    if odom_source not in ("topic", "tf"):
+        raise ValueError(f"odom_source must be topic or tf, got {odom_source!r}")
     if odom_rate_hz <= 0 or odom_delay_s < 0:
         raise ValueError("need odom_rate_hz > 0 and odom_delay_s >= 0")
     n_frames = int(round(duration_s * rate_hz))
@@ -161,20 +173,32 @@ def write_synthetic_bag(
         messages.append(_Message(int(log_ns), topic, serialize_message(msg)))
 
     start_ns = stamp_offset_ns + int(odom_ns[0])
+    T_base_links = {camera: seq.T_base_camera @ invert(T_LINK_OPTICAL) for camera, seq in seqs.items()}
     transforms = []
-    for camera, seq in seqs.items():
-        T_base_link = seq.T_base_camera @ invert(T_LINK_OPTICAL)
-        transforms += [
-            conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, f"{camera}_link", start_ns),
-            conv.matrix_to_transform_stamped(T_LINK_OPTICAL, f"{camera}_link", f"{camera}_optical_frame", start_ns),
-        ]
+    for camera in seqs:
+        if extrinsic_source == "tf_static":
+            transforms.append(conv.matrix_to_transform_stamped(T_base_links[camera], BASE_FRAME, f"{camera}_link",
+                                                               start_ns))
+        transforms.append(conv.matrix_to_transform_stamped(T_LINK_OPTICAL, f"{camera}_link",
+                                                           f"{camera}_optical_frame", start_ns))
     add(start_ns, TF_STATIC_TOPIC, TFMessage(transforms=transforms))
     for t_ns in odom_ns:
         t_s = int(t_ns) * 1e-9
         T = drifting.pose(t_s) if drifting is not None else scene.base_pose(t_s)
         stamp = stamp_offset_ns + int(t_ns)
-        add(stamp + int(round(odom_delay_s * 1e9)), ODOM_TOPIC, _odometry(T, stamp, ODOM_FRAME))
-    types: dict[str, type] = {TF_STATIC_TOPIC: TFMessage, ODOM_TOPIC: Odometry}
+        if extrinsic_source == "tf":
+            add(stamp, TF_TOPIC, TFMessage(transforms=[
+                conv.matrix_to_transform_stamped(T_base_link, BASE_FRAME, f"{camera}_link", stamp)
+                for camera, T_base_link in T_base_links.items()]))
+        log_ns = stamp + int(round(odom_delay_s * 1e9))
+        if odom_source == "tf":
+            add(log_ns, TF_TOPIC, TFMessage(transforms=[
+                conv.matrix_to_transform_stamped(T, ODOM_FRAME, BASE_FRAME, stamp)]))
+        else:
+            add(log_ns, ODOM_TOPIC, _odometry(T, stamp, ODOM_FRAME))
+    types: dict[str, type] = {TF_STATIC_TOPIC: TFMessage,
+                              **({} if odom_source == "tf" else {ODOM_TOPIC: Odometry}),
+                              **({TF_TOPIC: TFMessage} if "tf" in (odom_source, extrinsic_source) else {})}
     for camera, seq in seqs.items():
         info_topic = f"/{camera}/camera_info"
         image_topic = f"/{camera}/image_raw" if image_format == "raw" else f"/{camera}/image_raw/compressed"
@@ -234,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--odom-rate", type=float, default=50.0, help="odometry rate in Hz")
     ap.add_argument("--odom-delay", type=float, default=0.0,
                     help="odometry is logged this many seconds after its stamp (late odometry)")
+    ap.add_argument("--odom-source", choices=("topic", "tf"), default="topic",
+                    help="odometry as nav_msgs/Odometry on /odom, or as the odom -> base_link transform on /tf only")
     ap.add_argument("--odom-scale-error", type=float, default=0.0,
                     help="odometry translations are too long by this fraction")
     ap.add_argument("--odom-yaw-drift", type=float, default=0.0, help="odometry heading drift, degrees per metre")
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out, seed=args.seed, width=args.width, height=args.height, duration_s=args.duration,
             rate_hz=args.rate, start_s=args.start, storage=args.storage, image_format=args.format,
             odometry_errors=errors, odom_rate_hz=args.odom_rate, odom_delay_s=args.odom_delay,
-            overwrite=args.overwrite, cameras=args.cameras,
+            odom_source=args.odom_source, overwrite=args.overwrite, cameras=args.cameras,
         )
     except (ValueError, FileExistsError) as e:
         print(f"synthetic_bag: error: {e}", file=sys.stderr)

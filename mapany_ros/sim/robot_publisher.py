@@ -1,7 +1,8 @@
 """What camera drivers, wheel odometry and robot_state_publisher would publish, from a synthetic scene.
 
 Publishes ``C/image_raw`` (rgb8) and ``C/camera_info`` of every camera ``C`` of the rig (one,
-``camera``, by default), ``odom`` at a higher rate than the cameras, and the static chain
+``camera``, by default), ``odom`` at a higher rate than the cameras (or, as odometry nodes that
+publish only TF, odom -> base_link on /tf instead), and the static chain
 base_link -> C_link -> C_optical_frame of every camera on /tf_static, all stamped on one timeline
 (each camera with its own stamp offset) so the node sees what a real robot sends. Odometry can be exact or
 what real wheel odometry is: drifting (:class:`~mapany_ros.sim.odometry.DriftingOdometry`),
@@ -47,7 +48,8 @@ class SyntheticSource(Node):
     def __init__(self, seq: SyntheticSequence | Mapping[str, SyntheticSequence], camera: str = "camera",
                  base_frame: str = "base_link", odom_frame: str = "odom", odom_rate_hz: float = 50.0,
                  stamp_offset_ns: int | None = None, odometry: DriftingOdometry | None = None,
-                 odom_delay_s: float = 0.0, odom_jitter: float = 0.0, **node_kwargs) -> None:
+                 odom_delay_s: float = 0.0, odom_jitter: float = 0.0, odom_as_tf: bool = False,
+                 **node_kwargs) -> None:
         super().__init__("synthetic_source", **node_kwargs)
         self.sequences: dict[str, SyntheticSequence] = dict(seq) if isinstance(seq, Mapping) else {camera: seq}
         if not self.sequences:
@@ -58,6 +60,8 @@ class SyntheticSource(Node):
         self.drifting = odometry
         self.odom_delay_s = odom_delay_s
         self.odom_jitter = odom_jitter
+        #: Odometry as the odom -> base transform on /tf only, no nav_msgs/Odometry.
+        self.odom_as_tf = odom_as_tf
         self._rng = np.random.default_rng(0)
         self.base_frame, self.odom_frame = base_frame, odom_frame
         self.optical_frames = {c: f"{c}_optical_frame" for c in self.sequences}
@@ -71,6 +75,7 @@ class SyntheticSource(Node):
         self.image_pub, self.info_pub = self.image_pubs[self.camera], self.info_pubs[self.camera]
         self.odom_pub = self.create_publisher(Odometry, "odom", RELIABLE)
         self.tf_static_pub = self.create_publisher(TFMessage, "/tf_static", LATCHED)
+        self.tf_pub = self.create_publisher(TFMessage, "/tf", RELIABLE)
 
     def stamp(self, t_ns: int) -> int:
         """The ROS stamp of sequence time ``t_ns``."""
@@ -94,6 +99,15 @@ class SyntheticSource(Node):
         t = t_ns * 1e-9
         msg.pose.pose = conv.matrix_to_pose(self.drifting.pose(t) if self.drifting else self.seq.scene.base_pose(t))
         return msg
+
+    def publish_odometry(self, t_ns: int) -> None:
+        """The odometry at sequence time ``t_ns``: on ``odom``, or as TF only."""
+        msg = self.odometry(t_ns)
+        if self.odom_as_tf:
+            self.tf_pub.publish(TFMessage(transforms=[conv.matrix_to_transform_stamped(
+                conv.pose_to_matrix(msg.pose.pose), self.odom_frame, self.base_frame, self.stamp(t_ns))]))
+        else:
+            self.odom_pub.publish(msg)
 
     def publish_frame(self, index: int, image: Image | None = None, camera: str | None = None) -> None:
         """Publish image ``index`` of ``camera`` (default the first) with its camera_info."""
@@ -126,7 +140,7 @@ class SyntheticSource(Node):
         start = time.monotonic()
         for stamp_ns, c, i in images:
             while t_odom <= stamp_ns + lead_ns:
-                self.odom_pub.publish(self.odometry(t_odom))
+                self.publish_odometry(t_odom)
                 t_odom += int(dt_odom * (1.0 + self.odom_jitter * self._rng.uniform(-1.0, 1.0)))
             due = start + (stamp_ns - first_ns) * 1e-9 / speed
             time.sleep(max(0.0, due - time.monotonic()))
@@ -134,5 +148,5 @@ class SyntheticSource(Node):
             if on_image is not None:
                 on_image(self.stamp(stamp_ns))
         while t_odom <= last_ns + max(lead_ns, 0) + dt_odom:  # late odometry still covers the last image
-            self.odom_pub.publish(self.odometry(t_odom))
+            self.publish_odometry(t_odom)
             t_odom += dt_odom

@@ -25,7 +25,7 @@ _GREY = torch.tensor([0.299, 0.587, 0.114])
 
 def _grey(image: np.ndarray, width: int, height: int) -> torch.Tensor:
     """(height, width) float32 grey image, area-averaged."""
-    rgb = torch.as_tensor(np.ascontiguousarray(image)).float()
+    rgb = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy: bag images are read-only
     grey = rgb @ _GREY if rgb.ndim == 3 else rgb
     return F.adaptive_avg_pool2d(grey[None, None], (height, width))[0, 0]
 
