@@ -425,3 +425,21 @@ def test_several_cameras_stamped_apart_are_each_placed_and_corrected(scene, name
     by_camera = {n: float(np.median(err[[k[0] == n for k in keys]])) for n in names}
     assert max(by_camera.values()) <= 0.1, by_camera
     assert max(by_camera.values()) <= 1.5 * min(by_camera.values()) + 0.01, by_camera
+
+
+def test_the_odometrys_own_covariance_sets_the_graphs_noise_when_given():
+    """odometry.use_covariance: a dead-reckoning covariance that grows by (2 cm)^2 between two
+    keyframes gives a 2 cm step sigma; without covariance the odometry.sigma_* model stands."""
+    from mapany_ros.core.placement.pose_graph import GraphConfig, PoseGraph
+
+    graph = PoseGraph(GraphConfig())
+    a, b = make_pose(np.eye(3), [0.0, 0, 0]), make_pose(np.eye(3), [1.0, 0, 0])
+    cov_a, cov_b = np.diag([1e-4] * 3 + [1e-4] * 3), np.diag([1e-4 + 4e-4] * 3 + [1e-4 + 4e-4] * 3)
+    graph.add_keyframe(0, a, cov_a)
+    graph.add_keyframe(1, b, cov_b)
+    sigmas = graph.odometry_sigmas(invert(a) @ b, 0, 1)
+    np.testing.assert_allclose(sigmas, [0.02] * 6, rtol=1e-6)
+    plain = PoseGraph(GraphConfig())
+    plain.add_keyframe(0, a)
+    plain.add_keyframe(1, b)
+    np.testing.assert_allclose(plain.odometry_sigmas(invert(a) @ b, 0, 1)[3:], [0.05] * 3)

@@ -47,15 +47,20 @@ class OdometryGraphPlacement:
         self.poses_are_priors = False
 
     def register(self, groups: list[list[Frame]]) -> None:
-        """Enter the window's new keyframe groups into the graph with their odometry."""
+        """Enter the window's new keyframe groups into the graph with their odometry (and its
+        covariance, when the odometry gave one); groups already indexed while relocalising too."""
         for g in groups:
-            if self.index.get(g) is None:
-                if g[0].T_world_base is None:
-                    raise ValueError("placement with odometry needs T_world_base on every frame")
+            if g[0].T_world_base is None:
+                raise ValueError("placement with odometry needs T_world_base on every frame")
+            kf = self.index.get(g)
+            if kf is None:
                 newest = self.index.newest
                 if newest is not None and g[0].stamp_ns <= newest.stamp_ns:
                     continue  # an old group placement never saw (it cannot enter a graph that only grows forward)
-                self.graph.add_keyframe(self.index.add(g).kid, g[0].T_world_base)
+                kf = self.index.add(g)
+            known = self.graph.keyframes
+            if not self.graph.has(kf.kid) and (not known or kf.kid > known[-1]):
+                self.graph.add_keyframe(kf.kid, g[0].T_world_base, g[0].odometry_covariance)
 
     def scale_guess(self, frames: list[Frame], prediction: WindowPrediction, usable: list[int]) -> float:
         """The window's scale (window units -> metres) from its camera centres against the odometry's."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.geometry import invert, rotation_angle
+from mapany_ros.core.odometry import odometry_between_sigmas
 
 KERNELS = ("cauchy", "huber", "tukey", "none")
 #: Relinearisation threshold of iSAM2 (rotation rad / translation m of a variable's update).
@@ -126,6 +127,8 @@ class PoseGraph:
         self._new_values = gtsam.Values()
         #: map -> odom where the map starts (identity: map = odom at the first keyframe).
         self._origin = np.eye(4)
+        #: Keyframe id -> the odometry's own pose covariance at its stamp (odometry.use_covariance), or None.
+        self._covariance: dict[int, np.ndarray | None] = {}
         #: Keyframe id -> odometry pose (None without odometry). Ids grow with the keyframes' stamps.
         self.odom: dict[int, np.ndarray | None] = {}
         self._in_graph: set[int] = set()
@@ -138,13 +141,17 @@ class PoseGraph:
         self._T_map_odom = np.eye(4)
 
     # ------------------------------------------------------------------ noise models
-    def odometry_sigmas(self, delta: np.ndarray) -> np.ndarray:
-        """(rotation x3 rad, translation x3 m) sigmas of an odometry step: drift grows with distance."""
+    def odometry_sigmas(self, delta: np.ndarray, a: int | None = None, b: int | None = None) -> np.ndarray:
+        """(rotation x3 rad, translation x3 m) sigmas of the odometry step from keyframe a to b: drift
+        growing with distance, or what the odometry's own covariance says when it gave one."""
         c = self.config
         dist = float(np.linalg.norm(delta[:3, 3]))
         sigma_t = max(c.odom_sigma_ratio * dist, 0.002)
         sigma_r = max(c.odom_sigma_rad_per_m * dist + 0.02 * rotation_angle(delta), np.radians(0.1))
-        return np.array([sigma_r] * 3 + [sigma_t] * 3)
+        parametric = np.array([sigma_r] * 3 + [sigma_t] * 3)
+        if a is None or b is None:
+            return parametric
+        return odometry_between_sigmas(self._covariance.get(a), self._covariance.get(b), self.odom[b], parametric)
 
     def _robust(self, sigmas: np.ndarray) -> gtsam.noiseModel.Base:
         base = gtsam.noiseModel.Diagonal.Sigmas(np.asarray(sigmas, dtype=np.float64))
@@ -160,7 +167,7 @@ class PoseGraph:
         """The keyframe has a pose: in the graph, or (with odometry) waiting to enter it."""
         return kid in self._in_graph or kid in self._pending
 
-    def add_keyframe(self, kid: int, T_odom_base: np.ndarray | None) -> None:
+    def add_keyframe(self, kid: int, T_odom_base: np.ndarray | None, covariance: np.ndarray | None = None) -> None:
         """A new keyframe, newer (and with a larger id) than every other.
 
         With odometry it waits, predicted by the odometry, until the window that observes it
@@ -173,6 +180,7 @@ class PoseGraph:
         if self.odom and (T is None) != (self.odom[next(reversed(self.odom))] is None):
             raise ValueError("odometry must be given for every keyframe or for none")
         self.odom[kid] = T
+        self._covariance[kid] = covariance
         if T is not None:
             self._pending.append(kid)
             self._known.append(kid)
@@ -197,7 +205,7 @@ class PoseGraph:
             else:
                 previous = self._newest
                 delta = invert(self.odom[previous]) @ self.odom[kid]
-                noise = self._robust(self.odometry_sigmas(delta))
+                noise = self._robust(self.odometry_sigmas(delta, previous, kid))
                 self._new_factors.add(gtsam.BetweenFactorPose3(x_key(previous), x_key(kid), _pose(delta), noise))
             self._new_values.insert(x_key(kid), _pose(T))
             self._in_graph.add(kid)
@@ -278,7 +286,7 @@ class PoseGraph:
         steps = []
         for a, b in zip(kids, kids[1:], strict=False):
             delta = invert(self.odom[a]) @ self.odom[b]
-            sigmas = self.odometry_sigmas(delta)
+            sigmas = self.odometry_sigmas(delta, a, b)
             steps.append((a, b, delta, sigmas))
             graph.add(gtsam.BetweenFactorPose3(x_key(a), x_key(b), _pose(delta), self._robust(sigmas)))
         active = [True] * len(observations)
