@@ -138,6 +138,9 @@ PARAMETERS: tuple[Param, ...] = (
           "them; older ones are frozen.", 0, 10_000),
     Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
           "(0: the least recently seen first).", 0.0, 1e6),
+    Param("map.edge_threshold", 0.05, "Pixels at a depth jump of more than this fraction (or of more than the "
+          "depth's own noise shows), and their neighbours, are not fused: the flying pixels a model puts between "
+          "foreground and background never reach the map (0 = fuse every pixel).", 0.0, 1.0),
     Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
           0.1, 3600.0),
     Param("map.save_path", "mapany_map", "Map folder ~/save_map writes (map.ply, the keyframes a later run "
@@ -247,7 +250,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
                 voxel_size_m=values["map.voxel_size_m"], max_voxels=values["map.max_voxels"],
                 max_depth_m=values["map.max_depth_m"], min_weight=values["map.min_weight"],
                 pixel_stride=values["map.pixel_stride"], keep_keyframes=values["map.keep_keyframes"],
-                evict_radius_m=values["map.evict_radius_m"])
+                evict_radius_m=values["map.evict_radius_m"], edge_threshold=values["map.edge_threshold"])
         except ValueError as exc:
             raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
     pipeline = PipelineConfig(

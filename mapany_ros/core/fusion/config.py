@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, fields
 
+from mapany_ros.core.depth_edges import EDGE_THRESHOLD
+
 #: A pixel weighs at most this many median-confidence pixels, so one overconfident view cannot own a voxel.
 MAX_PIXEL_WEIGHT = 4.0
 
@@ -20,6 +22,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "repose_translation_m": (0.0, 100.0),
     "repose_rotation_deg": (0.0, 180.0),
     "evict_radius_m": (0.0, 1e6),
+    "edge_threshold": (0.0, 1.0),
 }
 _INT_FIELDS = ("max_voxels", "pixel_stride", "keep_keyframes")
 
@@ -48,6 +51,10 @@ class FusionConfig:
     #: Over budget, drop the voxels farther than this from the newest camera, then the farthest;
     #: 0 drops the least recently updated voxels instead.
     evict_radius_m: float = 0.0
+    #: Pixels at a depth jump of more than this fraction (the second difference of inverse depth over
+    #: the pixel's own; more where the depth is noisy) are not fused, nor their neighbours: flying
+    #: pixels between foreground and background never reach the map. 0 keeps every pixel.
+    edge_threshold: float = EDGE_THRESHOLD
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,6 +1,7 @@
 """VoxelMap: keyframes in, a bounded, pose-correctable coloured voxel map out.
 
-Each keyframe's depth pixels are back-projected and summed per voxel: weight (normalised
+Each keyframe's depth pixels, less its depth edges (where flying pixels are:
+:mod:`mapany_ros.core.depth_edges`), are back-projected and summed per voxel: weight (normalised
 confidence), weighted offset from the voxel centre, weighted colour, sample count. Sums make
 integration exact to undo, so a recent keyframe whose pose the pose graph corrects is taken out
 and added again at its new pose from its own samples, which the map keeps for the last
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from mapany_ros.core.camera_rays import plane_rays
+from mapany_ros.core.depth_edges import depth_edges
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.fusion.config import MAX_PIXEL_WEIGHT, FusionConfig
 from mapany_ros.core.fusion.grid import COORD_OFFSET, Contribution, VoxelGrid, nbytes, reduce_samples, unpack
@@ -242,11 +244,18 @@ class VoxelMap:
         h, w = d.shape
         if isinstance(camera, CameraModel) and (camera.width, camera.height) != (w, h):
             raise ValueError(f"the camera model is {camera.width}x{camera.height}, the depth {w}x{h}")
-        d = d[::s, ::s].to(dev, non_blocking=True).float()
         rgb = _strided("colors", colors, (h, w, 3), (torch.uint8,), s, dev)
-        ok = (d > 0) & (d <= cfg.max_depth_m)  # False for NaN too
-        if valid is not None:
-            ok &= _strided("valid", valid, (h, w), (torch.bool,), s, dev)
+        valid_full = None if valid is None else _strided("valid", valid, (h, w), (torch.bool,), 1, dev)
+        if cfg.edge_threshold > 0:  # flying pixels are judged at full resolution, before the stride
+            full = d.to(dev, non_blocking=True).float()
+            d = full[::s, ::s]
+            ok = ~depth_edges(full, cfg.edge_threshold, valid_full, stride=s)
+        else:
+            d = d[::s, ::s].to(dev, non_blocking=True).float()
+            ok = torch.ones_like(d, dtype=torch.bool)
+        ok &= (d > 0) & (d <= cfg.max_depth_m)  # False for NaN too
+        if valid_full is not None:
+            ok &= valid_full[::s, ::s]
         if confidence is not None:
             floats = (torch.float16, torch.float32, torch.float64)
             conf = _strided("confidence", confidence, (h, w), floats, s, dev).float()

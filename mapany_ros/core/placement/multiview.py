@@ -21,6 +21,7 @@ import torch
 from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.backends.base import ViewPrediction
 from mapany_ros.core.camera_rays import distort, image_reach, plane_rays
+from mapany_ros.core.depth_edges import depth_edges
 from mapany_ros.core.frames import CameraModel
 
 
@@ -104,7 +105,8 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     """Per view: camera-frame points, validity and camera model on a grid at most ``max_width`` wide.
 
     Points are the depth along the camera model's rays (distortion included). Blocks of pixels are
-    averaged (only blocks that are valid throughout stay valid), and the camera model follows the
+    averaged (only blocks that are valid throughout stay valid; depth edges are dropped, see
+    :mod:`mapany_ros.core.depth_edges`), and the camera model follows the
     block grid (pixel-centre convention; distortion holds in normalised coordinates, so only K
     changes). Views of one size are pooled in one operation.
     """
@@ -125,7 +127,10 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
             count = _block_sum(ok.float(), f)
             P = _block_sum(P, f) / count[..., None].clamp_min(1e-6)
             ok = count > f * f - 0.5
-            P = torch.where(ok[..., None], P, torch.zeros(3, device=device))
+        # A block across a depth edge averages foreground and background, as a flying pixel does:
+        # neither is a surface to sample or to compare against.
+        ok &= ~depth_edges(P[..., 2], valid=ok)
+        P = torch.where(ok[..., None], P, torch.zeros(3, device=device))
         for a, (i, cam) in enumerate(zip(idx, cams, strict=True)):
             K = np.asarray(cam.K, dtype=np.float64).copy()
             if f > 1:
