@@ -386,6 +386,9 @@ class Pipeline:
                 "frames_waiting_for_odometry": len(self._waiting),
                 "keyframes_pending": len(self._pending),
                 "backend_busy": self._busy,
+                # the worker's; a bool read across threads, as good as the last window or loop left it
+                "localised": self.placer.localised,
+                "last_loop_ms": round(self.placer.stats.last_loop_s * 1e3, 1),
             }
 
     # ------------------------------------------------------------------ internals

@@ -148,8 +148,7 @@ class MapanyNode(Node):
         self._last_window: dict[str, object] = {}
         self.create_timer(0.1, self._on_timer)
         self.create_timer(self.config["stats_period_s"], self._log_stats)
-        if self.config["use_odometry"]:
-            self.create_timer(1.0 / self.config["tf.rate_hz"], self._publish_map_odom)
+        self.create_timer(1.0 / self.config["tf.rate_hz"], self._publish_map_odom)
         self.pipeline.start()
 
     def _now_ns(self) -> int:
@@ -196,12 +195,17 @@ class MapanyNode(Node):
         self.inputs.report(self.pipeline.poll())
 
     def _publish_map_odom(self) -> None:
-        """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate."""
+        """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate.
+
+        Without odometry the node is its own odometry: the newest chained odom -> base goes out with
+        it, stamped the same, so a lookup of map -> base_link at "now" works as with wheel odometry.
+        """
         now = self._now_ns()
         with self._out_lock:
             T = self._map_odom.value(now * 1e-9)
-        if T is not None:
-            self.tf_pub.publish(self.outputs.map_odom(T, now + int(self.config["tf.future_tolerance_s"] * 1e9)))
+            msg = None if T is None else self.outputs.map_odom(T, now + int(self.config["tf.future_tolerance_s"] * 1e9))
+        if msg is not None:
+            self.tf_pub.publish(msg)
 
     def _publish_map(self) -> None:
         """The fused map, when it changed, at most every map.publish_period_s (transient local)."""
@@ -302,10 +306,13 @@ class MapanyNode(Node):
         }
         if placement.status is PlacementStatus.RELOCALISED:
             self.get_logger().error(f"map chain broken ({placement.message}): continued from the last placed pose")
+        self._publish_messages(result)
+
+    def _publish_messages(self, result: WindowResult) -> None:
         with self._out_lock:
             messages = self.outputs.window(result)
-            if placement.T_map_odom is not None:
-                self._map_odom.set_target(placement.T_map_odom)
+            if result.placement.T_map_odom is not None:
+                self._map_odom.set_target(result.placement.T_map_odom)
         for topic, msg in messages:
             self._pubs[topic].publish(msg)
 
