@@ -487,11 +487,13 @@ class Pipeline:
             if out and ok:
                 voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
+        corrected = {}  # every camera's view of every corrected keyframe, in one call (submaps re-anchor once)
         for stamp, T_map_base in placed.corrections.items():
             for camera in self.config.cameras:
                 T_base_camera = self.extrinsic(camera)
                 if T_base_camera is not None:
-                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+                    corrected[(camera, stamp)] = T_map_base @ T_base_camera
+        voxel_map.update_poses(corrected)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:
