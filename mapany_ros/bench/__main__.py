@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
     from mapany_ros.bench.decode import bench_decode
-    from mapany_ros.bench.fusion import bench_fusion
+    from mapany_ros.bench.fusion import bench_fusion, bench_loop_closure, loop_closure_markdown
     from mapany_ros.bench.fusion import markdown as fusion_markdown
     from mapany_ros.bench.long_run import bench_long_run
     from mapany_ros.bench.long_run import markdown as long_run_markdown
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"].append(bench_decode())
     print("[bench] fused map ...", flush=True)
     results["extra_sections"].append(fusion_markdown(bench_fusion()))
+    print("[bench] fused map: a loop closure at 2000 keyframes ...", flush=True)
+    results["extra_sections"].append(loop_closure_markdown(bench_loop_closure()))
     print("[bench] offline processing ...", flush=True)
     results["extra_sections"].append(bench_process())
     print("[bench] long run (2000 keyframes) ...", flush=True)

@@ -681,8 +681,8 @@ class Pipeline:
             if out and ok and self.config.update_map:
                 voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
-        for key, T_map_camera in placed.view_corrections.items():  # any camera, any age: the map follows
-            voxel_map.update_pose(key, T_map_camera)
+        # every camera's view of every corrected keyframe, any age, in one call (submaps re-anchor once)
+        voxel_map.update_poses(placed.view_corrections)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

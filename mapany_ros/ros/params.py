@@ -128,14 +128,16 @@ PARAMETERS: tuple[Param, ...] = (
           "may correct the map's scale without odometry).", 0.001, 1.0),
     Param("map.enabled", True, "Fuse every placed keyframe into a voxel map (map_points, ~/save_map, ~/reset)."),
     Param("map.voxel_size_m", 0.05, "Voxel edge of the fused map.", 0.005, 10.0),
-    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map, in voxels (about 60 bytes each).",
+    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map: voxels stored in all submaps together, "
+          "a surface once per visit (about 100 bytes each with their published union).",
           1000, 200_000_000),
     Param("map.max_depth_m", 10.0, "Depth beyond this is not fused (its error grows with distance).", 0.1, 1000.0),
     Param("map.min_weight", 2.0, "A voxel is published once its summed confidence reaches this (in median "
           "pixels): one stray sample makes no voxel.", 0.0, 1e6),
     Param("map.pixel_stride", 4, "Fuse every n-th pixel in both directions.", 1, 64),
-    Param("map.keep_keyframes", 16, "Recent keyframes whose contribution moves when the pose graph corrects "
-          "them; older ones are frozen.", 0, 10_000),
+    Param("map.submap_keyframes", 8, "Keyframes per submap: a submap moves as one rigid piece when the pose graph "
+          "corrects its keyframes, however old (fewer follow a bending correction more closely; more store a "
+          "surface seen by consecutive keyframes fewer times).", 1, 10_000),
     Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
           "(0: the least recently seen first).", 0.0, 1e6),
     Param("map.edge_threshold", 0.05, "Pixels at a depth jump of more than this fraction (or of more than the "
@@ -249,7 +251,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             fusion = FusionConfig(
                 voxel_size_m=values["map.voxel_size_m"], max_voxels=values["map.max_voxels"],
                 max_depth_m=values["map.max_depth_m"], min_weight=values["map.min_weight"],
-                pixel_stride=values["map.pixel_stride"], keep_keyframes=values["map.keep_keyframes"],
+                pixel_stride=values["map.pixel_stride"], submap_keyframes=values["map.submap_keyframes"],
                 evict_radius_m=values["map.evict_radius_m"], edge_threshold=values["map.edge_threshold"])
         except ValueError as exc:
             raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
