@@ -11,6 +11,8 @@ Measured as ratios within one run (these machines are noisy):
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
 5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
+6. Loop closure's global descriptors on synthetic revisits: recall, precision, cost of the search
+   at 2000 keyframes (:mod:`mapany_ros.bench.loops`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"] = [bench_adapter()]
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
+    from mapany_ros.bench.loops import bench_loop_descriptors
+
+    print("[bench] loop closure: descriptors on synthetic revisits, search at 2000 keyframes ...", flush=True)
+    results["extra_sections"].append(bench_loop_descriptors())
     from mapany_ros.bench.decode import bench_decode
     from mapany_ros.bench.fusion import bench_fusion, bench_loop_closure, loop_closure_markdown
     from mapany_ros.bench.fusion import markdown as fusion_markdown
