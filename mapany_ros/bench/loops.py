@@ -28,7 +28,7 @@ from PIL import Image
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import make_pose
 from mapany_ros.core.placement.loops import LoopCloser, LoopConfig
-from mapany_ros.core.placement.loops.descriptors import DESCRIPTORS, describe
+from mapany_ros.core.placement.loops.descriptors import DESCRIPTORS, describe, similarities
 from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 #: Per pass: (metres to the left, yaw degrees, exposure gain). The first pass is the reference.
@@ -85,7 +85,7 @@ def score_descriptor(kf: Keyframes, kind: str, gap: int, min_similarity: float) 
     t0 = time.perf_counter()
     D = np.stack([describe(image, kind) for image in kf.images])
     describe_s = (time.perf_counter() - t0) / len(kf.images)
-    S = D @ D.T
+    S = similarities(D, D)  # as KeyframeMemory.similar: centred on the stored mean
     truth = true_revisits(kf.T_world_camera)
     n = len(D)
     hits1 = hits3 = queries = accepted = accepted_true = 0

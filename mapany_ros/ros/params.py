@@ -154,8 +154,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("loops.min_gap_keyframes", 30, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
     Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
           "drift) of the robot are loop candidates.", 0.0, 1000.0),
-    Param("loops.min_similarity", 0.8, "Old keyframes whose image descriptor is at least this alike (cosine) are "
-          "loop candidates, however far the map drifted.", 0.0, 1.0),
+    Param("loops.min_similarity", 0.3, "Old keyframes whose image descriptor is at least this alike (cosine, centred "
+          "on the map's mean) are loop candidates, however far the map drifted.", -1.0, 1.0),
     Param("loops.min_overlap", 0.5, "Fraction of one place's points that must lie on the other's surfaces when "
           "the backend sees both in one window, for a loop to hold.", 0.05, 1.0),
     Param("loops.every_keyframes", 4, "Look for loop candidates at every n-th keyframe (each costs a backend call "

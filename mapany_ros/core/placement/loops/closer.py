@@ -55,7 +55,7 @@ class LoopConfig:
     position_candidates: int = 1
     appearance_candidates: int = 1
     #: Appearance candidates need at least this cosine similarity of their descriptors.
-    min_similarity: float = 0.8
+    min_similarity: float = 0.3
     #: Fraction of one place's points that must lie on the other's surfaces for a verified loop.
     min_overlap: float = 0.5
     #: Two loops confirm each other when their corrections of the map agree this well.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mapany_ros.core.frames import CameraModel, Frame
-from mapany_ros.core.placement.loops.descriptors import describe
+from mapany_ros.core.placement.loops.descriptors import describe, similarities
 
 try:  # libjpeg-turbo when installed (it is a requirement of the node); Pillow otherwise
     import simplejpeg as _simplejpeg
@@ -167,7 +167,7 @@ class KeyframeMemory:
         order = np.argsort(self._desc_kid, kind="stable")
         kids = np.asarray(self._desc_kid)[order]
         keep = order[kids < before_kid]
-        sims = (self._stack[keep] @ np.asarray(descriptors, np.float32).T).max(axis=1)
+        sims = similarities(np.asarray(descriptors, np.float32), self._stack)[:, keep].max(axis=0)
         best: dict[int, float] = {}
         for i, s in zip(keep, sims, strict=True):
             k = self._desc_kid[i]
