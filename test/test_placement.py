@@ -447,3 +447,33 @@ def test_the_odometrys_own_covariance_sets_the_graphs_noise_when_given():
     plain.add_keyframe(0, a)
     plain.add_keyframe(1, b)
     np.testing.assert_allclose(plain.odometry_sigmas(invert(a) @ b, 0, 1)[3:], [0.05] * 3)
+
+
+def test_an_exception_inside_placement_leaves_it_whole(scene, monkeypatch):
+    """A failure in the middle of placing a window (here the graph's local check, once) fails that
+    window only: the placer is not left half updated, and the next windows place as if it never ran."""
+    from mapany_ros.core.placement.pose_graph import PoseGraph
+
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    check = PoseGraph.check_window
+    calls = {"n": 0}
+
+    def fails_once(self, observations):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("placement failure on purpose")
+        return check(self, observations)
+
+    monkeypatch.setattr(PoseGraph, "check_window", fails_once)
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, rate_hz=10.0,
+                loops=0.5, raise_errors=False)
+    assert [str(e) for e in run.errors] == ["placement failure on purpose"]
+    s = run.pipeline.stats
+    assert calls["n"] > 5 and s.windows_failed == 1, s
+    assert s.windows_done >= calls["n"] - 1
+    ate_est, ate_odo = odometry_ate(run, odometry)
+    assert ate_est <= ate_odo
+    placer = run.pipeline.placer
+    # every keyframe the graph knows is indexed, and every placed keyframe is in the graph
+    assert all(placer.index.by_kid.get(k) is not None for k in placer.graph.keyframes)
+    assert all(placer.graph.has(placer.index.get(g).kid) for g in placer.context(16))

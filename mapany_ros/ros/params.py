@@ -151,7 +151,7 @@ PARAMETERS: tuple[Param, ...] = (
           "before it publishes, then maps in its frame (empty: a new map)."),
     Param("map.update", True, "With map.load_path: false is localisation only, the loaded map is not changed."),
     Param("loops.enabled", True, "Close loops: recognise revisited places and correct the whole map."),
-    Param("loops.min_gap_keyframes", 30, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
+    Param("loops.min_gap_keyframes", 15, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
     Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
           "drift) of the robot are loop candidates.", 0.0, 1000.0),
     Param("loops.min_similarity", 0.3, "Old keyframes whose image descriptor is at least this alike (cosine, centred "

@@ -47,7 +47,7 @@ class LoopConfig:
 
     enabled: bool = True
     #: An old keyframe must be at least this many keyframes older than the new one.
-    min_gap_keyframes: int = 30
+    min_gap_keyframes: int = 15
     #: Old keyframes within this distance (plus three sigmas of drift) are position candidates.
     search_radius_m: float = 1.0
     #: Cameras whose optical axes differ by more than this see different things: not a candidate.
