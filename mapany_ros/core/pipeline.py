@@ -57,6 +57,8 @@ class PipelineConfig:
     min_rotation_deg: float = 10.0
     max_interval_s: float = 1.0
     min_interval_s: float = 0.0
+    #: Without odometry: parallax (deg) since the last keyframe that makes a new one.
+    min_parallax_deg: float = 1.0
     sync_tolerance_s: float = 0.02
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
@@ -160,8 +162,8 @@ class Pipeline:
         self._extrinsics: dict[str, np.ndarray] = {}
         self._sync = FrameSync(config.cameras, config.sync_tolerance_s)
         self._keyframes = KeyframeSelector(
-            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
-        )
+            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s,
+            config.min_parallax_deg)
         self._pending = PendingKeyframes(config.window_size, config.window_overlap,
                                          config.queue_size if config.thin_keyframes else 1 << 30, self._separation)
         self.placer = WindowPlacer(config.placement, self.extrinsic)
@@ -375,7 +377,7 @@ class Pipeline:
 
     def _accept_locked(self, frame: Frame) -> None:
         for group in self._sync.push(frame):
-            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
+            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group), group):
                 continue
             self.stats.keyframes += 1
             stamp = group[0].stamp_ns
