@@ -41,11 +41,12 @@ class Run:
 
 def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float = 5.0, width: int = 128,
           height: int = 96, odometry: DriftingOdometry | None = None, pace: float | None = None,
-          **config) -> Run:
+          render: bool = False, **config) -> Run:
     """Play ``loops`` of the scene's trajectory into a pipeline running ``backend``.
 
     ``pace``: wall-clock speed-up (frames are fed in real time divided by it); None feeds them as
-    fast as the callbacks take them, then waits for the backend.
+    fast as the callbacks take them, then waits for the backend. ``render``: every frame carries the
+    image the camera sees (what keyframe selection without odometry looks at); else a blank one.
     """
     cam = make_camera_model(width, height)
     duration = loops * scene.trajectory.loop_length_m / scene.trajectory.speed_mps
@@ -68,6 +69,8 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
             t_odom += dt_odom
         if pace is not None:
             time.sleep(max(0.0, start + t / pace - time.perf_counter()))
+        if render:
+            image = np.ascontiguousarray(scene.render(scene.camera_pose(t), cam)[0])
         p.add_frame(Frame(image, int(round(t * 1e9)), "camera", "camera_optical_frame", cam))
     p.flush()
     assert p.wait_idle(600), "the pipeline did not finish"
