@@ -290,7 +290,10 @@ class ViewTracker:
 
     # ------------------------------------------------------------------ tracking
     def measure(self, image: np.ndarray, camera: CameraModel, stamp_ns: int) -> ViewMotion | None:
-        """Track the keyframe's patches into ``image``; None without a keyframe or too little texture."""
+        """Track the keyframe's patches into ``image``; None without a keyframe, with too little texture,
+        or for an image too small to hold a patch."""
+        if min(image.shape[:2]) < 4 * PATCH_RADIUS:
+            return None
         pyr = _pyramid(image)
         if self._last is not None and (pyr.shape != self._last.shape or len(pyr.levels) != len(self._last.levels)):
             self.reset()  # the camera's resolution changed: start over
