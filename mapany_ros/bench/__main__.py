@@ -11,6 +11,8 @@ Measured as ratios within one run (these machines are noisy):
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
 5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
+6. Keyframe selection per frame group in the callbacks, from the images without odometry
+   (target <= 2 ms at 640x480, :mod:`mapany_ros.bench.keyframes`).
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     results["cloud"] = messages.bench_cloud(tmp)
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = node.bench_node_overhead(tmp)
+    from mapany_ros.bench.keyframes import bench_keyframes
     from mapany_ros.bench.mapanything import bench_adapter
     from mapany_ros.bench.placement import bench_placement
 
+    print("[bench] keyframe selection per frame group ...", flush=True)
+    results["extra_sections"] = [bench_keyframes()]
     print("[bench] MapAnything adapter ...", flush=True)
-    results["extra_sections"] = [bench_adapter()]
+    results["extra_sections"].append(bench_adapter())
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
     from mapany_ros.bench.decode import bench_decode
