@@ -20,10 +20,11 @@ image velocity), so a fast turn stays within the tracker's reach. Through the ca
   follow (a fast turn, something passing close in front) has moved.
 
 A frame too bland to track (fewer than ``MIN_TRACKS`` textured patches) gives no measure, so only
-time decides there. It runs in the input callbacks, so it is kept to about a hundred small torch
-ops on the CPU (the image is on the host, and ~100 patches cost more to move to a GPU than to
-track); the image reduction and the 3 x 3 fits are numpy, which never wakes torch's worker
-threads (on a loaded 2-core machine a parallel region costs milliseconds).
+time decides there. It runs in the input callbacks, so it stays on the CPU (the image is on the
+host, and ~100 patches cost more to move to a GPU than to track) and on the calling thread: the
+tracking is about a hundred small torch ops, none of them big enough for torch to split across its
+worker threads (no batched matmul), and the image reduction, the per-patch bookkeeping and the
+3 x 3 fits are numpy. On a loaded 2-core machine one parallel region costs milliseconds.
 """
 
 from __future__ import annotations
@@ -140,12 +141,6 @@ def _offsets(radius: int) -> torch.Tensor:
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)  # (P, 2), row-major
 
 
-def _to_level(points: torch.Tensor, level: int) -> torch.Tensor:
-    """Working-level pixel coordinates (pixel centres at integers) at pyramid ``level``."""
-    s = 2.0**level
-    return (points + 0.5) / s - 0.5
-
-
 def _grid_scale(h: int, w: int) -> torch.Tensor:
     """Pixel -> grid_sample coordinates (align_corners): multiply, then subtract 1."""
     return torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
@@ -178,10 +173,11 @@ _PATCH_AND_RIM = _offsets(PATCH_RADIUS + 1)  # one pixel more around, for the te
 def _patch_structure(levels: list[torch.Tensor], points: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every level's zero-mean patches around ``points`` (working pixels) and their zero-mean gradients.
 
-    Returns template, gx, gy as (L * N, P), the levels' pixel -> grid scales (L, 2) and the structure
-    tensor entries hxx, hxy, hyy (L * N,). Patches are sampled with one pixel of rim for central
-    differences; everything is done component by component, never as a batched matmul, so each op
-    stays below torch's parallel grain size and runs on the calling thread (see the module doc).
+    Returns (template, to_grid, gx, gy, hxx, hxy, hyy): template and gradients (L * N, P), the
+    levels' pixel -> grid scales (L, 2), and the structure tensor entries (L * N,). Patches are
+    sampled with one pixel of rim for central differences; everything is done component by
+    component, never as a batched matmul, so each op stays below torch's parallel grain size and
+    runs on the calling thread (see the module doc).
     """
     n, p, side = len(points), _PATCH.shape[0], 2 * PATCH_RADIUS + 3
     to_grid = torch.stack([_grid_scale(*level.shape[2:]) for level in levels])  # (L, 2)
@@ -216,10 +212,6 @@ class ViewTracker:
         self._velocity = np.zeros(2, np.float32)  # median image velocity, working pixels per second
         self._track_velocity: np.ndarray | None = None  # (N, 2) per patch
         self._stamp_ns: int | None = None
-
-    @property
-    def has_keyframe(self) -> bool:
-        return self._key is not None
 
     # ------------------------------------------------------------------ camera rays
     def _ray_map(self, camera: CameraModel, pyr: _Pyramid) -> None:
