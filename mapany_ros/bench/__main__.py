@@ -13,6 +13,8 @@ Measured as ratios within one run (these machines are noisy):
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
 6. Loop closure's global descriptors on synthetic revisits: recall, precision, cost of the search
    at 2000 keyframes (:mod:`mapany_ros.bench.loops`).
+7. Keyframe selection per frame group in the callbacks, from the images without odometry
+   (target <= 2 ms at 640x480, :mod:`mapany_ros.bench.keyframes`).
 """
 
 from __future__ import annotations
@@ -74,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     results["cloud"] = messages.bench_cloud(tmp)
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = node.bench_node_overhead(tmp)
+    from mapany_ros.bench.keyframes import bench_keyframes
     from mapany_ros.bench.mapanything import bench_adapter
     from mapany_ros.bench.placement import bench_placement
 
+    print("[bench] keyframe selection per frame group ...", flush=True)
+    results["extra_sections"] = [bench_keyframes()]
     print("[bench] MapAnything adapter ...", flush=True)
-    results["extra_sections"] = [bench_adapter()]
+    results["extra_sections"].append(bench_adapter())
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
     from mapany_ros.bench.loops import bench_loop_descriptors

@@ -60,6 +60,8 @@ class PipelineConfig:
     min_rotation_deg: float = 10.0
     max_interval_s: float = 1.0
     min_interval_s: float = 0.0
+    #: Without odometry: parallax (deg) since the last keyframe that makes a new one.
+    min_parallax_deg: float = 1.0
     sync_tolerance_s: float = 0.02
     #: A camera without a frame for this long (message time, against the others' stamps) is left out of
     #: groups until it sends again; 0 = groups always wait for every camera.
@@ -181,8 +183,8 @@ class Pipeline:
         self._moving_extrinsics: dict[str, OdometryBuffer] = {}
         self._sync = FrameSync(config.cameras, config.sync_tolerance_s, camera_timeout_s=config.camera_timeout_s)
         self._keyframes = KeyframeSelector(
-            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
-        )
+            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s,
+            config.min_parallax_deg)
         self._pending = PendingKeyframes(config.window_size, config.window_overlap,
                                          config.queue_size if config.thin_keyframes else 1 << 30, self._separation)
         self.placer = WindowPlacer(config.placement, self.extrinsic)
@@ -455,7 +457,7 @@ class Pipeline:
 
     def _accept_locked(self, frame: Frame) -> None:
         for group in self._sync.push(frame):
-            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
+            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group), group):
                 continue
             self.stats.keyframes += 1
             stamp = group[0].stamp_ns

@@ -64,8 +64,13 @@ PARAMETERS: tuple[Param, ...] = (
           "oldest keyframe, or, once input stops, when that keyframe has waited this long.", 0.1, 60.0),
     Param("window.queue_size", 2, "Windows that may wait for the backend; beyond, the waiting keyframes are "
           "thinned evenly (never whole windows dropped).", 1, 16),
-    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
-    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe.", 0.0, 180.0),
+    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe (odometry's translation).",
+          0.0, 100.0),
+    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe: odometry's, or without odometry "
+          "the view's rotation measured in the images (any camera of the group).", 0.0, 180.0),
+    Param("keyframe.min_parallax_deg", 1.0, "Without odometry: parallax that makes a new keyframe, the median angle "
+          "by which the last keyframe's image patches moved once the view's rotation is taken out (any camera of "
+          "the group; independent of resolution and lens).", 0.0, 90.0),
     Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
     Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
     Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
@@ -264,6 +269,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         min_rotation_deg=values["keyframe.min_rotation_deg"],
         max_interval_s=values["keyframe.max_interval_s"],
         min_interval_s=values["keyframe.min_interval_s"],
+        min_parallax_deg=values["keyframe.min_parallax_deg"],
         sync_tolerance_s=values["sync.tolerance_s"],
         camera_timeout_s=values["sync.camera_timeout_s"],
         odom_max_gap_s=values["odometry.max_gap_s"],
