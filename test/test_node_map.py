@@ -33,7 +33,7 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
 
     from mapany_ros.ros.node import LATCHED_QOS
 
-    h = harness_factory(RecordingBackend(), **{"map.save_path": str(tmp_path / "map.ply"),
+    h = harness_factory(RecordingBackend(), **{"map.save_path": str(tmp_path / "saved"),
                                                "map.publish_period_s": 0.2})
     h.info()
     h.static_tf()
@@ -58,8 +58,9 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
 
     save = h.driver.create_client(Trigger, "/mapany_node/save_map")
     answer = call(h.driver, save)
-    assert answer.success and str(len(xyz)) in answer.message, answer.message
-    saved_xyz, saved_rgb, saved_conf = read_ply(tmp_path / "map.ply")
+    assert answer.success and str(len(xyz)) in answer.message and str(tmp_path / "saved") in answer.message
+    saved_xyz, saved_rgb, saved_conf = read_ply(tmp_path / "saved" / "map.ply")
+    assert (tmp_path / "saved" / "keyframes.npz").is_file() and (tmp_path / "saved" / "map.yaml").is_file()
     order = np.lexsort(xyz.T)
     saved = np.lexsort(saved_xyz.T)
     np.testing.assert_allclose(saved_xyz[saved], xyz[order], atol=1e-6)

@@ -1,12 +1,13 @@
 """The pipeline's threading, queueing, odometry waits and resets, with a fake backend."""
 
+import dataclasses
 import threading
 import time
 
 import numpy as np
 from core_fakes import RecordingBackend, base_pose, frame
 
-from mapany_ros.core.geometry import make_pose
+from mapany_ros.core.geometry import invert, make_pose, rotation_angle
 from mapany_ros.core.pipeline import FrameStatus, Pipeline, PipelineConfig
 
 T_BASE_CAM = make_pose(np.eye(3), [0.1, 0.0, 0.5])
@@ -330,3 +331,133 @@ def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
     assert len(offline) >= 5
     assert run(0.3) == offline
     assert run(4.0, pause_at=7) == offline
+
+
+def test_a_moving_camera_gets_its_extrinsic_at_each_image_stamp_and_waits_for_it():
+    """A camera on a pan head (base -> optical moving on /tf): every frame's prior is the odometry and the
+    extrinsic both at its own stamp, and a frame waits for the extrinsic as it waits for odometry."""
+    from scipy.spatial.transform import Rotation
+
+    def pan(t: float) -> np.ndarray:  # 0.8 rad/s, the camera 5 cm off the pan axis
+        R = Rotation.from_euler("z", 0.8 * t).as_matrix()
+        return make_pose(np.eye(3), [0.1, 0, 0.6]) @ make_pose(R, [0, 0, 0]) @ make_pose(np.eye(3), [0.05, 0, 0])
+
+    def odom(t: float) -> np.ndarray:
+        return make_pose(Rotation.from_euler("z", 0.2 * t).as_matrix(), [0.5 * t, 0.1 * t, 0])
+
+    backend = RecordingBackend()
+    p = Pipeline(PipelineConfig(window_size=4, window_overlap=1, min_translation_m=0.0, max_interval_s=0.01,
+                                queue_size=16), backend, lambda r: None)
+    for i in range(61):  # odometry at 50 Hz, ahead of everything
+        p.add_odometry(int(i * 0.02e9), odom(i * 0.02))
+    expected = {}
+    statuses = []
+    for i in range(10):  # images at 10 Hz between the joint states at 30 Hz
+        t = 0.1 * i + 0.013
+        expected[int(round(t * 1e9))] = odom(t) @ pan(t)
+        for k in range(3 * i, 3 * i + 4):
+            if k / 30 <= t + 0.04:
+                statuses += p.add_extrinsic("camera", int(round(k / 30 * 1e9)), pan(k / 30))
+        assert p.add_frame(frame(t))[0] is FrameStatus.ACCEPTED
+        if i == 3:  # the extrinsic lags this image: it waits, then goes on when a sample covers its stamp
+            assert p.add_frame(frame(t + 0.05))[0] is FrameStatus.WAITING
+            assert p.add_extrinsic("camera", int(round((t + 0.06) * 1e9)), pan(t + 0.06)) == [FrameStatus.ACCEPTED]
+            expected[int(round((t + 0.05) * 1e9))] = odom(t + 0.05) @ pan(t + 0.05)
+    p.flush()
+    p.process_ready()
+    seen = {f.stamp_ns: f for call in backend.calls for f in call}
+    assert sorted(seen) == sorted(expected) and statuses == []
+    for stamp, f in seen.items():
+        np.testing.assert_allclose(f.T_world_camera, expected[stamp], atol=2e-5)  # 30 Hz samples: chord vs arc
+        np.testing.assert_allclose(f.T_base_camera, invert(f.T_world_base) @ f.T_world_camera, atol=1e-12)
+    assert np.degrees(rotation_angle(invert(seen[min(seen)].T_base_camera) @ seen[max(seen)].T_base_camera)) > 30
+
+
+def test_keyframes_keep_flowing_while_one_camera_of_two_is_silent_and_it_rejoins():
+    backend = RecordingBackend()
+    p = Pipeline(PipelineConfig(cameras=("left", "right"), window_size=4, window_overlap=1, min_translation_m=0.2,
+                                sync_tolerance_s=0.01, queue_size=64), backend, lambda r: None)
+    p.set_extrinsic("left", T_BASE_CAM)
+    p.set_extrinsic("right", T_BASE_CAM @ make_pose(np.eye(3), [0.12, 0, 0]))
+    missing = {}
+    p.add_odometry(0, base_pose(0.0))
+    for i in range(200):  # 20 s at 10 Hz, driving at 0.5 m/s; the right camera is silent from 4 s to 14 s
+        t = round(0.1 * i, 3)
+        p.add_odometry(int(round((t + 0.05) * 1e9)), base_pose(0.5 * (t + 0.05)))
+        p.add_odometry(int(round((t + 0.1) * 1e9)), base_pose(0.5 * (t + 0.1)))
+        assert p.add_frame(frame(t, "left"))[0] is FrameStatus.ACCEPTED
+        if not 4.0 <= t < 14.0:
+            p.add_frame(frame(t + 0.002, "right"))
+        missing[t] = p.missing_cameras()
+        p.process_ready()
+    p.flush()
+    p.process_ready()
+    assert missing[4.9] == [] and missing[5.5] == missing[13.9] == ["right"] and missing[14.5] == []
+    groups = {}
+    for call in backend.calls:
+        for f in call:
+            groups.setdefault(round(f.stamp_ns * 1e-9, 1), set()).add(f.camera)
+    silent = [t for t in groups if 5.0 <= t < 14.0]
+    # A keyframe every 0.2 m (0.5 s at 10 Hz) through the silence, of the left camera alone; both cameras after it.
+    assert len(silent) >= 17 and all(groups[t] == {"left"} for t in silent)
+    assert all(groups[t] == {"left", "right"} for t in groups if t < 3.9 or t > 14.2)
+    assert max(groups) > 19.0 and p.stats.windows_failed == 0
+
+
+def test_a_pose_graph_correction_moves_each_fused_camera_with_its_own_stamp_and_extrinsic():
+    """Two cameras a few ms apart in one group, each with its own extrinsic (one on a moving head, sampled
+    at its own stamp): a correction of the group's base pose moves both contributions to the map, each
+    where its camera was - placement's per-frame corrections, applied by the pipeline's fusion."""
+    from scipy.spatial.transform import Rotation
+
+    from mapany_ros.core.placement import PlacedWindow, PlacementStatus
+    from mapany_ros.core.placement.keyframe_index import KeyframeIndex
+    from mapany_ros.core.windows import Window
+
+    def base_at(t: float) -> np.ndarray:  # turning at 1 rad/s: 3 ms between the cameras matter
+        return make_pose(Rotation.from_euler("z", t).as_matrix(), [t, 0.0, 0.0])
+
+    p, _ = make(RecordingBackend(), cameras=("left", "right"))
+    head = make_pose(Rotation.from_euler("y", 7, degrees=True).as_matrix(), [0.12, 0, 0])
+    extrinsics = {"left": T_BASE_CAM, "right": T_BASE_CAM @ head}
+    group = []
+    for i, (cam, T_base_camera) in enumerate(extrinsics.items()):
+        f = frame(1.0 + 0.003 * i, cam)
+        T_world_base = base_at(f.stamp_ns * 1e-9)
+        group.append(dataclasses.replace(f, T_world_base=T_world_base, T_base_camera=T_base_camera,
+                                         T_world_camera=T_world_base @ T_base_camera))
+    prediction = RecordingBackend().infer(group)
+    p._fuse(Window(0, [group], 0), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None))
+    index = KeyframeIndex()
+    kf = index.add(group)
+    T_odom_ref = group[0].T_world_base
+    index.changed({kf.kid: T_odom_ref})  # reported where odometry put it
+    corrected = make_pose(np.eye(3), [0.2, 0.1, 0]) @ T_odom_ref
+    corrections, view_corrections = index.changed({kf.kid: corrected})
+    assert set(corrections) == {group[0].stamp_ns} and set(view_corrections) == {f.key for f in group}
+    p._fuse(Window(1, [group], 1), PlacedWindow(prediction, [True, True], PlacementStatus.PLACED, 1.0, 0.0, None,
+                                                 corrections, view_corrections))  # the group as context now
+    assert p.map.keyframes_reposed == 2
+    for f in group:  # the right camera: 3 ms of motion after the group's stamp, then its own head pose
+        expected = corrected @ invert(T_odom_ref) @ f.T_world_base @ extrinsics[f.camera]
+        np.testing.assert_allclose(p.map._recent[f.key].T_map_camera, expected, atol=1e-9)
+
+
+def test_a_frame_whose_moving_extrinsic_stops_is_dropped_while_odometry_still_flows():
+    clock = [0]
+    p = Pipeline(PipelineConfig(odom_max_wait_s=0.5), RecordingBackend(), lambda r: None, clock=lambda: clock[0])
+    for t in (0.0, 0.1):
+        p.add_extrinsic("camera", int(t * 1e9), T_BASE_CAM)
+    for i in range(3):
+        p.add_odometry(int(i * 0.1e9), base_pose(0.1 * i))
+    assert p.add_frame(frame(0.05))[0] is FrameStatus.ACCEPTED
+    assert p.add_frame(frame(0.15))[0] is FrameStatus.WAITING  # the head's joint states stop at 0.1 s
+    statuses = []
+    for i in range(3, 12):  # the odometry goes on: the frame waits for the extrinsic, then goes
+        clock[0] = int(i * 0.1e9)
+        p.add_odometry(int(i * 0.1e9), base_pose(0.1 * i))
+        statuses += p.poll()
+    assert statuses == [FrameStatus.DROPPED_NO_EXTRINSIC]
+    p.add_extrinsic("camera", int(0.3e9), T_BASE_CAM)  # the joint states come back
+    assert p.add_frame(frame(0.35))[0] is FrameStatus.WAITING
+    assert p.add_extrinsic("camera", int(0.4e9), T_BASE_CAM) == [FrameStatus.ACCEPTED]

@@ -7,7 +7,9 @@ keyframes), runs the backend, places the window in the map (:mod:`mapany_ros.cor
 and hands the result on. A slow backend never blocks a callback: waiting keyframes are thinned,
 never whole windows dropped, so every window still overlaps a placed one. A window whose backend
 call fails is sent once more with fresh context; a second failure drops its keyframes
-(``keyframes_lost``).
+(``keyframes_lost``). When no window waits, the worker verifies the loop candidates placement
+proposed (a closed loop or a relocalisation goes out through ``on_result`` as a result of no
+window), and between two jobs it writes the map that :meth:`Pipeline.save_map` asked for.
 
 Threads and locks. Callers (the node's executor, its timers, services) and the worker share one
 lock, ``Pipeline._lock``, which guards the buffers, counters and the worker's queue. It is a leaf:
@@ -15,7 +17,8 @@ while it is held the pipeline calls out to nothing - not the callbacks (``on_res
 ``on_error``, ``on_reset``), not the clock, not the placer and not the voxel map (which has its own
 leaf lock). What a locked section decides to announce is collected and announced after the lock is
 released, so a callback may take its own locks and call back into the pipeline in any order. The
-placer is the worker's alone (or the caller's of :meth:`Pipeline.process_ready`), so it needs no lock.
+placer is the worker's alone (or the caller's of :meth:`Pipeline.process_ready`), so it needs no lock:
+what others may read of it (counters, ``localised``) the worker copies under the lock after each job.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,8 +39,9 @@ from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig, VoxelMap
 from mapany_ros.core.keyframes import KeyframeSelector
+from mapany_ros.core.map_folder import MAP_PLY, read_keyframes, write_keyframes
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
-from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStatus, WindowPlacer
+from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStats, PlacementStatus, WindowPlacer
 from mapany_ros.core.sync import FrameSync
 from mapany_ros.core.windows import Group, PendingKeyframes, Window
 
@@ -49,7 +54,8 @@ class FrameStatus(enum.Enum):
     DROPPED_ODOM_GAP = "no odometry close enough to the image stamp"
     DROPPED_ODOM_TIMEOUT = "odometry for the image stamp never arrived"
     DROPPED_TOO_OLD = "image stamp is older than all buffered odometry"
-    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static within odometry.max_wait_s"
+    DROPPED_NO_EXTRINSIC = "no base -> camera extrinsic on /tf_static or /tf within odometry.max_wait_s"
+    DROPPED_EXTRINSIC_GAP = "no moving base -> camera extrinsic on /tf close enough to the image stamp"
     DROPPED_WAIT_QUEUE = "too many frames waiting for odometry"
     DROPPED_DUPLICATE = "same stamp as the previous image of this camera"
     DROPPED_OUT_OF_ORDER = "stamp older than the previous image of this camera"
@@ -67,7 +73,12 @@ class PipelineConfig:
     min_rotation_deg: float = 10.0
     max_interval_s: float = 1.0
     min_interval_s: float = 0.0
+    #: Without odometry: parallax (deg) since the last keyframe that makes a new one.
+    min_parallax_deg: float = 1.0
     sync_tolerance_s: float = 0.02
+    #: A camera without a frame for this long (message time, against the others' stamps) is left out of
+    #: groups until it sends again; 0 = groups always wait for every camera.
+    camera_timeout_s: float = 1.0
     odom_max_gap_s: float = 0.25
     odom_max_wait_s: float = 0.5
     max_waiting_frames: int = 60
@@ -81,6 +92,9 @@ class PipelineConfig:
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
     #: The fused voxel map of every placed keyframe (None: no map).
     fusion: FusionConfig | None = dataclasses.field(default_factory=FusionConfig)
+    #: False: localisation only in a loaded map - new keyframes are placed and published, the map
+    #: (fused, and what a saved map holds) is not changed.
+    update_map: bool = True
 
     def __post_init__(self) -> None:
         self.placement = dataclasses.replace(self.placement, use_odometry=self.use_odometry)
@@ -101,6 +115,9 @@ class WindowResult:
     latency_s: float
     #: The pipeline's :attr:`Pipeline.generation` the window belongs to: a result of an older one is stale.
     generation: int = 0
+    #: Per frame: a new keyframe placement could not put in the map whose view passed the view
+    #: checks: its depth (in its own camera frame) still goes out, without points or a path pose.
+    depth_only_mask: list[bool] = dataclasses.field(default_factory=list)
 
     @property
     def T_map_odom(self) -> np.ndarray | None:
@@ -119,7 +136,13 @@ class PipelineStats:
     keyframes_lost: int = 0
     windows_rejected: int = 0
     views_rejected: int = 0
+    #: Views whose depth was published without a place in the map (their window was rejected).
+    views_unplaced: int = 0
     chain_breaks: int = 0
+    odometry_slips: int = 0
+    loop_candidates: int = 0
+    loops_rejected: int = 0
+    loops_closed: int = 0
     frames_dropped: int = 0
     resets: int = 0
     backend_time_s: float = 0.0
@@ -145,6 +168,15 @@ class _Job:
     queued_ns: int = 0
     #: The backend already failed once on these keyframes.
     retry: bool = False
+
+
+@dataclass
+class _PlacerSnapshot:
+    """What the pipeline mirrors of the placer (the worker's), read with no lock held."""
+
+    stats: PlacementStats
+    localised: bool
+    n_context: int
 
 
 class _BackendFailed(Exception):
@@ -188,11 +220,14 @@ class Pipeline:
         self._clock = clock
         self.stats = PipelineStats()
         self.odometry = OdometryBuffer(max_gap_s=config.odom_max_gap_s)
+        #: Per camera its newest known base -> optical extrinsic (static, or the newest moving sample).
         self._extrinsics: dict[str, np.ndarray] = {}
-        self._sync = FrameSync(config.cameras, config.sync_tolerance_s)
+        #: Cameras whose extrinsic moves (/tf): their samples by stamp, looked up at each image's stamp.
+        self._moving_extrinsics: dict[str, OdometryBuffer] = {}
+        self._sync = FrameSync(config.cameras, config.sync_tolerance_s, camera_timeout_s=config.camera_timeout_s)
         self._keyframes = KeyframeSelector(
-            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s
-        )
+            config.min_translation_m, config.min_rotation_deg, config.max_interval_s, config.min_interval_s,
+            config.min_parallax_deg)
         self._pending = PendingKeyframes(config.window_size, config.window_overlap,
                                          config.queue_size if config.thin_keyframes else 1 << 30, self._separation)
         self.placer = WindowPlacer(config.placement, self.extrinsic)
@@ -208,6 +243,8 @@ class Pipeline:
         self._odometry_seen = 0
         self._latency_armed: int | None = None
         self._odometry_armed: int | None = None
+        self._extrinsics_seen = 0  # the same for the samples of moving extrinsics
+        self._extrinsic_armed: int | None = None
         self._lock = threading.Lock()  # guards everything touched by callbacks, timers and the worker; a leaf
         self._cv = threading.Condition(self._lock)
         self._n_context = 0  # context groups the next window gets (placed groups, up to the overlap)
@@ -216,6 +253,13 @@ class Pipeline:
         #: New keyframes of a window the backend failed on once, with their queue time: the next window.
         self._retry: tuple[list[Group], int] | None = None
         self._busy = False
+        #: The placer has loop candidates to verify (set by the worker after each job).
+        self._loops_waiting = False
+        #: ~/save_map requests the worker answers between jobs.
+        self._save_requests: list[dict] = []
+        #: The placer's state as the worker last copied it (status() must not read the worker's placer).
+        self._localised = True
+        self._last_loop_s = 0.0
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -229,12 +273,16 @@ class Pipeline:
             self._cv.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout)
+        if not self._worker.is_alive():  # a save that came as the worker stopped: placement is ours now
+            with self._lock:
+                saves, self._save_requests = self._save_requests, []
+            self._serve_saves(saves)
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no window can be sent and the backend is idle (for tools and tests)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._busy or self._ready_locked():
+            while self._busy or self._ready_locked() or self._loops_waiting:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -243,13 +291,32 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
     def set_extrinsic(self, camera: str, T_base_camera: np.ndarray) -> list[FrameStatus]:
-        """The camera's base -> optical transform; returns the fate of frames that waited for it."""
+        """The camera's static base -> optical transform; returns the fate of frames that waited for it."""
         now = self._clock()
         with self._cv:
             self._extrinsics[camera] = T_base_camera.copy()
+            self._moving_extrinsics.pop(camera, None)
+            return self._release_waiting_locked(now, timeouts=False) if self.config.use_odometry else []
+
+    def add_extrinsic(self, camera: str, stamp_ns: int, T_base_camera: np.ndarray) -> list[FrameStatus]:
+        """A sample of a moving camera's base -> optical transform (a pan-tilt head on /tf).
+
+        From then on the camera's frames get the extrinsic interpolated at their own stamp, and wait
+        for it as for odometry. Raises ValueError for a transform that is not finite and rigid.
+        """
+        now = self._clock()
+        with self._cv:
+            buf = self._moving_extrinsics.get(camera)
+            if buf is None:
+                buf = self._moving_extrinsics[camera] = OdometryBuffer(max_gap_s=self.config.odom_max_gap_s)
+            buf.add(stamp_ns, T_base_camera.copy())
+            if buf.newest_ns == stamp_ns:
+                self._extrinsics[camera] = T_base_camera.copy()
+            self._extrinsics_seen += 1  # a frame waiting for it is not timed out while samples flow
             return self._release_waiting_locked(now, timeouts=False) if self.config.use_odometry else []
 
     def extrinsic(self, camera: str) -> np.ndarray | None:
+        """The camera's newest known extrinsic (static, or the newest sample of a moving one)."""
         with self._lock:
             return self._extrinsics.get(camera)
 
@@ -259,8 +326,23 @@ class Pipeline:
         with self._lock:
             return self._generation
 
-    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray) -> list[FrameStatus]:
-        """Buffer an odometry sample; returns the fate of frames it released or timed out.
+    def _extrinsic_at_locked(self, camera: str, stamp_ns: int) -> tuple[Lookup | None, np.ndarray | None]:
+        """The extrinsic at an image stamp: (None, None) while none is known."""
+        moving = self._moving_extrinsics.get(camera)
+        if moving is not None:
+            return moving.lookup(stamp_ns)
+        T = self._extrinsics.get(camera)
+        return (None, None) if T is None else (Lookup.OK, T)
+
+    def missing_cameras(self) -> list[str]:
+        """Cameras left out of groups for now (no frame for ``camera_timeout_s``), for diagnostics."""
+        with self._lock:
+            return self._sync.missing()
+
+    def add_odometry(self, stamp_ns: int, T_odom_base: np.ndarray,
+                     covariance: np.ndarray | None = None) -> list[FrameStatus]:
+        """Buffer an odometry sample (with its 6x6 pose covariance, when used); returns the fate of
+        frames it released or timed out.
 
         Raises ValueError for a pose that is not finite and rigid. A stamp more than
         ``reset_jump_s`` older than the newest sample means the source restarted (bag loop): every
@@ -274,7 +356,7 @@ class Pipeline:
                 if newest is not None and newest - stamp_ns > self.config.reset_jump_s * 1e9:
                     reset = f"odometry stamp jumped back {(newest - stamp_ns) * 1e-9:.2f} s"
                     self._reset_locked()
-                self.odometry.add(stamp_ns, T_odom_base)
+                self.odometry.add(stamp_ns, T_odom_base, covariance)
                 self._odometry_seen += 1
                 return self._release_waiting_locked(now, timeouts=False)
         finally:
@@ -310,8 +392,10 @@ class Pipeline:
         self._last_stamp[frame.camera] = frame.stamp_ns
         self._frames_seen += 1  # new data (a repeated stamp is not): the input has not stopped
         self._check_latency_locked(frame.stamp_ns)
-        if not self.config.use_odometry:
-            self._accept_locked(dataclasses.replace(frame, T_base_camera=self._extrinsics.get(frame.camera)), now)
+        if not self.config.use_odometry:  # the extrinsic only sets the map's axes: the newest will do
+            status, T_base_camera = self._extrinsic_at_locked(frame.camera, frame.stamp_ns)
+            T_base_camera = T_base_camera if status is Lookup.OK else self._extrinsics.get(frame.camera)
+            self._accept_locked(dataclasses.replace(frame, T_base_camera=T_base_camera), now)
             return FrameStatus.ACCEPTED, reset
         deadline = max(frame.stamp_ns, now) + int(self.config.odom_max_wait_s * 1e9)
         if len(self._waiting) >= self.config.max_waiting_frames:
@@ -333,7 +417,10 @@ class Pipeline:
             overdue = bool(self._waiting) and now > self._waiting[0].deadline_ns
             quiet = overdue and self._odometry_armed == self._odometry_seen
             self._odometry_armed = self._odometry_seen if overdue and not quiet else None
-            statuses = self._release_waiting_locked(now, timeouts=True, odometry_timeouts=quiet)
+            quiet_extrinsics = overdue and self._extrinsic_armed == self._extrinsics_seen
+            self._extrinsic_armed = self._extrinsics_seen if overdue and not quiet_extrinsics else None
+            statuses = self._release_waiting_locked(now, timeouts=True, odometry_timeouts=quiet,
+                                                    extrinsic_timeouts=quiet_extrinsics)
             oldest = self._pending.oldest_uncut
             due = oldest is not None and now > self._due[oldest[0].stamp_ns] and self._cuttable_locked()
             if due and self._latency_armed == self._frames_seen:
@@ -378,6 +465,9 @@ class Pipeline:
                 "frames_waiting_for_odometry": len(self._waiting),
                 "keyframes_pending": len(self._pending),
                 "backend_busy": self._busy,
+                # as the last window or loop job left them
+                "localised": self._localised,
+                "last_loop_ms": round(self._last_loop_s * 1e3, 1),
             }
 
     # ------------------------------------------------------------------ internals
@@ -389,31 +479,41 @@ class Pipeline:
         """Empty every buffer; the caller announces the reset through ``on_reset`` once the lock is released."""
         self.stats.resets += 1
         self.odometry.clear()
+        for moving in self._moving_extrinsics.values():  # message-time samples of the input that restarted
+            moving.clear()
         self._sync.clear()
         self._keyframes.reset()
         self._pending.clear()
         self._due.clear()
         self._waiting.clear()
         self._last_stamp.clear()
-        self._latency_armed = self._odometry_armed = None
+        self._latency_armed = self._odometry_armed = self._extrinsic_armed = None
         self._n_context = 0
         self._retry = None
         self._generation += 1
         self._cv.notify_all()
 
-    def _release_waiting_locked(self, now: int, *, timeouts: bool, odometry_timeouts: bool = False
-                                ) -> list[FrameStatus]:
+    def _release_waiting_locked(self, now: int, *, timeouts: bool, odometry_timeouts: bool = False,
+                                extrinsic_timeouts: bool = False) -> list[FrameStatus]:
         """Frames whose odometry and extrinsic have arrived go on; with ``timeouts`` (polls only)
         frames past their deadline (``now``: the clock read before the lock) are dropped, for missing
-        odometry only with ``odometry_timeouts``."""
+        odometry only with ``odometry_timeouts`` (for a moving extrinsic's missing sample with
+        ``extrinsic_timeouts``)."""
         statuses = []
         while self._waiting:
             item = self._waiting[0]
             status, T_odom_base = self.odometry.lookup(item.frame.stamp_ns)
-            if item.frame.camera not in self._extrinsics:  # /tf_static may come just after the first images
+            extrinsic, T_base_camera = self._extrinsic_at_locked(item.frame.camera, item.frame.stamp_ns)
+            if extrinsic is None:  # /tf_static may come just after the first images
                 if not timeouts or now <= item.deadline_ns:
                     break
                 statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is Lookup.WAIT:  # a moving extrinsic is waited for as odometry is
+                if not extrinsic_timeouts or now <= item.deadline_ns:
+                    break
+                statuses.append(FrameStatus.DROPPED_NO_EXTRINSIC)
+            elif extrinsic is not Lookup.OK:
+                statuses.append(FrameStatus.DROPPED_EXTRINSIC_GAP)
             elif status is Lookup.WAIT:
                 if not odometry_timeouts or now <= item.deadline_ns:
                     break
@@ -423,9 +523,10 @@ class Pipeline:
             elif status is Lookup.TOO_OLD:
                 statuses.append(FrameStatus.DROPPED_TOO_OLD)
             else:
-                T_base_camera = self._extrinsics[item.frame.camera]
+                assert T_base_camera is not None and T_odom_base is not None
                 frame = dataclasses.replace(item.frame, T_world_base=T_odom_base,
-                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera)
+                                            T_world_camera=T_odom_base @ T_base_camera, T_base_camera=T_base_camera,
+                                            odometry_covariance=self.odometry.covariance(item.frame.stamp_ns))
                 self._accept_locked(frame, now)
                 statuses.append(FrameStatus.ACCEPTED)
             if statuses[-1] is not FrameStatus.ACCEPTED:
@@ -435,7 +536,7 @@ class Pipeline:
 
     def _accept_locked(self, frame: Frame, now: int) -> None:
         for group in self._sync.push(frame):
-            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group)):
+            if not self._keyframes.consider(group[0].stamp_ns, _pose_of(group), group):
                 continue
             self.stats.keyframes += 1
             stamp = group[0].stamp_ns
@@ -451,55 +552,73 @@ class Pipeline:
                 or self._pending.windows_ready > 0)
 
     def process_ready(self) -> int:
-        """Run every window that can be sent now in the caller's thread (offline processing,
-        without :meth:`start`); returns how many ran."""
+        """Run every window that can be sent now in the caller's thread, then the loop closures they
+        proposed (offline processing, without :meth:`start`); returns how many windows ran."""
         ran = 0
         while True:
             with self._cv:
-                if not self._ready_locked():
+                if not (self._ready_locked() or self._loops_waiting):
                     return ran
                 job = self._take_locked()
-            self._run_job(job)
-            ran += bool(job.new)
+            self._run_task(job)
+            ran += job is not None and bool(job.new)
 
     def _run(self) -> None:
+        """The worker: map saves between jobs, windows first, loop closures only while no window waits."""
         while True:
             with self._cv:
-                while not self._stop and not self._ready_locked():
+                while not (self._stop or self._ready_locked() or self._loops_waiting or self._save_requests):
                     self._cv.wait()
                 if self._stop:
                     return
-                job = self._take_locked()
-            self._run_job(job)
+                saves, self._save_requests = self._save_requests, []
+                job = self._take_locked() if not saves else None
+            if saves:
+                self._serve_saves(saves)
+            else:
+                self._run_task(job)
 
-    def _take_locked(self) -> _Job:
-        """The next task: a map restart after a reset, else the oldest waiting keyframes (a failed window's first)."""
+    def _take_locked(self) -> _Job | None:
+        """The next task: a map restart after a reset, else the oldest waiting keyframes (a failed
+        window's first), else None: verify a loop candidate."""
         self._busy = True
         if self._generation != self._placer_generation:
             return _Job(self._generation)
         if self._retry is not None:
             (new, queued), self._retry = self._retry, None
             retry = True
-        else:
+        elif self._pending.windows_ready > 0:
             new = self._pending.take()
             oldest = min(g[0].stamp_ns for g in new)
             queued = self._due.get(oldest, oldest) - int(self.config.max_window_latency_s * 1e9)
             for g in new:
                 self._due.pop(g[0].stamp_ns, None)
             retry = False
+        else:
+            return None
         job = _Job(self._generation, new, self.stats.windows_built, self._n_context, queued, retry)
         self.stats.windows_built += 1
         return job
 
+    def _run_task(self, job: _Job | None) -> None:
+        """Run one task with no lock held: a window or restart (``job``), else a loop verification."""
+        if job is None:
+            self._run_loop()
+        else:
+            self._run_job(job)
+
     def _run_job(self, job: _Job) -> None:
-        """Run one task with no lock held (placer, backend, map and callbacks are called out to)."""
+        """Run one window or map restart (placer, backend, map and callbacks are called out to)."""
         try:
             if not job.new:
                 self.placer.reset()
                 if self.map is not None:
                     self.map.reset()
+                snapshot = self._placer_snapshot()
                 with self._lock:
                     self._placer_generation = job.generation  # another reset since: the worker restarts again
+                    if job.generation == self._generation:
+                        self._apply_snapshot_locked(snapshot)
                 return
             context = self.placer.context(job.n_context)
             window = Window(job.index, context + job.new, len(context))
@@ -518,9 +637,126 @@ class Pipeline:
                     self.stats.windows_failed += 1
                 self._on_error(exc)
         finally:
-            with self._cv:
-                self._busy = False
+            self._idle()
+
+    def _run_loop(self) -> None:
+        """Verify one loop candidate with the backend and close it when it holds (worker thread).
+
+        A closed loop or a relocalisation goes out through ``on_result`` as a result of no window
+        (``Window(-1, [], 0)``, no frames) that carries the placement's corrections and map -> odom.
+        """
+        with self._lock:
+            generation = self._generation
+        result = None
+        try:
+            job = self.placer.loop_job()
+            if job is not None:
+                t0 = time.perf_counter()
+                prediction = self.backend.infer(job.frames)
+                placed = self.placer.close_loop(job, prediction)
+                self.placer.stats.last_loop_s = time.perf_counter() - t0
+                if placed is not None:
+                    if self.map is not None:
+                        self._fuse(Window(-1, [], 0), placed)
+                    result = WindowResult(Window(-1, [], 0), [], placed.prediction, [], placed, 0.0, generation)
+        except Exception as exc:  # a failed verification loses a candidate, nothing else
+            self._on_error(exc)
+        # A relocalisation places its first keyframe: the next window starts from it.
+        snapshot = self._placer_snapshot()
+        with self._lock:
+            if generation == self._generation:
+                self._apply_snapshot_locked(snapshot)
+            else:
+                result = None  # the input restarted meanwhile: the worker restarts placement next
+        try:
+            if result is not None:
+                self._on_result(result)
+        except Exception as exc:
+            self._on_error(exc)
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
+        """After a task: the worker is free, and it knows whether the placer has loop candidates waiting."""
+        pending = self.placer.loops.pending
+        with self._cv:
+            self._busy = False
+            self._loops_waiting = pending
+            self._cv.notify_all()
+
+    def _placer_snapshot(self) -> _PlacerSnapshot:
+        """The placer's counters and state, read on the worker (placement is the worker's) before
+        the pipeline lock is taken to copy them."""
+        n = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
+        return _PlacerSnapshot(dataclasses.replace(self.placer.stats), self.placer.localised, n)
+
+    def _apply_snapshot_locked(self, snap: _PlacerSnapshot) -> None:
+        """Copy the placer's counters into the pipeline's; the next window's context count."""
+        p, s = snap.stats, self.stats
+        s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
+        s.odometry_slips, s.loops_closed, s.loop_candidates = p.odometry_slips, p.loops_closed, p.loop_candidates
+        s.loops_rejected = p.loops_rejected
+        self._last_loop_s = p.last_loop_s
+        self._localised = snap.localised
+        self._n_context = snap.n_context
+
+    # ------------------------------------------------------------------ saved maps
+    def load_map(self, folder: str | Path) -> int:
+        """Start in the map saved in ``folder`` (before :meth:`start`): its fused map is loaded and
+        the robot is relocalised in it before anything is placed. Returns its keyframe count.
+
+        Raises ValueError naming what is missing or wrong in the folder.
+        """
+        folder = Path(folder)
+        saved = read_keyframes(folder)
+        if self.map is not None and (folder / MAP_PLY).is_file():
+            self.map.load_ply(folder / MAP_PLY)
+        self.placer.load(saved)
+        snapshot = self._placer_snapshot()
+        with self._lock:
+            self._apply_snapshot_locked(snapshot)
+        return len(saved.keyframes)
+
+    def save_map(self, folder: str | Path, timeout: float = 60.0) -> str:
+        """Write the map into ``folder`` (fused map, keyframes for relocalisation); returns what it
+        wrote. Runs on the worker between two jobs (placement is the worker's), or here without one;
+        blocks until it is written, so a ROS service calls it off the executor.
+
+        Raises OSError when the folder cannot be written, ValueError in localisation-only mode.
+        """
+        if not self.config.update_map:
+            raise ValueError("localisation only (map.update: false): the loaded map is not changed")
+        request = {"folder": Path(folder), "done": threading.Event()}
+        with self._cv:
+            queued = self._worker.is_alive() and not self._stop
+            if queued:
+                self._save_requests.append(request)
                 self._cv.notify_all()
+        if not queued:
+            return self._write_map(request["folder"])
+        if not request["done"].wait(timeout):
+            raise OSError(f"the map was not written within {timeout:g} s (the backend is busy)")
+        if "error" in request:
+            raise request["error"]
+        return request["result"]
+
+    def _write_map(self, folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = self.placer.saved_keyframes()
+        extra = {}
+        if self.map is not None:
+            extra["map_points"] = self.map.save_ply(folder / MAP_PLY)
+        write_keyframes(folder, saved, extra)
+        return f"{extra.get('map_points', 0)} map points and {len(saved.keyframes)} keyframes"
+
+    def _serve_saves(self, requests: list[dict]) -> None:
+        """Answer ~/save_map requests (worker thread between jobs, or ``stop`` once the worker is gone)."""
+        for r in requests:
+            try:
+                r["result"] = self._write_map(r["folder"])
+            except (OSError, ValueError) as exc:
+                r["error"] = exc
+            r["done"].set()
 
     def _failed(self, job: _Job, exc: Exception) -> None:
         """Count a failed window; a first backend failure puts its keyframes back for the next window."""
@@ -534,13 +770,16 @@ class Pipeline:
                 self.stats.keyframes_lost += len(job.new)
 
     def _process(self, window: Window, job: _Job) -> WindowResult | None:
-        """Infer, place and fuse one window; its result, or None when it is stale or rejected."""
+        """Infer, place and fuse one window; its result, or None when it is stale or rejected with
+        no view whose depth may still go out."""
         frames = window.frames
         t0 = time.perf_counter()
         try:
             prediction = self.backend.infer(frames)
         except Exception as exc:
             raise _BackendFailed(f"{type(exc).__name__}: {exc}") from exc
+        if len(prediction.views) == len(frames):  # a count mismatch is the placer's error to report
+            prediction = prediction.with_cameras(frames)
         t1 = time.perf_counter()
         # A backend that needs pose priors returns them as its poses.
         placed = self.placer.place(window.groups, window.n_context, prediction,
@@ -551,22 +790,23 @@ class Pipeline:
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
         t3 = time.perf_counter()
-        p = self.placer.stats
-        n_context = min(self.config.window_overlap, len(self.placer.context(self.config.window_overlap)))
+        snapshot = self._placer_snapshot()
         now = self._clock()
+        mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
+        depth_only = [o and d and not m for o, d, m in zip(window.output_mask, placed.depth_ok, mask, strict=True)]
         with self._lock:
             if job.generation != self._generation:
                 return None  # the input restarted while this window was running: its map is gone
             s = self.stats
             s.backend_time_s, s.placement_time_s, s.fusion_time_s = t1 - t0, t2 - t1, t3 - t2
-            s.windows_rejected, s.views_rejected, s.chain_breaks = p.windows_rejected, p.views_rejected, p.chain_breaks
-            self._n_context = n_context
-            if placed.status is PlacementStatus.REJECTED:
+            self._apply_snapshot_locked(snapshot)
+            s.views_unplaced += sum(depth_only)
+            if placed.status is PlacementStatus.REJECTED and not any(depth_only):
                 return None
-            s.windows_done += 1
+            if placed.status is not PlacementStatus.REJECTED:
+                s.windows_done += 1
             s.latency_s = latency_s = max(0.0, (now - job.queued_ns) * 1e-9)
-        mask = [o and a for o, a in zip(window.output_mask, placed.accepted, strict=True)]
-        return WindowResult(window, frames, placed.prediction, mask, placed, latency_s, job.generation)
+        return WindowResult(window, frames, placed.prediction, mask, placed, latency_s, job.generation, depth_only)
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:
         """Integrate the window's new keyframes into the map; move earlier ones the pose graph corrected."""
@@ -574,14 +814,11 @@ class Pipeline:
         assert voxel_map is not None
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
-            if out and ok:
-                voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
+            if out and ok and self.config.update_map:
+                voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
                                     view.confidence, view.valid)
-        for stamp, T_map_base in placed.corrections.items():
-            for camera in self.config.cameras:
-                T_base_camera = self.extrinsic(camera)
-                if T_base_camera is not None:
-                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+        # every camera's view of every corrected keyframe, any age, in one call (submaps re-anchor once)
+        voxel_map.update_poses(placed.view_corrections)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

@@ -8,12 +8,13 @@ node's ROS clock, so ``use_sim_time`` replay behaves as offline processing does.
 throttled warning naming what is wrong and is dropped; nothing else is lost.
 
 Lifecycle (rclpy's ``LifecycleNode``, as Nav2's nodes): parameters are declared at construction;
-*configure* validates them, loads the backend and builds pipeline, subscriptions, publishers and
-services; *activate* starts the timers and the publishing, and takes images and odometry;
-*deactivate* publishes nothing more and drops images and odometry (camera_info and /tf_static are
-still taken: they describe the robot, and /tf_static is sent once); *cleanup* stops the worker and
-releases backend, map and every entity, and memory is given back; *shutdown* does the same and lets
-:func:`main` exit 0. With ``autostart`` (the default) the node configures and activates itself.
+*configure* validates them, loads the backend (and the saved map of ``map.load_path``) and builds
+pipeline, subscriptions, publishers and services; *activate* starts the timers and the publishing,
+and takes images and odometry; *deactivate* publishes nothing more and drops images, odometry and
+/tf (camera_info and /tf_static are still taken: they describe the robot, and /tf_static is sent
+once); *cleanup* stops the worker and releases backend, map and every entity, and memory is given
+back; *shutdown* does the same and lets :func:`main` exit 0. With ``autostart`` (the default) the
+node configures and activates itself.
 
 Threads and locks. The executor runs the callbacks, timers, services and transitions (one mutually
 exclusive callback group); the pipeline's worker runs ``_publish_result``, ``_on_backend_error``
@@ -26,8 +27,9 @@ is called:
   published after it is released;
 * ``_warn_lock`` guards the warning throttle; the logger is called after it is released;
 * the pipeline's, the voxel map's and the map publisher's own locks (see their modules). The voxel
-  map's lock is held while the map is packed (a second or more at 2 M voxels), so ``~/reset`` and
-  ``~/save_map`` (callback groups of their own) await it on a thread of their own and the
+  map's lock is held while the map is packed (a second or more at 2 M voxels), and a map save is
+  written by the pipeline's worker between two jobs (placement is the worker's), so ``~/reset`` and
+  ``~/save_map`` (callback groups of their own) await them on a thread of their own and the
   executor goes on meanwhile.
 
 A reset and a result may race (the pipeline announces both after releasing its lock): every result
@@ -93,6 +95,9 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=R
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: As tf2's listener subscribes /tf.
+TF_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                    durability=DurabilityPolicy.VOLATILE)
 
 
 def _descriptor(p) -> ParameterDescriptor:
@@ -122,7 +127,7 @@ def _give_memory_back() -> None:
 
 
 class MapanyNode(LifecycleNode):
-    """Subscribes camera images, camera_info, odometry and /tf_static; publishes depth, points, path, TF, map."""
+    """Subscribes camera images, camera_info, odometry, /tf_static and /tf; publishes depth, points, path, TF, map."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("mapany_node", **kwargs)
@@ -204,8 +209,8 @@ class MapanyNode(LifecycleNode):
         self._last_stats_ns = self._now_ns()
         self._timers = [self.create_timer(0.1, self._on_timer),
                         self.create_timer(config["stats_period_s"], self._log_stats)]
-        if config["use_odometry"]:
-            self._timers.append(self.create_timer(1.0 / config["tf.rate_hz"], self._publish_map_odom))
+        # with odometry map -> odom; without, also the chained odom -> base (the node is its own odometry)
+        self._timers.append(self.create_timer(1.0 / config["tf.rate_hz"], self._publish_map_odom))
         if self.map_publisher is not None:
             self.map_publisher.resume()
             self.map_publisher.start()
@@ -258,6 +263,14 @@ class MapanyNode(LifecycleNode):
         self.get_logger().info(f"backend {self.backend.name!r} ready in {time.perf_counter() - t0:.1f} s")
         self.pipeline = Pipeline(config.pipeline, self.backend, self._publish_result, self._on_backend_error,
                                  clock=self._now_ns, on_reset=self._on_reset)
+        if config["map.load_path"]:
+            try:
+                n = self.pipeline.load_map(config["map.load_path"])
+            except (OSError, ValueError) as exc:
+                raise ParameterError(f"map.load_path = {config['map.load_path']!r}: {exc}") from exc
+            only = "" if config["map.update"] else ", localisation only"
+            self.get_logger().info(f"loaded {n} keyframes from {config['map.load_path']}: relocalising "
+                                   f"(nothing is placed until then){only}")
         self.inputs = InputHandler(config, self.pipeline, self.warn)
         self.outputs = OutputBuilder(config)
 
@@ -279,12 +292,13 @@ class MapanyNode(LifecycleNode):
             self._publisher(Image, topics["depth"], OUTPUT_QOS)
             self._publisher(CameraInfo, topics["info"], OUTPUT_QOS)
             self._publisher(Image, topics["conf"], OUTPUT_QOS)
-        if config["use_odometry"]:
+        if config["use_odometry"] and config["odometry.source"] == "topic":
             subscribe(self.create_subscription(Odometry, "odom", self._on_odometry, qos))
         # Callbacks reach the handler through the node: a destroyed subscription the executor still
         # holds for a moment must not keep the pipeline (and the model) alive after cleanup.
         subscribe(self.create_subscription(TFMessage, "/tf_static", lambda m: self.inputs.on_tf_static(m),
                                            TF_STATIC_QOS))
+        subscribe(self.create_subscription(TFMessage, "/tf", self._on_tf, TF_QOS))
         self._publisher(PointCloud2, "points", OUTPUT_QOS)
         self._publisher(Path, "path", LATCHED_QOS)
         self._publisher(TFMessage, "/tf", OUTPUT_QOS)
@@ -294,15 +308,16 @@ class MapanyNode(LifecycleNode):
                                               lambda message: self.warn("map_publisher", message))
             self.map_publisher.add_layer(self.resolve_topic_name("map_points"), PointCloud2, LATCHED_QOS,
                                          self._map_version, self._build_map)
-        # Groups of their own: while one awaits the voxel map, the other callbacks go on.
-        if self.pipeline.map is not None:
-            subscribe(self.create_service(Trigger, "~/save_map", self._save_map,
-                                          callback_group=MutuallyExclusiveCallbackGroup()))
+        # Groups of their own: while one awaits the worker or the voxel map, the other callbacks go on.
+        subscribe(self.create_service(Trigger, "~/save_map", self._save_map,
+                                      callback_group=MutuallyExclusiveCallbackGroup()))
         subscribe(self.create_service(Trigger, "~/reset", self._reset, callback_group=MutuallyExclusiveCallbackGroup()))
         self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
+                             "views_unplaced": 0, "odometry_slips": 0,
                              "windows_failed": 0, "frames_dropped": 0}
         self._last_images: dict[str, int] = {}
+        self._missing_cameras: list[str] = []
         self._last_stats_ns = self._now_ns()
         #: Facts about the newest published window (scale, residual, backend timings).
         self._last_window: dict[str, object] = {}
@@ -367,6 +382,11 @@ class MapanyNode(LifecycleNode):
             self._last_odom_ns = self._now_ns()
             self.inputs.on_odometry(msg)
 
+    def _on_tf(self, msg: TFMessage) -> None:
+        """Moving extrinsics and, with ``odometry.source: tf``, odometry: dropped while inactive as odometry is."""
+        if self._active and self.inputs.on_tf(msg):  # odometry from TF
+            self._last_odom_ns = self._now_ns()
+
     def _on_reset(self, reason: str) -> None:
         """A reset announced by the pipeline (any thread, no pipeline lock held)."""
         self.get_logger().warning(f"input restarted ({reason}): buffers, map and path reset")
@@ -387,19 +407,25 @@ class MapanyNode(LifecycleNode):
     def _restart_map_odom(self) -> None:
         """A new map starts at the odometry frame: map -> odom is the identity until a window says otherwise."""
         self._map_odom.reset()
-        if self.config["use_odometry"]:
+        if self.config["use_odometry"] and not self.config["map.load_path"]:  # a loaded map: once localised
             self._map_odom.set_target(np.eye(4))
 
     def _on_timer(self) -> None:
         self.inputs.report(self.pipeline.poll())
 
     def _publish_map_odom(self) -> None:
-        """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate."""
+        """map -> odom at a steady rate, stamped ahead (amcl / slam_toolbox style), gliding to each estimate.
+
+        Without odometry the node is its own odometry: the newest chained odom -> base goes out with
+        it, stamped the same, so a lookup of map -> base_link at "now" works as with wheel odometry.
+        """
         now = self._now_ns()
         with self._out_lock:
             T = self._map_odom.value(now * 1e-9)
-        if T is not None:
-            self._pubs["/tf"].publish(self.outputs.map_odom(T, now + int(self.config["tf.future_tolerance_s"] * 1e9)))
+            msg = None if T is None else self.outputs.map_odom(T, now + int(self.config["tf.future_tolerance_s"] * 1e9))
+        pub = self._pubs.get("/tf")  # none once cleaned up meanwhile
+        if msg is not None and pub is not None:
+            pub.publish(msg)
 
     # ------------------------------------------------------------------ the fused map (map publisher's thread)
     def _map_version(self) -> tuple[int, ...]:
@@ -418,8 +444,9 @@ class MapanyNode(LifecycleNode):
     def _off_executor(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on a thread of its own; the executor is woken when it is done (await the Future).
 
-        What waits for the voxel map's lock (held while the map publisher packs a 2 M voxel map, a
-        second or more) must not wait on the executor: images, odometry and TF would wait with it.
+        What waits for the worker (a map save is answered between two jobs) or for the voxel map's
+        lock (held while the map publisher packs a 2 M voxel map, a second or more) must not wait on
+        the executor: images, odometry and TF would wait with it.
         """
         future = Future(executor=self.executor)
         future.add_done_callback(lambda f: None)  # its scheduling wakes the executor
@@ -434,15 +461,15 @@ class MapanyNode(LifecycleNode):
         return future
 
     async def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        voxel_map = self.pipeline.map
-        assert voxel_map is not None
-        path = self.config["map.save_path"]
+        """Write the map folder (map.save_path): fused map, keyframes for relocalisation."""
+        pipeline = self.pipeline
+        folder = self.config["map.save_path"]
         try:
-            n = await self._off_executor(lambda: voxel_map.save_ply(path))
-        except OSError as exc:
-            response.success, response.message = False, f"cannot write {path}: {exc} (set map.save_path)"
+            wrote = await self._off_executor(lambda: pipeline.save_map(folder))
+        except (OSError, ValueError) as exc:
+            response.success, response.message = False, f"cannot write {folder}: {exc} (set map.save_path)"
             return response
-        response.success, response.message = True, f"wrote {n} points to {path}"
+        response.success, response.message = True, f"wrote {wrote} to the map folder {folder}"
         self.get_logger().info(response.message)
         return response
 
@@ -471,8 +498,9 @@ class MapanyNode(LifecycleNode):
                  for cam in self.config.pipeline.cameras}
         self._last_images = dict(self.inputs.images)
         errors = [f"{new[k]} {k.replace('_', ' ')}" for k in ("windows_failed", "chain_breaks") if new[k] > 0]
-        warnings = [f"{new[k]} {k.replace('_', ' ')}" for k in ("keyframes_skipped", "windows_rejected",
-                                                               "views_rejected", "frames_dropped") if new[k] > 0]
+        warnings = [f"{new[k]} {k.replace('_', ' ')}" for k in ("odometry_slips", "keyframes_skipped",
+                                                               "windows_rejected", "views_rejected", "views_unplaced",
+                                                               "frames_dropped") if new[k] > 0]
         stale_s = self.config["diagnostics.stale_input_s"]
         for cam in self.config.pipeline.cameras:
             last = self.inputs.last_image_ns.get(cam)
@@ -480,10 +508,22 @@ class MapanyNode(LifecycleNode):
                 warnings.append(f"no image from {cam} for {stale_s:g} s")
         if self.config["use_odometry"] and (self._last_odom_ns is None or (now - self._last_odom_ns) * 1e-9 > stale_s):
             warnings.append(f"no odometry for {stale_s:g} s")
+        if not status["localised"]:
+            warnings.append("not localised in the loaded map yet: only depth is published")
+        missing = self.pipeline.missing_cameras()
+        if missing:
+            warnings.append(f"camera {', '.join(missing)} missing: no frame for sync.camera_timeout_s = "
+                            f"{self.config['sync.camera_timeout_s']:g} s, groups go on without it")
+        for cam in sorted(set(missing) - set(self._missing_cameras)):
+            self.get_logger().warning(f"camera {cam} is missing: mapping goes on with the other cameras")
+        for cam in sorted(set(self._missing_cameras) - set(missing)):
+            self.get_logger().info(f"camera {cam} is back: it joins the groups again")
+        self._missing_cameras = missing
         diag = DiagnosticStatus(name=f"{self.get_name()}: pipeline", hardware_id=self.backend.name)
         diag.level = DiagnosticStatus.ERROR if errors else DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
         diag.message = "; ".join(errors + warnings) if errors or warnings else "ok"
-        values = {**status, **{f"input_rate_hz/{c}": f"{r:.2f}" for c, r in rates.items()}, **self._last_window}
+        values = {**status, **{f"input_rate_hz/{c}": f"{r:.2f}" for c, r in rates.items()},
+                  "cameras_missing": ",".join(missing), **self._last_window}
         diag.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         self._pubs["/diagnostics"].publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                                            status=[diag]))
@@ -504,6 +544,10 @@ class MapanyNode(LifecycleNode):
         if pipeline is None or outputs is None:
             return  # released while the backend ran
         pred, placement = result.prediction, result.placement
+        if not result.frames:  # a closed loop or a relocalisation: no window, the newest window's facts stay
+            self.get_logger().info(f"{placement.status.value}: {placement.message}")
+            self._publish_messages(result)
+            return
         self._last_window = {
             "last_window_views": len(pred.views),
             "last_metric_scale": "n/a" if pred.metric_scale is None else f"{pred.metric_scale:.4f}",
@@ -515,13 +559,20 @@ class MapanyNode(LifecycleNode):
         }
         if placement.status is PlacementStatus.RELOCALISED:
             self.get_logger().error(f"map chain broken ({placement.message}): continued from the last placed pose")
+        self._publish_messages(result)
+
+    def _publish_messages(self, result: WindowResult) -> None:
+        """The result's messages (path, points, depth, TF); map -> odom glides to its estimate."""
+        outputs = self.outputs
+        if outputs is None:
+            return  # released while the backend ran
         with self._out_lock:
             if result.generation < self._out_generation:
                 return  # the input restarted while this window ran
             self._new_generation_locked(result.generation)  # a reset not announced yet: it starts here
             messages = outputs.window(result)  # the path is kept while inactive too
-            if placement.T_map_odom is not None:
-                self._map_odom.set_target(placement.T_map_odom)
+            if result.placement.T_map_odom is not None:
+                self._map_odom.set_target(result.placement.T_map_odom)
         if not self._active:
             return
         pubs = self._pubs
