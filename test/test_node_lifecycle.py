@@ -1,8 +1,9 @@
 """mapany_node as a managed node in its own process, driven over DDS through ~/change_state and ~/get_state.
 
-``autostart: false``: it starts unconfigured and publishes nothing; configure loads the backend (a
-failure stays unconfigured and says why); activate takes input and publishes; deactivate publishes
-nothing and drops input; activate again; cleanup gives the model's memory back; shutdown exits 0.
+``autostart: false``: it starts unconfigured and publishes nothing; configure loads the backend and
+the saved map of map.load_path (a failure stays unconfigured and says why); activate takes input
+and publishes; deactivate publishes nothing and drops input; activate again; cleanup gives the
+model's memory back; shutdown exits 0.
 """
 
 from __future__ import annotations
@@ -257,4 +258,52 @@ def test_the_managed_node_goes_through_its_lifecycle_over_dds(tmp_path, ros_subp
         collector.destroy_node()
         log.close()
     text = log_path.read_text()
+    assert "Traceback" not in text and "FATAL" not in text, text[-3000:]
+
+
+def test_configure_fails_on_a_map_folder_it_cannot_load_and_stays_unconfigured(tmp_path, ros_subprocess_env,
+                                                                              rclpy_context):
+    """map.load_path is loaded in configure: a folder that is not a saved map leaves the node
+    unconfigured, the log says what is wrong with it, and the process keeps running."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    folder = tmp_path / "not_a_map"
+    folder.mkdir()
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "autostart": False, "device": "cpu", "backend": "mapany_ros.sim.model_simulator:ModelSimulator",
+        "map": {"load_path": str(folder)}}}}))
+    log_path = tmp_path / "node.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file", str(params)],
+                            env=ros_subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    driver = rclpy.create_node("lifecycle_driver", context=rclpy_context)
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    executor.add_node(driver)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    lifecycle = Lifecycle(driver)
+    try:
+        lifecycle.connect()
+        assert lifecycle.state() == "unconfigured"
+        assert not lifecycle.transition("configure")
+        assert lifecycle.state() == "unconfigured"
+        assert proc.poll() is None
+        end = time.monotonic() + 30
+        while f"{folder} is not a saved map" not in log_path.read_text():
+            assert time.monotonic() < end, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        assert lifecycle.transition("shutdown")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        executor.shutdown()
+        spin.join(10)
+        driver.destroy_node()
+        log.close()
+    text = log_path.read_text()
+    assert "configure failed, still unconfigured: map.load_path" in text, text[-3000:]
     assert "Traceback" not in text and "FATAL" not in text, text[-3000:]
