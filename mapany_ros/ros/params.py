@@ -58,7 +58,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("use_odometry", True, "Use odometry (the odom topic, or /tf with odometry.source: tf) + base -> camera "
           "extrinsics (/tf_static, /tf) as metric pose priors."),
     Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
-    Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
+    Param("odom_frame", "odom", "Odometry frame (REP 105): parent of base_frame in the odometry, or, without "
+          "odometry, of the node's own chained estimate; map -> odom is published in both modes."),
     Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages (or on /tf)."),
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
@@ -171,7 +172,8 @@ PARAMETERS: tuple[Param, ...] = (
           64, 4096),
     Param("tf.buffer_s", 10.0, "How long moving transforms from /tf are kept, per edge, for lookups at image "
           "stamps (a camera on a pan-tilt head; odometry with odometry.source: tf).", 0.1, 3600.0),
-    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
+    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (without odometry with the newest chained "
+          "odom -> base at the same stamp).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
     Param("tf.smoothing_s", 0.5, "Time constant with which map -> odom glides to each new drift estimate.",
