@@ -477,7 +477,7 @@ class Pipeline:
         ran = 0
         while True:
             with self._cv:
-                ready = self._ready_locked()
+                ready = self._window_next_locked()
                 if not ready and not self._loops_waiting:
                     return ran
                 job = self._take_locked() if ready else None
@@ -503,7 +503,7 @@ class Pipeline:
                 self._serve_saves()
                 continue
             with self._cv:
-                ready = self._ready_locked()
+                ready = self._window_next_locked()
                 job = self._take_locked() if ready else None
                 if not ready:
                     self._busy = True
@@ -512,6 +512,11 @@ class Pipeline:
                     self._run_job(job)
             else:
                 self._run_loop()
+
+    def _window_next_locked(self) -> bool:
+        """A window goes to the backend next - unless, relocalising in a loaded map, a verification
+        waits: it decides where the next window starts, so it goes first."""
+        return self._ready_locked() and not (self._loops_waiting and not self.placer.localised)
 
     def _run_loop(self) -> None:
         """Verify one loop candidate with the backend and close it when it holds (worker thread)."""
