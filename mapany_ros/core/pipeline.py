@@ -564,7 +564,8 @@ class Pipeline:
             ran += job is not None and bool(job.new)
 
     def _run(self) -> None:
-        """The worker: map saves between jobs, windows first, loop closures only while no window waits."""
+        """The worker: map saves between jobs, windows first, loop closures only while no window waits
+        (while relocalising, verifications first)."""
         while True:
             with self._cv:
                 while not (self._stop or self._ready_locked() or self._loops_waiting or self._save_requests):
@@ -580,10 +581,13 @@ class Pipeline:
 
     def _take_locked(self) -> _Job | None:
         """The next task: a map restart after a reset, else the oldest waiting keyframes (a failed
-        window's first), else None: verify a loop candidate."""
+        window's first), else None: verify a loop candidate. Relocalising in a loaded map, a waiting
+        verification goes before windows: it decides where the next window starts."""
         self._busy = True
         if self._generation != self._placer_generation:
             return _Job(self._generation)
+        if self._loops_waiting and not self._localised:
+            return None
         if self._retry is not None:
             (new, queued), self._retry = self._retry, None
             retry = True

@@ -133,7 +133,7 @@ class LoopCloser:
     # ------------------------------------------------------------------ memory
     def remember(self, kid: int, stamp_ns: int, views: list[tuple[Frame, np.ndarray, object, object]],
                  descriptors: np.ndarray | None = None) -> None:
-        if self.config.enabled:
+        if self.config.enabled and kid not in self.memory.keyframes:
             self.memory.add(kid, stamp_ns, views, descriptors)
 
     # ------------------------------------------------------------------ candidates
