@@ -33,7 +33,7 @@ def stamp(msg) -> int:
 
 
 @pytest.mark.parametrize(("seed", "width", "height", "odom_source"),
-                         [(0, 320, 240, "topic"), (3, 256, 192, "topic"), (3, 256, 192, "tf")])
+                         [(0, 320, 240, "topic"), (3, 256, 192, "tf")])
 def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_env, seed, width, height, odom_source):
     """The demo; with ``tf`` the robot publishes its odometry only as the odom -> base_link transform."""
     out = tmp_path / "demo"
