@@ -25,6 +25,7 @@ from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig, VoxelMap
 from mapany_ros.core.keyframes import KeyframeSelector
+from mapany_ros.core.occupancy import OccupancyConfig, OccupancyGrid
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStatus, WindowPlacer
 from mapany_ros.core.sync import FrameSync
@@ -71,6 +72,8 @@ class PipelineConfig:
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
     #: The fused voxel map of every placed keyframe (None: no map).
     fusion: FusionConfig | None = dataclasses.field(default_factory=FusionConfig)
+    #: The 2-D occupancy grid of every placed keyframe (None: no grid).
+    grid: OccupancyConfig | None = dataclasses.field(default_factory=OccupancyConfig)
 
     def __post_init__(self) -> None:
         self.placement = dataclasses.replace(self.placement, use_odometry=self.use_odometry)
@@ -169,6 +172,8 @@ class Pipeline:
         #: Fused in the worker, on the backend's device, before anything leaves it.
         self.map = VoxelMap(config.fusion, device if isinstance(device, torch.device) else "cpu") \
             if config.fusion is not None else None
+        self.grid = OccupancyGrid(config.grid, device if isinstance(device, torch.device) else "cpu") \
+            if config.grid is not None else None
         self._waiting: deque[_Waiting] = deque()
         self._last_stamp: dict[str, int] = {}
         self._due: dict[int, int] = {}  # group stamp -> node time after which it flushes a partial window
@@ -419,6 +424,8 @@ class Pipeline:
             self.placer.reset()
             if self.map is not None:
                 self.map.reset()
+            if self.grid is not None:
+                self.grid.reset()
             self._placer_generation = self._generation
             self._cv.notify_all()
             return None
@@ -455,7 +462,7 @@ class Pipeline:
         placed = self.placer.place(window.groups, window.n_context, prediction,
                                    poses_are_priors=getattr(self.backend, "needs_pose_priors", False))
         t2 = time.perf_counter()
-        if self.map is not None and placed.status is not PlacementStatus.REJECTED:
+        if (self.map is not None or self.grid is not None) and placed.status is not PlacementStatus.REJECTED:
             self._fuse(window, placed)
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
@@ -477,19 +484,26 @@ class Pipeline:
 
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:
-        """Integrate the window's new keyframes into the map; move earlier ones the pose graph corrected."""
-        voxel_map = self.map
-        assert voxel_map is not None
+        """Integrate the window's new keyframes into the map and the grid; move earlier ones the pose graph
+        corrected."""
+        voxel_map, grid = self.map, self.grid
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
             if out and ok:
-                voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
-                                    view.confidence, view.valid)
+                if voxel_map is not None:
+                    voxel_map.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.colors,
+                                        view.confidence, view.valid)
+                if grid is not None:
+                    grid.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.confidence, view.valid,
+                                   T_base_camera=frame.T_base_camera)
         for stamp, T_map_base in placed.corrections.items():
             for camera in self.config.cameras:
                 T_base_camera = self.extrinsic(camera)
                 if T_base_camera is not None:
-                    voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+                    if voxel_map is not None:
+                        voxel_map.update_pose((camera, stamp), T_map_base @ T_base_camera)
+                    if grid is not None:
+                        grid.update_pose((camera, stamp), T_map_base @ T_base_camera)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:
