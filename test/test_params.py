@@ -124,6 +124,8 @@ def test_launch_file_remaps_every_camera_and_odometry(monkeypatch):
         ({"map_frame": "/map"}, "map_frame"),
         ({"qos.reliability": "sometimes"}, "qos.reliability"),
         ({"placement.max_residual_m": -1.0}, "placement.max_residual_m"),
+        ({"grid.min_height_m": 2.5}, r"grid.min_height_m \(2.5\) must be below max_height_m"),
+        ({"grid.pixel_stride": 0}, "grid.pixel_stride"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_message_naming_them(change, message):
@@ -139,6 +141,13 @@ def test_a_plugin_backend_gets_its_options_and_the_placement_its_parameters():
     assert config.pipeline.placement.view_sigma_m == 0.02
     assert config.pipeline.placement.odom_sigma_deg_per_m == 2.0
     assert config.pipeline.placement.use_odometry
+
+
+def test_the_grid_gets_its_parameters_or_is_off():
+    config = validate({**defaults(), "grid.resolution_m": 0.1, "grid.base_height_m": 0.2, "grid.max_range_m": 6.0})
+    grid = config.pipeline.grid
+    assert (grid.resolution_m, grid.base_height_m, grid.max_range_m, grid.pixel_stride) == (0.1, 0.2, 6.0, 8)
+    assert validate({**defaults(), "grid.enabled": False}).pipeline.grid is None
 
 
 def test_every_range_is_consistent_with_its_default():
