@@ -17,7 +17,7 @@ from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from nav_msgs.msg import Odometry, Path
+from nav_msgs.msg import OccupancyGrid, Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
 from rclpy.node import Node
@@ -28,6 +28,7 @@ from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
 from mapany_ros.core.backends import BackendError, make_backend
+from mapany_ros.core.occupancy import grid_paths, write_nav2_map
 from mapany_ros.core.pipeline import Pipeline, WindowResult
 from mapany_ros.core.placement import PlacementStatus, TransformSmoother
 from mapany_ros.ros import conversions as conv
@@ -123,6 +124,9 @@ class MapanyNode(Node):
             self.map_pub = self.create_publisher(PointCloud2, "map_points", LATCHED_QOS)
             self._map_published = -1
             self.create_timer(self.config["map.publish_period_s"], self._publish_map)
+        if self.pipeline.grid is not None:
+            self._start_grid()
+        if self.pipeline.map is not None or self.pipeline.grid is not None:
             self.create_service(Trigger, "~/save_map", self._save_map)
         self.create_service(Trigger, "~/reset", self._reset)
         self._last_odom_ns: int | None = None
@@ -198,26 +202,57 @@ class MapanyNode(Node):
         self.map_pub.publish(conv.map_cloud(xyz, rgb, confidence, header))
 
     def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """The fused map as PLY at map.save_path, the occupancy grid beside it (same stem, .yaml + .pgm)."""
         voxel_map = self.pipeline.map
-        assert voxel_map is not None
         path = self.config["map.save_path"]
+        written = []
         try:
-            n = voxel_map.save_ply(path)
+            if voxel_map is not None:
+                written.append(f"{voxel_map.save_ply(path)} points to {path}")
+            if self.pipeline.grid is not None:
+                written.append(self._save_grid(path))
         except OSError as exc:
             response.success, response.message = False, f"cannot write {path}: {exc} (set map.save_path)"
             return response
-        response.success, response.message = True, f"wrote {n} points to {path}"
+        response.success, response.message = True, "wrote " + " and ".join(written)
         self.get_logger().info(response.message)
         return response
 
     def _reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        """Empty the map and the path and start a new map; the input keeps flowing."""
+        """Empty the map, the grid and the path and start a new map; the input keeps flowing."""
         self.pipeline.reset("~/reset service")
         if self.pipeline.map is not None:
             self.pipeline.map.reset()
             self._map_published = -1
+        if self.pipeline.grid is not None:
+            self.pipeline.grid.reset()
         response.success, response.message = True, "map and path reset; mapping continues"
         return response
+
+    # ------------------------------------------------------------------ occupancy grid
+    def _start_grid(self) -> None:
+        """map_grid: the occupancy grid for Nav2, transient local, on change, at most every map.publish_period_s."""
+        self.grid_pub = self.create_publisher(OccupancyGrid, "map_grid", LATCHED_QOS)
+        self._grid_published = -1
+        self.create_timer(self.config["map.publish_period_s"], self._publish_grid)
+
+    def _publish_grid(self) -> None:
+        grid = self.pipeline.grid
+        assert grid is not None
+        if grid.version == self._grid_published:
+            return
+        snapshot = grid.snapshot()
+        self._grid_published = snapshot.version
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config["map_frame"])
+        self.grid_pub.publish(conv.occupancy_grid(snapshot, header))
+
+    def _save_grid(self, path: str) -> str:
+        """The grid as a Nav2 map_server pair beside ``path``; says what it wrote."""
+        grid = self.pipeline.grid
+        assert grid is not None
+        snapshot = grid.snapshot()
+        yaml_path, pgm_path = write_nav2_map(grid_paths(path)[0], snapshot)
+        return f"the occupancy grid ({snapshot.width} x {snapshot.height} cells) to {yaml_path} and {pgm_path}"
 
     def _on_backend_error(self, exc: Exception) -> None:
         self.warn(f"backend/{type(exc).__name__}", f"window not published: {type(exc).__name__}: {exc}")

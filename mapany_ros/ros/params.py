@@ -131,7 +131,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
           0.1, 3600.0),
     Param("map.save_path", "mapany_map.ply", "Where ~/save_map writes the fused map (PLY; relative to the "
-          "node's working directory)."),
+          "node's working directory), and beside it the occupancy grid as a Nav2 map_server pair (same stem, "
+          ".yaml + .pgm)."),
     Param("grid.enabled", True, "Build a 2-D occupancy grid for Nav2 from every placed keyframe (map_grid, "
           "~/save_map writes it as a map_server pair, ~/reset clears it)."),
     Param("grid.resolution_m", 0.05, "Cell edge of the occupancy grid.", 0.01, 1.0),
