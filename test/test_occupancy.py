@@ -278,3 +278,80 @@ def test_duplicate_keys_and_poses_far_off_are_refused() -> None:
 def test_config_rejects_values_out_of_range(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"OccupancyConfig.{field}"):
         OccupancyConfig(**{field: value})
+
+
+# ------------------------------------------------------------------------------ targets on the demo's path
+
+
+def check_targets(run, seed: int) -> dict[str, float]:
+    from mapany_ros.scoring.occupancy import TARGETS
+
+    scores = run.scores()
+    grid = run.pipeline.grid
+    assert grid.keyframes_integrated == len(run.views) >= 30
+    for name, target in TARGETS.items():
+        assert scores[name] >= target, f"seed {seed}: {name} {scores[name]:.3f} < {target} ({scores})"
+    assert scores["cells_seen_occupied"] > 150 and scores["cells_free"] > 3000  # a real room, not a corner
+    return scores
+
+
+def test_demo_path_with_the_demo_backend_meets_the_targets() -> None:
+    """The demo: seed 0, 320x240, 8 s from 4 s into the loop, config/demo.yaml (plane sweep on rendered
+    images, exact odometry), default grid parameters."""
+    from mapany_ros.bench.occupancy import demo_path_run
+
+    check_targets(demo_path_run(0, "planesweep"), 0)
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_other_scenes_with_a_real_models_errors_meet_the_targets(seed: int) -> None:
+    """The demo's path in other scenes through the model simulator: every window in its own frame, 2 cm /
+    0.5 deg pose noise per view, 1 % depth noise smooth over the model's patches, a view off by 30 cm /
+    10 deg in one window in ten. Placement keeps a metric window's scale as the model gave it, so the
+    simulator's per-window scale error (3 %) moves a whole window's surfaces, which no grid can undo where
+    only that window looked: it is left out here and measured in docs/benchmarks.md."""
+    from mapany_ros.bench.occupancy import demo_path_run
+
+    check_targets(demo_path_run(seed, "model_simulator", simulator={"scale_sigma": 0.0}), seed)
+
+
+def disagreement(a: GridSnapshot, b: GridSnapshot) -> float:
+    """Fraction of the cells either grid knows on which they differ."""
+    res = a.resolution
+    (ax, ay), (bx, by) = ((round(g.origin_xy[0] / res), round(g.origin_xy[1] / res)) for g in (a, b))
+    x0, y0 = min(ax, bx), min(ay, by)
+    shape = (max(ay + a.height, by + b.height) - y0, max(ax + a.width, bx + b.width) - x0)
+    A, B = np.full(shape, UNKNOWN, np.int8), np.full(shape, UNKNOWN, np.int8)
+    A[ay - y0:ay - y0 + a.height, ax - x0:ax - x0 + a.width] = a.data
+    B[by - y0:by - y0 + b.height, bx - x0:bx - x0 + b.width] = b.data
+    known = (A != UNKNOWN) | (B != UNKNOWN)
+    return float((A != B)[known].mean())
+
+
+def test_the_pipelines_grid_follows_the_pose_graph() -> None:
+    """Drifting odometry (5 % scale, 5 deg/m): the pose graph corrects keyframes after they were cast; the
+    pipeline's grid is the grid of the final poses (up to corrections under a quarter cell), not the
+    grid of the poses the keyframes first had."""
+    from mapany_ros.sim.drive import drive as drive_pipeline
+    from mapany_ros.sim.model_simulator import ModelSimulator
+    from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
+    from mapany_ros.sim.scene import SyntheticScene
+
+    scene = SyntheticScene(0)
+    errors = OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0, noise_m=0.005, noise_deg=0.2, seed=5)
+    odometry = DriftingOdometry(scene.base_pose, errors)
+    run = drive_pipeline(scene, ModelSimulator(scene=scene, noise_seed=4, scale_sigma=0.0), odometry=odometry,
+                         loops=0.5, rate_hz=5.0, width=W, height=H)
+    grid = run.pipeline.grid
+    snap = grid.snapshot()
+    assert grid.keyframes_integrated == len(run.stamps) and grid.keyframes_reposed > 0
+    final, first = OccupancyGrid(), OccupancyGrid()
+    for r in run.results:
+        for f, v, out in zip(r.frames, r.prediction.views, r.output_mask, strict=True):
+            if out:
+                T_final = run.base_poses[f.stamp_ns] @ scene.T_base_camera
+                final.integrate(f.key, v.depth, v.K, T_final, v.confidence, v.valid, T_base_camera=scene.T_base_camera)
+                first.integrate(f.key, v.depth, v.K, v.T_world_camera, v.confidence, v.valid,
+                                T_base_camera=scene.T_base_camera)
+    to_final, to_first = disagreement(snap, final.snapshot()), disagreement(snap, first.snapshot())
+    assert to_final < 0.01 and to_first > 5 * to_final, (to_final, to_first)

@@ -157,10 +157,14 @@ def test_every_range_is_consistent_with_its_default():
             assert p.low <= p.high
 
 
-def test_rviz_config_shows_the_fused_map_and_only_topics_the_node_publishes():
+def test_rviz_config_shows_the_fused_map_the_grid_and_only_topics_the_node_publishes():
     doc = yaml.safe_load((ROOT / "config" / "mapany.rviz").read_text())
     topics = {d["Name"]: d["Topic"] for d in doc["Visualization Manager"]["Displays"] if "Topic" in d}
     assert topics["Fused map"]["Value"] == "/map_points"
     assert topics["Fused map"]["Durability Policy"] == "Transient Local"  # the node latches it
-    outputs = {"/map_points", "/points", "/path", "/camera/depth", "/camera/confidence"}
+    classes = {d["Name"]: d["Class"] for d in doc["Visualization Manager"]["Displays"]}
+    assert classes["Occupancy grid"] == "rviz_default_plugins/Map"
+    assert topics["Occupancy grid"] == {"Value": "/map_grid", "Reliability Policy": "Reliable",
+                                        "Durability Policy": "Transient Local"}
+    outputs = {"/map_points", "/map_grid", "/points", "/path", "/camera/depth", "/camera/confidence"}
     assert {t["Value"] for t in topics.values()} <= outputs

@@ -31,7 +31,10 @@ def write_nav2_map(yaml_path: str | Path, grid: GridSnapshot) -> tuple[Path, Pat
 
     An empty grid is written as one unknown cell at the origin (map_server refuses empty images).
     """
-    yaml_path, pgm_path = grid_paths(yaml_path)
+    yaml_path = Path(yaml_path)
+    pgm_path = yaml_path.with_suffix(".pgm")
+    if pgm_path == yaml_path:
+        raise ValueError(f"{yaml_path}: give the YAML file's name; its PGM is written beside it")
     data = grid.data if grid.data.size else np.full((1, 1), -1, np.int8)
     pixels = np.full(data.shape, PIXEL_UNKNOWN, np.uint8)
     pixels[data == FREE] = PIXEL_FREE
