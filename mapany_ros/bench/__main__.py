@@ -11,6 +11,8 @@ Measured as ratios within one run (these machines are noisy):
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
 5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
+6. The occupancy grid's update per 640x480 keyframe on the CPU (target <= 10 ms) and its accuracy on
+   the demo's path (:mod:`mapany_ros.bench.occupancy`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"].append(bench_decode())
     print("[bench] fused map ...", flush=True)
     results["extra_sections"].append(fusion_markdown(bench_fusion()))
+    from mapany_ros.bench.occupancy import bench_occupancy
+
+    print("[bench] occupancy grid: update per keyframe, accuracy on the demo's path ...", flush=True)
+    results["extra_sections"].append(bench_occupancy())
     print("[bench] offline processing ...", flush=True)
     results["extra_sections"].append(bench_process())
     print("[bench] long run (2000 keyframes) ...", flush=True)

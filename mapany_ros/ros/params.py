@@ -128,7 +128,7 @@ PARAMETERS: tuple[Param, ...] = (
           "them; older ones are frozen.", 0, 10_000),
     Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
           "(0: the least recently seen first).", 0.0, 1e6),
-    Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
+    Param("map.publish_period_s", 2.0, "Period of map_points and map_grid (transient local; only when they changed).",
           0.1, 3600.0),
     Param("map.save_path", "mapany_map.ply", "Where ~/save_map writes the fused map (PLY; relative to the "
           "node's working directory), and beside it the occupancy grid as a Nav2 map_server pair (same stem, "
