@@ -1,17 +1,19 @@
-"""One keyframe's say on the 2-D grid: the cells its samples hit and the cells its rays crossed.
+"""One keyframe's say on the 2-D grid: the cells its samples hit, those its rays crossed, those just behind.
 
 Rays from the camera to its depth samples are cast in the floor plane at once, through a polar
-buffer around the camera (as a laser scan built from a depth image): the horizontal directions
-are cut into bins about one ray apart, and in each bin the keyframe saw free space out to the
-farthest ray's reach, but never closer than one cell to the nearest obstacle sample of that bin,
-and it saw a surface out to the farthest obstacle sample of the bin: the cells just behind that
-(as far as its depth may be off) get a "behind" vote, which tells the grid that this keyframe
-would have hit them had the surface been there.
-A ray reaches as far as it stays at or below the obstacle band: a ray to the floor all the way,
-a ray to an obstacle up to it, a ray to the ceiling up to where it rises above the band. The
-cells of a window around the camera are then tested against that buffer in one vectorised pass,
-so the cost is one pass over the keyframe's samples plus one over the cells it can see, whatever
-the range; no ray is stepped cell by cell.
+buffer around the camera (a laser scan made from the depth image): the horizontal directions are
+cut into bins about one ray apart. In each bin the keyframe saw through out to the farthest ray's
+reach, but never closer than one cell to the bin's nearest obstacle sample; a ray reaches as far
+as it stays at or below the obstacle band (a ray to the floor all the way, a ray to an obstacle up
+to it, a ray to the ceiling until it rises above the band). The cells just behind the bin's
+farthest obstacle sample, as far as the keyframe's depth may be off, get a "behind" vote: this
+keyframe would have hit them had the surface been there. The cells of a window around the camera
+are then tested against the buffer in one vectorised pass, so the cost is one pass over the
+keyframe's samples and one over the cells it can see; no ray is stepped cell by cell.
+
+Hits are cells holding MIN_HIT_SAMPLES of the keyframe's samples in the band, plus the cells
+between neighbouring samples of an image row that lie on one surface (rays a stride apart would
+leave a far wall dotted).
 
 Everything is a pure function of the keyframe's samples, pose and floor, so the same call gives
 the same cells again: that is how a corrected keyframe is taken out of the grid.
