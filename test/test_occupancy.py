@@ -158,6 +158,33 @@ def test_a_surface_one_keyframe_put_behind_the_wall_is_outvoted() -> None:
     assert value_at(alone.snapshot(), 3.12, 0.0) == OCCUPIED
 
 
+def test_a_keyframe_tilted_by_a_pose_error_still_sees_the_floor_as_floor() -> None:
+    """A keyframe placed 1.5 deg pitched (a pose-graph error) lifts the far floor by 8 cm, above
+    min_height_m: heights are measured from the floor plane it saw, so no floor cell becomes an obstacle."""
+    T_true = ROW[0] @ FRONT
+    pitch = make_pose(np.array([[1.0, 0.0, 0.0], [0.0, math.cos(0.026), -math.sin(0.026)],
+                                [0.0, math.sin(0.026), math.cos(0.026)]]), [0.0, 0.0, 0.0])
+    grid = OccupancyGrid()
+    grid.integrate(("front", 0), render(T_true), CAMERA.K, T_true @ pitch, T_base_camera=FRONT)  # optical x: pitch
+    snap = grid.snapshot()
+    _, cols = np.nonzero(snap.data == OCCUPIED)
+    assert cols.size > 10 and np.all(snap.origin_xy[0] + (cols + 0.5) * 0.05 > 2.9)  # the wall, nothing before it
+
+
+def test_a_lone_sample_is_no_obstacle_but_a_surface_between_rays_is() -> None:
+    """One stray sample in free space marks nothing; a far wall whose rays land cells apart stays whole."""
+    T = ROW[0] @ FRONT
+    depth = render(T)
+    depth[56, 80] = 1.5  # a flier 1.5 m ahead (a pixel the stride-8 grid samples)
+    grid = OccupancyGrid()
+    grid.integrate(("front", 0), depth, CAMERA.K, T, T_base_camera=FRONT)
+    snap = grid.snapshot()
+    near = [value_at(snap, x, y) for x in np.arange(1.5, 2.1, 0.05) + 0.025 for y in (-0.075, -0.025, 0.025, 0.075)]
+    assert OCCUPIED not in near
+    # The wall 2.7 m ahead: rays 8 pixels apart are 19 cm apart there, yet every cell between is an obstacle.
+    assert all(value_at(snap, 3.025, y) == OCCUPIED for y in np.arange(-0.6, 0.61, 0.05) + 0.025)
+
+
 # ------------------------------------------------------------------------------ corrections
 
 
@@ -295,24 +322,14 @@ def check_targets(run, seed: int) -> dict[str, float]:
     return scores
 
 
-def test_demo_path_with_the_demo_backend_meets_the_targets() -> None:
-    """The demo: seed 0, 320x240, 8 s from 4 s into the loop, config/demo.yaml (plane sweep on rendered
-    images, exact odometry), default grid parameters."""
+@pytest.mark.parametrize("seed", [0, 2])
+def test_demo_path_with_the_demo_backend_meets_the_targets(seed: int) -> None:
+    """The demo's path: 320x240, 8 s from 4 s into the loop, config/demo.yaml (plane sweep on rendered
+    images, exact odometry), default grid parameters; seed 0 is the demo scene, seed 2 the hardest of
+    the seeds measured (docs/benchmarks.md)."""
     from mapany_ros.bench.occupancy import demo_path_run
 
-    check_targets(demo_path_run(0, "planesweep"), 0)
-
-
-@pytest.mark.parametrize("seed", [3, 5])
-def test_other_scenes_with_a_real_models_errors_meet_the_targets(seed: int) -> None:
-    """The demo's path in other scenes through the model simulator: every window in its own frame, 2 cm /
-    0.5 deg pose noise per view, 1 % depth noise smooth over the model's patches, a view off by 30 cm /
-    10 deg in one window in ten. Placement keeps a metric window's scale as the model gave it, so the
-    simulator's per-window scale error (3 %) moves a whole window's surfaces, which no grid can undo where
-    only that window looked: it is left out here and measured in docs/benchmarks.md."""
-    from mapany_ros.bench.occupancy import demo_path_run
-
-    check_targets(demo_path_run(seed, "model_simulator", simulator={"scale_sigma": 0.0}), seed)
+    check_targets(demo_path_run(seed, "planesweep"), seed)
 
 
 def disagreement(a: GridSnapshot, b: GridSnapshot) -> float:

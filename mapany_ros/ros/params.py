@@ -143,7 +143,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("grid.base_height_m", 0.0, "Height of base_frame above the floor (0 for a frame on the ground, as "
           "base_footprint); the floor under each keyframe is this far below its base_frame.", -10.0, 10.0),
     Param("grid.pixel_stride", 8, "Cast rays to every n-th depth pixel in both directions.", 1, 64),
-    Param("grid.max_range_m", 4.0, "Depth samples farther than this from the camera neither mark nor clear "
+    Param("grid.max_range_m", 3.5, "Depth samples farther than this from the camera neither mark nor clear "
           "cells (their error grows with range).", 0.5, 100.0),
     Param("grid.keep_keyframes", 10000, "Keyframes whose samples are kept so pose corrections of any age move "
           "them (2 bytes a sample, 9.6 kB per 640x480 keyframe at stride 8); older ones are frozen.",

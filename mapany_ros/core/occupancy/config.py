@@ -39,7 +39,7 @@ class OccupancyConfig:
     #: Cast rays to every n-th depth pixel in both directions.
     pixel_stride: int = 8
     #: Depth samples farther than this from the camera are not used (their error grows with range).
-    max_range_m: float = 4.0
+    max_range_m: float = 3.5
     #: Keyframes whose samples are kept so update_pose can move them, however old; older ones are
     #: frozen. Memory: 2 bytes per sample (9.6 kB per 640x480 keyframe at stride 8).
     keep_keyframes: int = 10_000

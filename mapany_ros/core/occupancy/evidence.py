@@ -30,7 +30,23 @@ import torch
 from mapany_ros.core.geometry import transform_points
 
 #: An obstacle cell needs this many of the keyframe's samples in the band: one stray sample is no wall.
+#: A cell holding this many of the keyframe's samples in the band is a full hit (FULL_HIT votes); a
+#: cell a surface between two neighbouring samples crosses is a hit of one vote; a lone sample with
+#: no neighbour on its surface (a flier) is none.
 MIN_HIT_SAMPLES = 2
+FULL_HIT = 2
+#: Column neighbours at the same height (within TOP_HEIGHT_M), up to TOP_GAP_M apart, lie on one top.
+TOP_HEIGHT_M = 0.03
+TOP_GAP_M = 0.6
+#: The floor is fitted to the samples within FLOOR_SEARCH_M of where it is expected, at least
+#: FLOOR_MIN_SAMPLES of them spread over FLOOR_MIN_SPREAD_M (standard deviation) both ways, refitted on
+#: those within FLOOR_INLIER_M; a fit tilted beyond FLOOR_MAX_TILT_DEG is no pose error but a ramp or
+#: a platform, and the expected floor is kept.
+FLOOR_SEARCH_M = 0.15
+FLOOR_INLIER_M = 0.03
+FLOOR_MIN_SAMPLES = 30
+FLOOR_MIN_SPREAD_M = 0.2
+FLOOR_MAX_TILT_DEG = 4.0
 #: Largest gap between two neighbouring rays' surfaces that is closed as one surface.
 BRIDGE_MAX_M = 0.25
 #: How far behind the farthest surface of a bearing a keyframe votes "behind": the depth error it may
@@ -54,7 +70,8 @@ class Evidence:
 
     ix0: int
     iy0: int
-    hit: torch.Tensor  # (ny, nx) bool: MIN_HIT_SAMPLES or more samples in the band
+    hit: torch.Tensor  # (ny, nx) int8 votes: FULL_HIT where MIN_HIT_SAMPLES samples stand in the band, 1 where a
+    #                    surface between two neighbouring samples crosses, 0 elsewhere
     free: torch.Tensor  # (ny, nx) bool: a ray crossed the cell, and no sample lies in the band there
     behind: torch.Tensor  # (ny, nx) bool: just behind the farthest surface of its bearing, no sample there
 
@@ -78,9 +95,10 @@ def keyframe_evidence(points_cam: torch.Tensor, T_map_camera: np.ndarray, floor_
     grid_map = transform_points(points_cam, T_map_camera)  # (h, w, 3), NaN where unused
     p = grid_map[used]
     cx, cy, cz = (float(v) for v in T_map_camera[:3, 3])
-    h = p[:, 2] - floor_z
-    hc = cz - floor_z
     dx, dy = p[:, 0] - cx, p[:, 1] - cy
+    slope_x, slope_y, floor_c = floor_plane(dx, dy, p[:, 2], floor_z)
+    h = p[:, 2] - (floor_c + slope_x * dx + slope_y * dy)
+    hc = cz - floor_c
     r = torch.hypot(dx, dy)
     n_bins = max(8, math.ceil(2.0 * math.pi / bin_rad))
     bins = _bin_of(dx, dy, n_bins)
@@ -128,41 +146,90 @@ def keyframe_evidence(points_cam: torch.Tensor, T_map_camera: np.ndarray, floor_
     hy = torch.floor(ys[in_band] / res).long() - iy0
     counts.index_add_(0, hy * nx + hx, torch.ones_like(hx, dtype=torch.int32))
     counts = counts.view(ny, nx)
-    hit = counts >= MIN_HIT_SAMPLES
     band_grid = torch.zeros_like(used)
     band_grid[used] = in_band
-    hit |= _bridges(grid_map, band_grid, (cx, cy), bin_rad, res, hit, ix0, iy0)
-    empty = (counts == 0) & ~hit
+    surface = _bridges(grid_map, band_grid, (cx, cy), bin_rad, res, ix0, iy0, counts.shape)
+    surface |= _tops(grid_map, band_grid, res, ix0, iy0, counts.shape)
+    hit = torch.where(counts >= MIN_HIT_SAMPLES, FULL_HIT, surface.to(torch.int8)).to(torch.int8)
+    empty = (counts == 0) & (hit == 0)
     return Evidence(ix0, iy0, hit, free & empty, behind & empty)
 
 
 def _bridges(grid_map: torch.Tensor, in_band: torch.Tensor, camera_xy: tuple[float, float], bin_rad: float,
-             res: float, hit: torch.Tensor, ix0: int, iy0: int) -> torch.Tensor:
-    """Cells between neighbouring samples of a row where one surface runs on between two rays.
+             res: float, ix0: int, iy0: int, shape: torch.Size) -> torch.Tensor:
+    """Cells between neighbouring samples of an image row that lie on one surface.
 
     Rays are a stride apart, so a far wall's columns fall a few cells apart. Two samples side by
-    side in the stride grid are joined when both lie in the band, in hit cells (one stray sample
-    starts no wall), and within twice the rays' spacing at their range (at most BRIDGE_MAX_M) of
-    each other: a larger step between them is an edge, not a surface.
+    side in the stride grid are joined when both lie in the band and within twice the rays' spacing
+    at their range (at least two cells, at most BRIDGE_MAX_M) of each other: a larger step between
+    them is an edge, not a surface.
     """
-    out = torch.zeros_like(hit)
-    a, b = grid_map[:, :-1, :2], grid_map[:, 1:, :2]
-    pair = in_band[:, :-1] & in_band[:, 1:]
-    if not bool(pair.any()):
-        return out
-    a, b = a[pair], b[pair]
+    out = torch.zeros(shape, dtype=torch.bool, device=grid_map.device)
+    a, b = grid_map[:, :-1], grid_map[:, 1:]
+    both = in_band[:, :-1] & in_band[:, 1:]
+    a, b = a[both][:, :2], b[both][:, :2]
     cam = torch.tensor(camera_xy, dtype=a.dtype, device=a.device)
     rng = 0.5 * ((a - cam).norm(dim=1) + (b - cam).norm(dim=1))
     reach = (2.0 * rng * bin_rad).clamp(min=2.0 * res, max=BRIDGE_MAX_M)
-    ia, ib = torch.floor(a / res).long(), torch.floor(b / res).long()
-    link = ((b - a).norm(dim=1) <= reach) & hit[ia[:, 1] - iy0, ia[:, 0] - ix0] & hit[ib[:, 1] - iy0, ib[:, 0] - ix0]
-    if not bool(link.any()):
-        return out
-    a, b = a[link], b[link]
-    t = torch.linspace(0.0, 1.0, math.ceil(2.0 * BRIDGE_MAX_M / res) + 1, device=a.device)[None, :, None]
+    link = (b - a).norm(dim=1) <= reach
+    _draw(out, a[link], b[link], BRIDGE_MAX_M, res, ix0, iy0)
+    return out
+
+
+def _tops(grid_map: torch.Tensor, in_band: torch.Tensor, res: float, ix0: int, iy0: int, shape: torch.Size
+          ) -> torch.Tensor:
+    """Cells between neighbouring samples of an image column on one horizontal surface in the band.
+
+    The top of a box lower than the camera is seen at a grazing angle: its rows land far apart in
+    range. Two samples one above the other in the stride grid, both in the band, at the same height
+    (within TOP_HEIGHT_M) and at most TOP_GAP_M apart, lie on that top; a column that leaves a top
+    goes on down to the floor or a wall at another height.
+    """
+    out = torch.zeros(shape, dtype=torch.bool, device=grid_map.device)
+    a, b = grid_map[:-1], grid_map[1:]
+    both = in_band[:-1] & in_band[1:]
+    a, b = a[both], b[both]
+    link = (torch.abs(a[:, 2] - b[:, 2]) <= TOP_HEIGHT_M) & ((b[:, :2] - a[:, :2]).norm(dim=1) <= TOP_GAP_M)
+    _draw(out, a[link, :2], b[link, :2], TOP_GAP_M, res, ix0, iy0)
+    return out
+
+
+def _draw(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, longest: float, res: float, ix0: int, iy0: int
+          ) -> None:
+    """Mark in ``out`` every cell the segments a[i] -> b[i] (map xy, at most ``longest`` long) cross."""
+    if a.shape[0] == 0:
+        return
+    t = torch.linspace(0.0, 1.0, math.ceil(2.0 * longest / res) + 1, device=a.device)[None, :, None]
     cells = torch.floor((a[:, None, :] + t * (b - a)[:, None, :]) / res).long().view(-1, 2)
     out[cells[:, 1] - iy0, cells[:, 0] - ix0] = True
-    return out
+
+
+def floor_plane(dx: torch.Tensor, dy: torch.Tensor, z: torch.Tensor, floor_z: float) -> tuple[float, float, float]:
+    """The floor as this keyframe saw it: z = c + sx dx + sy dy around the camera (dx, dy from it).
+
+    A keyframe whose pose is tilted by a degree (or whose depth is a few percent off) sees the floor
+    tilted (or shifted) by as much, and a tilt of 1 degree lifts the floor 7 cm at 4 m: heights are
+    measured from the floor plane fitted to its own samples near the expected floor ``floor_z``
+    (least squares, refitted on the samples within FLOOR_INLIER_M). Where the keyframe sees too
+    little floor, or the fit leaves the bounds a pose error can explain, the expected floor is kept.
+    """
+    near = torch.abs(z - floor_z) <= FLOOR_SEARCH_M
+    if int(near.sum()) < FLOOR_MIN_SAMPLES:
+        return 0.0, 0.0, floor_z
+    # float64 on the host: the same samples always give the same plane (a keyframe is taken out exactly)
+    A = torch.stack([dx[near], dy[near], z[near]], dim=1).double().cpu().numpy()
+    keep = np.ones(len(A), bool)
+    for _ in range(3):
+        if keep.sum() < FLOOR_MIN_SAMPLES:
+            return 0.0, 0.0, floor_z
+        X = np.column_stack([A[keep, 0], A[keep, 1], np.ones(int(keep.sum()))])
+        (sx, sy, c), *_ = np.linalg.lstsq(X, A[keep, 2], rcond=None)
+        keep = np.abs(A[:, 2] - (c + sx * A[:, 0] + sy * A[:, 1])) <= FLOOR_INLIER_M
+    spread = np.linalg.eigvalsh(np.cov(A[keep, :2].T)) if keep.sum() >= FLOOR_MIN_SAMPLES else np.zeros(2)
+    tilt = math.degrees(math.atan(math.hypot(sx, sy)))
+    if tilt > FLOOR_MAX_TILT_DEG or abs(c - floor_z) > FLOOR_SEARCH_M or spread.min() < FLOOR_MIN_SPREAD_M**2:
+        return 0.0, 0.0, floor_z
+    return float(sx), float(sy), float(c)
 
 
 def _bin_of(dx: torch.Tensor, dy: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 from mapany_ros.core.geometry import invert, is_rigid, rotation_angle
 from mapany_ros.core.occupancy.config import OccupancyConfig
-from mapany_ros.core.occupancy.evidence import Band, Evidence, keyframe_evidence
+from mapany_ros.core.occupancy.evidence import FULL_HIT, Band, Evidence, keyframe_evidence
 
 ImageLike = torch.Tensor | np.ndarray
 
@@ -40,6 +40,9 @@ OCCUPIED_FRACTION = 1.0 / 3.0
 #: looks found a surface: one keyframe's leak past an edge is no free space.
 FREE_MIN_MISSES = 3
 FREE_MAX_FRACTION = 0.1
+#: Weight of a keyframe's miss and "behind" votes, as of its full hit (evidence.FULL_HIT): a cell
+#: only a surface between two samples crossed is a hit of one vote.
+FULL_VOTE = FULL_HIT
 #: Values of nav_msgs/OccupancyGrid.
 OCCUPIED, FREE, UNKNOWN = 100, 0, -1
 #: Growing the grid, add this many cells on each side beyond what is needed, so it grows rarely.
@@ -233,8 +236,8 @@ class OccupancyGrid:
             misses = self._misses[r0:r1, c0:c1]
             looks = (hits + misses + self._behind[r0:r1, c0:c1]).float()
             data = torch.full(hits.shape, UNKNOWN, dtype=torch.int8, device=self.device)
-            data[(misses >= FREE_MIN_MISSES) & (hits < FREE_MAX_FRACTION * looks)] = FREE
-            data[(hits >= 1) & (hits >= OCCUPIED_FRACTION * looks)] = OCCUPIED
+            data[(misses >= FREE_MIN_MISSES * FULL_VOTE) & (hits < FREE_MAX_FRACTION * looks)] = FREE
+            data[(hits > 0) & (hits >= OCCUPIED_FRACTION * looks)] = OCCUPIED
             origin = ((self._ix0 + c0) * res, (self._iy0 + r0) * res)
             return GridSnapshot(data.cpu().numpy(), origin, res, self._version)
 
@@ -292,8 +295,8 @@ class OccupancyGrid:
         self._cover(ev.ix0, ev.iy0, nx, ny)
         r, c = ev.iy0 - self._iy0, ev.ix0 - self._ix0
         self._hits[r:r + ny, c:c + nx] += ev.hit.to(torch.int32) * sign
-        self._misses[r:r + ny, c:c + nx] += ev.free.to(torch.int32) * sign
-        self._behind[r:r + ny, c:c + nx] += ev.behind.to(torch.int32) * sign
+        self._misses[r:r + ny, c:c + nx] += ev.free.to(torch.int32) * (FULL_VOTE * sign)
+        self._behind[r:r + ny, c:c + nx] += ev.behind.to(torch.int32) * (FULL_VOTE * sign)
 
     def _cover(self, ix0: int, iy0: int, nx: int, ny: int) -> None:
         """Grow the vote arrays (with a margin) until they hold the window's cells."""
