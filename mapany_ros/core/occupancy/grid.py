@@ -1,11 +1,12 @@
 """OccupancyGrid: keyframes in, a 2-D occupancy grid for Nav2 out, following pose corrections of any age.
 
 Each keyframe votes once per cell it looked at (:mod:`.evidence`): a hit where its samples stand
-in the obstacle band, a miss where its rays crossed the cell, a "behind" where the cell lies just
-behind the surface it saw on that bearing. A cell is occupied when at least a third of its looks
-were hits (the counting model: a surface a badly scaled keyframe put a few centimetres behind the
-wall is outvoted by the keyframes that saw the wall in front of it), free once several keyframes
-saw through it and almost none hit it, unknown otherwise.
+in the obstacle band (half a hit where only the surface between two of its samples crosses), a miss
+where its rays crossed the cell, a "behind" where the cell lies just behind the surface it saw on
+that bearing. A cell is occupied when at least a third of its votes are hits (the counting model:
+a surface a badly placed keyframe put a few centimetres behind the wall is outvoted by the
+keyframes that saw the wall in front of it), free once several keyframes saw through it and
+almost none hit it, unknown otherwise.
 
 The grid keeps the integer vote counts, so taking a keyframe out is exact: the same samples at
 the same pose give the same cells, which are subtracted. Each keyframe keeps its strided depth
@@ -32,9 +33,9 @@ from mapany_ros.core.occupancy.evidence import FULL_HIT, Band, Evidence, keyfram
 
 ImageLike = torch.Tensor | np.ndarray
 
-#: A cell is occupied when at least this fraction of the keyframes that looked at it (hit it, saw
-#: through it, or saw a surface just in front of it) found a surface in it: the counting model of
-#: occupancy, robust to a keyframe whose depth is a few centimetres off.
+#: A cell is occupied when at least this fraction of the votes of the keyframes that looked at it (hit
+#: it, saw through it, or saw a surface just in front of it) are hits: the counting model of
+#: occupancy, robust to a keyframe whose depth or pose is a few centimetres off.
 OCCUPIED_FRACTION = 1.0 / 3.0
 #: A cell is free once this many keyframes saw through it and fewer than FREE_MAX_FRACTION of its
 #: looks found a surface: one keyframe's leak past an edge is no free space.
@@ -47,7 +48,7 @@ FULL_VOTE = FULL_HIT
 OCCUPIED, FREE, UNKNOWN = 100, 0, -1
 #: Growing the grid, add this many cells on each side beyond what is needed, so it grows rarely.
 _GROW_MARGIN = 64
-#: The vote arrays cover the explored rectangle, 8 bytes a cell: at most this many cells (512 MB,
+#: The vote arrays cover the explored rectangle, 12 bytes a cell: at most this many cells (768 MB,
 #: 400 m x 400 m at 5 cm); a keyframe that would grow them beyond is refused.
 MAX_CELLS = 64_000_000
 
