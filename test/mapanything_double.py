@@ -21,7 +21,8 @@ It stands in for ``mapanything.models.MapAnything`` and ``mapanything.utils.imag
   - ``intrinsics`` / ``ray_directions``: depth is what triangulation with that calibration gives,
     the true depth times f_given / f_true on the model grid (pinhole fit of rays), and the output
     rays are the given ones;
-  - priors without ``is_metric_scale`` give shape only: their scale is the model's own.
+  - priors with ``is_metric_scale`` False give shape only: their scale is the model's own. Like
+    upstream's ``infer``, a view without the flag counts as metric (it defaults it to True).
 
   The answer is expressed the way upstream does: anchored on view 0 *as predicted* with a random
   rigid offset, in metres when a metric prior was given, otherwise at a scale off by up to
@@ -364,6 +365,8 @@ class MapAnythingDouble:
         ignore_depth_scale_inputs: bool = False,
         ignore_pose_scale_inputs: bool = False,
         use_multiview_confidence: bool = False,
+        multiview_conf_depth_abs_thresh: float = 0.02,
+        multiview_conf_depth_rel_thresh: float = 0.02,
     ) -> list[dict[str, Any]]:
         device = model.scale_token.device
         self.calls.append(
@@ -440,6 +443,7 @@ class MapAnythingDouble:
                 "metric_scaling_factor": np.array([self.metric_scaling_factor]),
                 "conf": conf,
                 "non_ambiguous_mask": non_ambiguous,
+                "non_ambiguous_mask_logits": np.where(non_ambiguous, 8.0, -8.0),
                 "img_no_norm": np.clip(img, 0, 1),
             }
             if mask is not None:
@@ -532,8 +536,9 @@ class MapAnythingDouble:
 
 
 def _is_metric(view: dict[str, Any]) -> bool:
+    """Upstream's ``infer`` sets a missing ``is_metric_scale`` to True before the model sees it."""
     flag = view.get("is_metric_scale")
-    return flag is not None and bool(flag.reshape(-1)[0])
+    return flag is None or bool(flag.reshape(-1)[0])
 
 
 def _pose_matrix(poses: Any) -> np.ndarray:
@@ -550,7 +555,7 @@ def _relative_poses(views: list[dict[str, Any]], grids: list[_ModelGrid]) -> lis
     """Each view's pose in view 0's camera frame, in metres, as a model trusting its pose priors sees it.
 
     Posed views follow the given poses relative to the given view 0 (upstream's own conversion);
-    unposed views get the truth relative to view 0. Poses without ``is_metric_scale`` give only
+    unposed views get the truth relative to view 0. Poses with ``is_metric_scale`` False give only
     directions: their translations take the truth's mean length (the model's own scale).
     """
     T0_inv = np.linalg.inv(grids[0].truth.T_world_camera)
@@ -596,7 +601,7 @@ def _believed_rays(
 def _follow_depth_prior(depth: np.ndarray, prior: np.ndarray, metric: bool) -> np.ndarray:
     """Depth that follows the prior where it has values and fills its holes at the prior's scale.
 
-    A prior without ``is_metric_scale`` gives only shape: it is first brought to the model's scale.
+    A prior with ``is_metric_scale`` False gives only shape: it is first brought to the model's scale.
     """
     given = np.isfinite(prior) & (prior > 0)
     if not given.any():
@@ -654,6 +659,7 @@ class FakeMapAnything(torch.nn.Module):
         info_sharing_config: dict,
         pred_head_config: dict,
         geometric_input_config: dict,
+        fusion_norm_layer: Any = None,
         pretrained_checkpoint_path: str | None = None,
         load_specific_pretrained_submodules: bool = False,
         specific_pretrained_submodules: list | None = None,

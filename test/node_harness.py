@@ -75,6 +75,7 @@ class Harness:
         self.image_pub, self.info_pub = self.image_pubs[self.cameras[0]], self.info_pubs[self.cameras[0]]
         self.odom_pub = self.driver.create_publisher(Odometry, "odom", RELIABLE)
         self.tf_pub = self.driver.create_publisher(TFMessage, "/tf_static", LATCHED)
+        self.tf_moving_pub = self.driver.create_publisher(TFMessage, "/tf", RELIABLE)
         self.collectors = {c: OutputCollector(camera=c, node_name=f"collector_{c}", context=context)
                            for c in self.cameras}
         self.collector = self.collectors[self.cameras[0]]
@@ -83,7 +84,8 @@ class Harness:
             self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
-        odom = [self.odom_pub] if self.node.get_parameter("use_odometry").value else []
+        odom = [] if not self.node.get_parameter("use_odometry").value else [self.tf_moving_pub] \
+            if self.node.get_parameter("odometry.source").value == "tf" else [self.odom_pub]
         self._wait(lambda: all(p.get_subscription_count() > 0
                                for p in (*self.image_pubs.values(), *self.info_pubs.values(), *odom))
                    and all(col.count_publishers(f"/{c}/depth") > 0 for c, col in self.collectors.items()))
@@ -122,6 +124,11 @@ class Harness:
             pose = make_pose(np.eye(3), [t_s if x is None else x, 0, 0])
         msg.pose.pose = conv.matrix_to_pose(pose)
         self.odom_pub.publish(msg)
+
+    def tf(self, t_s: float, parent: str, child: str, T: np.ndarray) -> None:
+        """One transform on /tf at sequence time ``t_s``."""
+        self.tf_moving_pub.publish(TFMessage(transforms=[
+            conv.matrix_to_transform_stamped(T, parent, child, T0 + int(round(t_s * 1e9)))]))
 
     def static_tf(self) -> None:
         self.tf_pub.publish(TFMessage(transforms=[

@@ -32,12 +32,15 @@ def stamp(msg) -> int:
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
 
 
-@pytest.mark.parametrize(("seed", "width", "height"), [(0, 320, 240), (3, 256, 192)])
-def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_env, seed, width, height):
+@pytest.mark.parametrize(("seed", "width", "height", "odom_source"),
+                         [(0, 320, 240, "topic"), (3, 256, 192, "topic"), (3, 256, 192, "tf")])
+def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_env, seed, width, height, odom_source):
+    """The demo; with ``tf`` the robot publishes its odometry only as the odom -> base_link transform."""
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "mapany_ros.commands.demo", "--seed", str(seed), "--width", str(width),
-         "--height", str(height), "--duration", "6", "--out", str(out), "--timeout", "240"],
+         "--height", str(height), "--duration", "6", "--out", str(out), "--timeout", "240",
+         "--odom-source", odom_source],
         env=ros_subprocess_env, capture_output=True, text=True, timeout=300,
     )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
@@ -52,6 +55,8 @@ def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_en
     assert acc["map_odom_translation_m"] <= 0.01 and acc["map_odom_rotation_deg"] <= 0.5
     # The fused map, against the true surfaces the keyframes saw.
     assert acc["map_accuracy_median_m"] <= 0.02 and acc["map_completeness"] >= 0.80
+    # Exact odometry, late and irregular, from the topic or from TF: the path is the truth to a millimetre.
+    assert acc["path_ate_m"] <= 0.001 and report["path_poses"] == report["keyframes_output"]
     assert proc.returncode == 0
 
     bag = read_bag(out / "demo_bag")
@@ -78,6 +83,8 @@ def test_demo_pipeline_over_dds_matches_ground_truth(tmp_path, ros_subprocess_en
     assert [f.name for f in clouds[0].fields] == ["x", "y", "z", "rgb"]
     tf = [t for m in bag["/tf"] for t in m.transforms]
     assert any(t.header.frame_id == "map" and t.child_frame_id == "odom" for t in tf)
+    odom_tf = [t for t in tf if (t.header.frame_id, t.child_frame_id) == ("odom", "base_link")]
+    assert (len(bag.get("/odom", [])) > 0, len(odom_tf) > 0) == (odom_source == "topic", odom_source == "tf")
     fused = bag["/map_points"][-1]
     assert fused.header.frame_id == "map" and fused.width > 1000
     assert [f.name for f in fused.fields] == ["x", "y", "z", "rgb", "confidence"]

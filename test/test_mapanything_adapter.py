@@ -37,7 +37,7 @@ from mapanything_double import (
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction
-from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig
+from mapany_ros.core.backends.mapanything import MapAnythingBackend, MapAnythingConfig, share_out
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert, is_rigid, make_pose
 
@@ -399,6 +399,91 @@ def test_out_of_memory_on_a_pair_is_a_backend_error(env):
     frames, _ = make_frames(env, 4)
     with pytest.raises(BackendError, match="out of GPU memory"):
         backend.infer(frames)
+    assert backend.max_views_per_call == 2  # remembered even though the window failed
+    env.double.calls.clear()
+    with pytest.raises(BackendError, match="out of GPU memory"):
+        backend.infer(frames)
+    assert [len(c["views"]) for c in env.double.calls] == [2]  # split up front; the first pair fails
+
+
+def call_sizes(env: DoubleEnv) -> list[int]:
+    """View counts of the double's calls since the last look (an OOM call counts: it was attempted)."""
+    sizes = [len(c["views"]) for c in env.double.calls]
+    env.double.calls.clear()
+    return sizes
+
+
+def test_out_of_memory_is_remembered_and_later_windows_are_split_up_front(env, caplog):
+    """After an OOM the next window is split before the model is called: no call runs out again,
+    and the parts, each starting with the reference view, still give the unsplit window's frame."""
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 7, posed=[False, True, False, True, True, False, True])
+    whole = backend.infer(frames)
+    call_sizes(env)
+    assert backend.max_views_per_call is None
+    env.double.oom_above = 3
+    with caplog.at_level(logging.WARNING):
+        backend.infer(frames)
+    first = call_sizes(env)
+    assert first[0] == 7 and 4 in first  # ran out on 7 views, then on its halves of 4
+    assert backend.max_views_per_call == 3 and "model calls of at most 3 views" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        split = backend.infer(frames)
+    calls = list(env.double.calls)
+    assert call_sizes(env) == [3, 3, 3]  # split up front into balanced parts: no OOM raised
+    assert "out of GPU memory" not in caplog.text
+    ref = calls[0]["views"][0]["img"]
+    assert all(torch.equal(c["views"][0]["img"], ref) for c in calls)  # the first posed frame leads each part
+    assert [sum("camera_poses" in v for v in c["views"]) for c in calls] == [2, 2, 2]  # pose anchors shared out
+    others = [tuple(v["img"].flatten()[:8].tolist()) for c in calls for v in c["views"][1:]]
+    assert len(others) == 6 and len(set(others)) == 6  # every other frame exactly once
+    for a, b in zip(relative_poses(split), relative_poses(whole), strict=True):
+        assert np.allclose(a, b, atol=1e-5)
+    for a, b in zip(split.views, whole.views, strict=True):
+        assert torch.equal(a.valid, b.valid)
+        assert torch.allclose(a.depth[a.valid], b.depth[b.valid], rtol=1e-5)
+    check_window(split, frames, truth)
+
+
+def test_share_out_deals_posed_views_first_and_keeps_order():
+    assert share_out([1, 2, 3, 4, 5, 6], {2, 4, 6}, 3) == [[1, 2], [3, 4], [5, 6]]
+    assert share_out([1, 2, 3, 4, 5], {1, 2, 3}, 2) == [[1, 3, 5], [2, 4]]
+    assert share_out([4, 2, 3], set(), 2) == [[4, 3], [2]]
+
+
+def test_remembered_limit_is_probed_one_view_higher_after_windows_that_fit(env):
+    backend = make_backend(env, oom_probe_windows=2)
+    frames, _ = make_frames(env, 6)
+    env.double.oom_above = 4
+    runs, limits = [], []
+    for _ in range(6):
+        backend.infer(frames)
+        runs.append(call_sizes(env))
+        limits.append(backend.max_views_per_call)
+    assert runs == [[6, 4, 3], [4, 3], [4, 3], [4, 3], [4, 3], [6, 4, 3]]
+    # 5 views per call still splits 6 into the same two parts; at 6 the probe runs out and the limit falls back.
+    assert limits == [4, 4, 5, 5, 6, 4]
+    env.double.oom_above = None  # memory freed elsewhere: the probes find it
+    for _ in range(5):
+        backend.infer(frames)
+        runs.append(call_sizes(env))
+    assert runs[-5:] == [[4, 3]] * 4 + [[6]] and backend.max_views_per_call == 6
+
+
+def test_windows_split_up_front_without_priors_are_carried_to_one_scale(env):
+    """Four parts, each with its own offset and scale: the reference view ties them together."""
+    backend = make_backend(env)
+    frames, truth = make_frames(env, 5, posed=False)
+    env.double.oom_above = 2
+    backend.infer(frames)
+    assert backend.max_views_per_call == 2
+    call_sizes(env)
+    split = backend.infer(frames)
+    assert call_sizes(env) == [2, 2, 2, 2]
+    scales = [s for s, _ in env.double.pred_frames[-4:]]
+    assert max(scales) - min(scales) > 1e-3
+    check_window(split, frames, truth, scales[0])
 
 
 def test_infer_calls_are_serialised(env):

@@ -135,13 +135,20 @@ def test_double_follows_the_poses_it_is_given_not_the_truth(env):
     assert np.allclose(rel[1], invert(truth[0]) @ wrong, atol=1e-4)  # the given pose, not the truth
     assert np.allclose(rel[2], invert(truth[0]) @ truth[2], atol=1e-4)  # unposed: the truth
 
-    for view in views[:2]:  # without is_metric_scale only the directions count; the length is its own
-        del view["is_metric_scale"]
+    for view in views[:2]:  # is_metric_scale False: only the directions count; the length is its own
+        view["is_metric_scale"] = torch.tensor([False])
     rel = predicted_relative(run_double(env, views))
     scale = env.double.pred_frames[-1][0]
     true_length = np.linalg.norm((invert(truth[0]) @ truth[1])[:3, 3])
     given = (invert(truth[0]) @ wrong)[:3, 3]
+    assert scale != 1.0
     assert np.allclose(rel[1][:3, 3], scale * true_length * given / np.linalg.norm(given), atol=1e-4)
+
+    for view in views[:2]:  # upstream's infer defaults a missing flag to True: metric
+        del view["is_metric_scale"]
+    rel = predicted_relative(run_double(env, views))
+    assert env.double.pred_frames[-1][0] == 1.0
+    assert np.allclose(rel[1], invert(truth[0]) @ wrong, atol=1e-4)
 
 
 def test_double_depth_follows_the_depth_prior(env):

@@ -180,12 +180,37 @@ def test_double_outputs_match_upstream_keys_shapes_and_dtypes(backends):
     real = model.infer(preprocess_inputs([dict(v) for v in views]), **kwargs)
     fake = double.infer(model, double.preprocess_inputs([dict(v) for v in views]), **kwargs)
     for r, f in zip(real, fake, strict=True):
-        assert set(f) <= set(r), set(f) - set(r)
+        assert set(f) == set(r), set(f) ^ set(r)
         for key in f:
             assert tuple(f[key].shape) == tuple(r[key].shape) and f[key].dtype == r[key].dtype, key
         masked = ~r["mask"]
         assert torch.all(r["depth_z"][masked] == 0)  # upstream zeroes what it masks
         assert torch.all(r["conf"] >= 1)
+
+
+@needs_model
+def test_infer_counts_a_view_without_is_metric_scale_as_metric(backends):
+    """Upstream's infer sets a missing is_metric_scale to True (the double does the same): pose
+    priors without the flag give the answer of metric ones, and differ from is_metric_scale False."""
+    from mapanything.utils.image import preprocess_inputs
+
+    frames = frames_for(WIDE, 2)
+    model = backends["input"]._model
+
+    def run(flag: bool | None) -> torch.Tensor:
+        views = []
+        for f in frames:
+            view = {"img": f.image, "intrinsics": f.camera_model.K.astype(np.float32),
+                    "camera_poses": (invert(frames[0].T_world_camera) @ f.T_world_camera).astype(np.float32)}
+            if flag is not None:
+                view["is_metric_scale"] = torch.tensor([flag])
+            views.append(view)
+        out = model.infer(preprocess_inputs(views), use_amp=False, apply_mask=False, mask_edges=False)
+        return torch.cat([o["pts3d"].flatten() for o in out] + [o["metric_scaling_factor"].flatten() for o in out])
+
+    missing, metric, relative = run(None), run(True), run(False)
+    assert torch.equal(missing, metric)
+    assert not torch.allclose(missing, relative, rtol=1e-4, atol=1e-6)
 
 
 @needs_model

@@ -171,3 +171,110 @@ def test_parameters_cannot_change_at_run_time(harness_factory):
     result = h.node.set_parameters([Parameter("window.size", value=4)])[0]
     assert not result.successful and "read-only" in result.reason
     assert h.node.get_parameter("window.size").value == 3
+
+
+def test_odometry_from_tf_only_and_a_panning_camera_over_dds(harness_factory):
+    """An odometry node that publishes only TF, and a camera on a pan head (its joint on /tf): every
+    frame gets both at its own stamp, the path is the odometry's."""
+    from node_harness import T0, T_BASE_CAMERA
+    from scipy.spatial.transform import Rotation
+    from tf2_msgs.msg import TFMessage
+
+    from mapany_ros.core.geometry import make_pose
+
+    T_BASE_PAN = make_pose(np.eye(3), [0.1, 0.0, 0.3])
+    T_HEAD_CAMERA = make_pose(np.eye(3), [0.05, 0.0, 0.2]) @ T_BASE_CAMERA  # 5 cm off the pan axis
+
+    def pan(t: float) -> np.ndarray:
+        return make_pose(Rotation.from_euler("z", 0.8 * (t - 1.0)).as_matrix(), [0, 0, 0])
+
+    def odom(t: float) -> np.ndarray:
+        return make_pose(Rotation.from_euler("z", 0.1 * t).as_matrix(), [t, 0.2 * t, 0])
+
+    backend = RecordingBackend()
+    h = harness_factory(backend, **{"odometry.source": "tf"})
+    assert h.node.inputs._odometry_chain is not None
+    h.info()
+    h.tf_pub.publish(TFMessage(transforms=[
+        conv.matrix_to_transform_stamped(T_BASE_PAN, "base_link", "pan_link", T0),
+        conv.matrix_to_transform_stamped(T_HEAD_CAMERA, "head", "camera_optical_frame", T0)]))
+    time.sleep(0.2)
+    stamps, truth = [], {}
+    for i in range(8):
+        t = 1.0 + 0.1 * i
+        for s in (t, t + 0.05):  # odometry and joint states at 20 Hz, as TF only
+            h.tf(s, "odom", "base_link", odom(s))
+            h.tf(s, "pan_link", "head", pan(s))
+        time.sleep(0.01)
+        stamp = conv.stamp_to_ns(h.image(t + 0.025).header.stamp)  # between the TF samples
+        stamps.append(stamp)
+        truth[stamp] = (odom(t + 0.025), T_BASE_PAN @ pan(t + 0.025) @ T_HEAD_CAMERA)
+        time.sleep(0.02)
+    out = h.collector.out
+    assert h._wait(lambda: sorted(out.depth) == stamps and out.path is not None and len(out.path.poses) == 8,
+                   15), (sorted(out.depth), h.warnings)
+    seen = {f.stamp_ns: f for call in backend.calls for f in call}
+    assert sorted(seen) == stamps
+    for stamp, f in seen.items():
+        T_odom_base, T_base_cam = truth[stamp]
+        np.testing.assert_allclose(f.T_world_base, T_odom_base, atol=1e-3)  # 20 Hz: chord against arc
+        np.testing.assert_allclose(f.T_base_camera, T_base_cam, atol=1e-4)
+        np.testing.assert_allclose(f.T_world_camera, T_odom_base @ T_base_cam, atol=1e-3)
+    for pose in out.path.poses:  # the map is the odometry frame (placement may nudge it by a few mm)
+        T_odom_base, _ = truth[conv.stamp_to_ns(pose.header.stamp)]
+        np.testing.assert_allclose(conv.pose_to_matrix(pose.pose), T_odom_base, atol=5e-3)
+    assert not {"odom", "odom_frames", "extrinsic", "tf"} & set(h.warnings), h.warnings
+
+
+def test_one_camera_silent_for_10_s_the_other_keeps_mapping_diagnostics_name_it_it_rejoins(harness_factory):
+    from node_harness import T0, T_BASE_CAMERA
+    from tf2_msgs.msg import TFMessage
+
+    from mapany_ros.core.geometry import make_pose
+
+    backend = RecordingBackend()
+    h = harness_factory(backend, cameras=["left", "right"], **{"sync.tolerance_s": 0.005, "stats_period_s": 0.5,
+                                                                "window.queue_size": 16,
+                                                                "keyframe.min_translation_m": 0.01})
+    h.tf_pub.publish(TFMessage(transforms=[
+        conv.matrix_to_transform_stamped(T_BASE_CAMERA, "base_link", "left_optical_frame", T0),
+        conv.matrix_to_transform_stamped(T_BASE_CAMERA @ make_pose(np.eye(3), [0.12, 0, 0]), "base_link",
+                                         "right_optical_frame", T0)]))
+    for cam in h.cameras:
+        h.info(camera=cam)
+    time.sleep(0.3)
+    left, right = h.collectors["left"].out, h.collectors["right"].out
+    collector = h.collectors["left"]
+
+    def drive(t_from: float, n: int, cameras: tuple[str, ...]) -> list[int]:
+        stamps = []
+        for i in range(n):  # 5 Hz at 0.1 m/s, 2 cm apart: every group is a keyframe
+            t = round(t_from + 0.2 * i, 3)
+            h.odom(t, x=0.1 * t)
+            h.odom(t + 0.1, x=0.1 * (t + 0.1))
+            time.sleep(0.01)
+            for cam in cameras:
+                h.image(t + (0.002 if cam == "right" else 0.0), camera=cam)
+            stamps.append(T0 + int(round(t * 1e9)))
+            time.sleep(0.03)
+        return stamps
+
+    before = drive(1.0, 4, ("left", "right"))
+    assert h._wait(lambda: set(before) <= set(left.depth) and len(right.depth) >= 4, 15), h.warnings
+    silent = drive(1.8, 50, ("left",))  # the right camera is silent for 10 s of message time
+    # The left camera's keyframes keep flowing, alone...
+    assert h._wait(lambda: silent[-1] in left.depth, 20), (len(left.depth), h.warnings)
+    assert len(set(silent) & set(left.depth)) >= 0.9 * len(silent)
+    # ... and /diagnostics says which camera is missing, with a WARN.
+    assert h._wait(lambda: any(level == 1 and "camera right missing" in message
+                               for level, message in list(collector.status_history)), 10)
+    assert collector.status.get("cameras_missing") == "right"
+    after = drive(11.8, 6, ("left", "right"))
+    # It joins again: its depth comes back, and the groups hold both cameras.
+    assert h._wait(lambda: set(after[1:]) <= set(left.depth)
+                   and len({s - 2_000_000 for s in right.depth} & set(after)) >= 4, 15), h.warnings
+    assert h._wait(lambda: collector.status.get("cameras_missing") == "", 10)
+    groups = [[f.camera for f in call if f.stamp_ns // 10**8 == stamp // 10**8] for call in backend.calls
+              for stamp in after[1:] if any(f.stamp_ns == stamp for f in call)]
+    assert groups and all(g == ["left", "right"] for g in groups)
+    assert h.node.pipeline.stats.windows_failed == 0

@@ -1,5 +1,6 @@
 """The fused map and the occupancy grid over DDS: map_points and map_grid for a late RViz or Nav2, ~/save_map
-round trip (PLY, and the grid as a Nav2 map_server pair), ~/reset and mapping on."""
+round trip (the map folder: PLY, and the grid as a Nav2 map_server pair), ~/reset and mapping on. Both
+layers reach the subscriber through the node's map publisher process."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
     from mapany_ros.ros.node import LATCHED_QOS
 
     # The fake backend's wall stands 10 m ahead of 64x48 cameras: the grid casts denser rays, farther.
-    h = harness_factory(RecordingBackend(), **{"map.save_path": str(tmp_path / "map.ply"),
+    h = harness_factory(RecordingBackend(), **{"map.save_path": str(tmp_path / "saved"),
                                                "map.publish_period_s": 0.2, "grid.max_range_m": 12.0,
                                                "grid.pixel_stride": 2})
     h.info()
@@ -59,6 +60,9 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
     assert h._wait(lambda: grid.keyframes_integrated == 7 and grids
                    and conv.occupancy_grid_to_snapshot(grids[-1]).data.tobytes() == grid.snapshot().data.tobytes(), 10)
     latched = conv.occupancy_grid_to_snapshot(grids[-1])
+    # Published by the map publisher's helper process, not by the node on its executor.
+    for topic in ("/map_grid", "/map_points"):
+        assert [i.node_name for i in h.driver.get_publishers_info_by_topic(topic)] == ["mapany_node_map_publisher"]
     assert grids[-1].header.frame_id == "map"
     occupied_x = latched.origin_xy[0] + (np.nonzero(latched.data == OCCUPIED)[1] + 0.5) * latched.resolution
     assert occupied_x.size > 5 and np.all(np.abs(occupied_x - 10.0) < 0.2)
@@ -74,13 +78,16 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
 
     save = h.driver.create_client(Trigger, "/mapany_node/save_map")
     answer = call(h.driver, save)
-    assert answer.success and str(len(xyz)) in answer.message, answer.message
-    # The grid beside the PLY, as Nav2's map_server loads it: the latched map_grid, cell for cell.
-    assert f"{tmp_path / 'map.yaml'} and {tmp_path / 'map.pgm'}" in answer.message
-    saved_grid = load_like_map_server(tmp_path / "map.yaml")
+    folder = tmp_path / "saved"
+    assert answer.success and str(len(xyz)) in answer.message and str(folder) in answer.message, answer.message
+    assert "map_grid.yaml" in answer.message
+    # The grid in the map folder, as Nav2's map_server loads it: the latched map_grid, cell for cell.
+    saved_grid = load_like_map_server(folder / "map_grid.yaml")
+    assert (folder / "map_grid.pgm").is_file()
     np.testing.assert_array_equal(saved_grid.data, latched.data)
     assert saved_grid.origin_xy == pytest.approx(latched.origin_xy) and saved_grid.resolution == 0.05
-    saved_xyz, saved_rgb, saved_conf = read_ply(tmp_path / "map.ply")
+    saved_xyz, saved_rgb, saved_conf = read_ply(folder / "map.ply")
+    assert (folder / "keyframes.npz").is_file() and (folder / "map.yaml").is_file()
     order = np.lexsort(xyz.T)
     saved = np.lexsort(saved_xyz.T)
     np.testing.assert_allclose(saved_xyz[saved], xyz[order], atol=1e-6)

@@ -56,7 +56,8 @@ def check_outputs(h, stamps, poses, truth_depth=None, require_valid: bool = True
     out = h.collector.out
     assert sorted(out.depth) == stamps
     for s, T in zip(stamps, poses, strict=True):
-        msg, info = out.depth[s], out.depth_info[s]
+        msg, info, conf = out.depth[s], out.depth_info[s], out.confidence[s]
+        assert (conf.width, conf.height, conf.encoding) == (camera.width, camera.height, "32FC1")
         assert msg.header.frame_id == "camera_optical_frame" and msg.encoding == "32FC1"
         assert (msg.width, msg.height) == (info.width, info.height) == (camera.width, camera.height)
         np.testing.assert_allclose(np.array(info.k).reshape(3, 3), camera.K)
@@ -130,8 +131,16 @@ def test_node_runs_mapanything_on_the_synthetic_scene_through_the_contract_doubl
     assert float(h.collector.status["last_placement_residual_m"]) < 1e-3
 
 
-@pytest.mark.mapanything
-def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
+#: What upstream's preprocess_inputs makes of CAMERA's 160x120 (4:3) images: the 518x392 bucket.
+MODEL_GRID = (392, 518)
+#: Placement without its view checks: random weights predict poses no check could accept.
+NO_VIEW_CHECKS = {"placement.view_consistency": 0.0, "placement.max_depth_m": 0.0, "placement.view_sigma_m": 10.0,
+                  "placement.view_sigma_deg": 90.0, "placement.max_residual_m": 0.0}
+
+
+def real_model_harness(harness_factory, **params):
+    """The node on the real upstream code with the reduced random-weight model of MAPANY_TEST_MODEL_PATH
+    (``mapany_ros.bench.gpu.build_random_model``), and the shapes of every view its model was given."""
     pytest.importorskip("mapanything", reason="upstream MapAnything is not installed")
     model_path = os.environ.get("MAPANY_TEST_MODEL_PATH")
     if not model_path:
@@ -139,15 +148,95 @@ def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
     h = harness_factory(None, model=CAMERA, **{
         "backend": "mapanything", "device": "cpu", "mapanything.model_path": model_path,
         "mapanything.cache_dir": os.environ.get("MAPANY_TEST_CACHE_DIR", ""), "window.size": 3,
-        "window.overlap": 1, "keyframe.min_translation_m": 0.01, "placement.max_residual_m": 0.0,
-        "window.queue_size": 8,
+        "window.overlap": 1, "keyframe.min_translation_m": 0.01, "window.queue_size": 8, "stats_period_s": 0.5,
+        **params,
     })
+    model = h.node.backend._model
+    assert type(model).__module__.startswith("mapanything."), type(model)  # upstream's class, not a double
+    calls: list[list[tuple[int, ...]]] = []
+    upstream_infer = model.infer
+
+    def infer(views, **kwargs):  # records what the real model runs on, then runs it
+        calls.append([tuple(v["img"].shape) for v in views])
+        return upstream_infer(views, **kwargs)
+
+    model.infer = infer
     h.info()
     h.static_tf()
     time.sleep(0.3)
+    return h, calls
+
+
+def status_counts(h) -> dict[str, int]:
+    """The pipeline counters the node last reported on /diagnostics."""
+    keys = ("windows_built", "windows_done", "windows_failed", "windows_rejected", "views_rejected", "views_unplaced")
+    status = dict(h.collector.status)
+    return {k: int(status[k]) for k in keys} if all(k in status for k in keys) else {}
+
+
+def windows_finished(h, n: int) -> bool:
+    c = status_counts(h)
+    return bool(c) and c["windows_done"] + c["windows_rejected"] + c["windows_failed"] >= n
+
+
+def check_model_calls(calls, n_windows: int) -> None:
+    """Every window ran through the real model once, all its views at the model grid of CAMERA."""
+    assert len(calls) == n_windows, calls
+    for views in calls:
+        assert views == [(1, 3, *MODEL_GRID)] * 3, views
+
+
+@pytest.mark.mapanything
+def test_node_runs_the_real_reduced_mapanything_model(harness_factory):
+    """The data path end to end on the real model: it loads, infers every window at the model grid
+    and publishes depth, confidence, camera_info, clouds and the path of every keyframe at the
+    input resolution. Placement's view checks are off: random weights predict poses that they
+    rightly reject (the next test counts those rejections with the checks on)."""
+    h, calls = real_model_harness(harness_factory, **NO_VIEW_CHECKS)
     poses = camera_poses(5)
     stamps = play(h, poses, np.random.default_rng(1))
-    assert h._wait(lambda: len(h.collector.out.points) >= 5 and h.collector.out.path is not None
-                   and len(h.collector.out.path.poses) >= 5, 300), h.warnings
-    # Random weights: frames, stamps and sizes; upstream's edge mask may reject every pixel of noise.
-    check_outputs(h, stamps, poses, require_valid=False)
+    out = h.collector.out
+    assert h._wait(lambda: min(len(out.points), len(out.depth_info), len(out.confidence)) >= 5 and out.path is not None
+                   and len(out.path.poses) >= 5 and windows_finished(h, 2), 300), h.warnings
+    # The reduced model's dense head is set so every pixel is valid at about 3 m: depth reaches the clouds.
+    check_outputs(h, stamps, poses)
+    check_model_calls(calls, 2)
+    counts = status_counts(h)
+    assert counts["windows_done"] == 2 and counts["windows_failed"] == 0 and counts["views_rejected"] == 0
+    assert not [w for w in h.warnings if w.startswith("backend/")], h.warnings
+
+
+@pytest.mark.mapanything
+def test_node_counts_the_random_weight_views_its_view_checks_reject(harness_factory):
+    """With the default view checks the views of a random-weight model are rejected, counted on
+    /diagnostics and not published; every other view is, and the node keeps running. Only the
+    window-level residual limit is off: whole windows rejected would hide which views were."""
+    h, calls = real_model_harness(harness_factory, **{"placement.max_residual_m": 0.0})
+    stamps = play(h, camera_poses(5), np.random.default_rng(1))
+    out = h.collector.out
+
+    def settled() -> bool:
+        """Every keyframe published whole, or its depth alone (its view passed the view checks but not
+        the graph: counted as unplaced), or counted as a rejected view."""
+        counts = status_counts(h)
+        depth = list(out.depth)
+        return (windows_finished(h, 2) and len(depth) + counts["views_rejected"] >= 5
+                and all(s in out.depth_info and s in out.confidence for s in depth)
+                and sum(s not in out.points for s in depth) <= counts["views_unplaced"])
+
+    assert h._wait(settled, 300), (status_counts(h), h.warnings)
+    check_model_calls(calls, 2)
+    counts = status_counts(h)
+    assert counts["windows_built"] == 2 and counts["windows_failed"] == 0, counts
+    assert counts["views_rejected"] >= 1, counts  # random poses and depth fail the view checks
+    assert counts["windows_rejected"] == 0, counts
+    published = sorted(out.depth)
+    assert set(published) <= set(stamps)
+    # Window 2 re-predicts one context keyframe: a rejected view is a new keyframe or that one.
+    assert 5 - counts["views_rejected"] <= len(published) <= 6 - counts["views_rejected"], (published, counts)
+    for s in published:  # what passed is published whole, at the input resolution
+        assert (out.depth[s].width, out.depth[s].height) == (CAMERA.width, CAMERA.height)
+        np.testing.assert_allclose(np.array(out.depth_info[s].k).reshape(3, 3), CAMERA.K)
+    assert any("views rejected" in message for _, message in list(h.collector.status_history))
+    assert not [w for w in h.warnings if w.startswith("backend/")], h.warnings
+    assert h._wait(lambda: h.node.pipeline.status()["backend_busy"] is False, 30) and h.thread.is_alive()

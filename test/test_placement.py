@@ -31,13 +31,20 @@ def scene() -> SyntheticScene:
     return SyntheticScene(0)
 
 
-def rejected_keys(run) -> set[tuple[int, int]]:
-    return {(r.window.index, i) for r in run.results for i in r.placement.rejected_views}
-
-
 def assert_bad_views_rejected(run, sim: ModelSimulator) -> None:
+    """Every bad view the simulator put into a window is rejected there. Calls are matched to
+    windows by their frames: loop verifications call the backend too (and reject on their own)."""
     assert sim.log.bad_views, "the scenario injected no bad view"
-    missed = [(b.call, b.index) for b in sim.log.bad_views if (b.call, b.index) not in rejected_keys(run)]
+    windows = {tuple(f.key for f in r.frames): r for r in run.results if r.frames}
+    missed, checked = [], 0
+    for b in sim.log.bad_views:
+        r = windows.get(tuple(sim.log.calls[b.call]))
+        if r is None:
+            continue
+        checked += 1
+        if b.index not in r.placement.rejected_views:
+            missed.append((b.call, b.index))
+    assert checked, "no bad view fell into a window"
     assert not missed, f"bad views kept: {missed}"
 
 
@@ -61,7 +68,7 @@ def assert_continuous(run, errors: np.ndarray) -> None:
 
 def test_without_odometry_two_loops_stay_metric_and_continuous(scene):
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
-    run = drive(scene, sim)
+    run = drive(scene, sim, every_frame_keyframe=True)
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
     rmse, _ = ate(est, truth, stamps)
@@ -79,7 +86,7 @@ def test_without_odometry_two_loops_stay_metric_and_continuous(scene):
 
 def test_without_odometry_non_metric_windows_chain_with_one_scale(scene):
     sim = ModelSimulator(scene=scene, metric=False, noise_seed=2)
-    run = drive(scene, sim, loops=1.0)
+    run = drive(scene, sim, loops=1.0, every_frame_keyframe=True)
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
     rmse, scale = ate(est, truth, stamps, with_scale=True)
@@ -92,15 +99,16 @@ def test_without_odometry_non_metric_windows_chain_with_one_scale(scene):
 
 def test_slow_backend_skips_keyframes_but_never_breaks_the_chain(scene):
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=3, delay_s=0.4)
-    run = drive(scene, sim, loops=0.5, pace=4.0, queue_size=1)
+    run = drive(scene, sim, loops=0.5, pace=4.0, every_frame_keyframe=True, queue_size=1)
     s = run.pipeline.stats
     assert s.keyframes_skipped > 20, s
     assert s.chain_breaks == 0 and s.windows_failed == 0
-    calls = sim.log.calls
+    windows = [r for r in run.results if r.frames]  # loop closures carry corrections only
     placed_before: set = set()
-    for call, result in zip(calls, run.results, strict=False):
+    for result in windows:
+        keys = [f.key for f in result.frames]
         if placed_before:  # every window after the first starts from placed keyframes
-            assert result.window.n_context == 2 and call[0] in placed_before and call[1] in placed_before
+            assert result.window.n_context == 2 and keys[0] in placed_before and keys[1] in placed_before
         placed_before |= {f.key for f, ok in zip(result.frames, result.placement.accepted, strict=True) if ok}
     # Skipping makes windows sparser, so the map is somewhat worse than at full rate (0.4 % there),
     # but it stays one map: a break would put the two halves metres apart.
@@ -264,3 +272,209 @@ def test_transform_smoother_takes_the_first_value_then_glides_without_jumps():
         assert np.linalg.norm(T[:3, 3] - previous[:3, 3]) < 0.035
         previous = T
     np.testing.assert_allclose(previous, target, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- errors that do not average out
+
+
+def odometry_ate(run, odometry) -> tuple[float, float]:
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    odo = [odometry.pose(s * 1e-9) for s in stamps]
+    return ate(est, truth, stamps)[0], ate(odo, truth, stamps)[0]
+
+
+def test_good_odometry_is_never_made_worse(scene):
+    """1 %, 0.5 deg/m wheel odometry with the default parameters (which assume far worse): the model
+    must add to it, never take from it."""
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.good(seed=5, noise_m=0.002, noise_deg=0.05))
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, rate_hz=10.0,
+                loops=1.0)
+    ate_est, ate_odo = odometry_ate(run, odometry)
+    assert ate_est <= ate_odo, f"path ATE {ate_est:.3f} m vs good odometry {ate_odo:.3f} m"
+
+
+@pytest.mark.parametrize("preset", ["good", "poor"])
+def test_a_30_cm_wheel_slip_is_corrected_and_named(scene, preset):
+    """One 30 cm jump of the odometry: the path must not take it (the model's views carry the
+    robot across), and /diagnostics must say so by name."""
+    errors = getattr(OdometryErrors, preset)(seed=5, slips=((10.0, 0.3, 0.0),))
+    odometry = DriftingOdometry(scene.base_pose, errors)
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, rate_hz=10.0,
+                loops=0.5)
+    stamps, truth = run.stamps, run.truth()
+    steps = step_errors([run.base_poses[s] for s in stamps], truth, stamps)
+    t = np.array(stamps[1:]) * 1e-9
+    across = steps[(t > 9.5) & (t < 11.0)]
+    assert across.max() <= 0.05, f"the path jumped by {across.max() * 100:.1f} cm at the slip"
+    assert run.pipeline.stats.odometry_slips >= 1
+    assert any(a * 1e-9 < 10.0 <= b * 1e-9 + 0.05 and m > 0.2 for r in run.results for a, b, m in r.placement.slips)
+
+
+def test_a_model_that_leans_on_its_pose_priors_still_corrects_drifting_odometry(scene):
+    """MapAnything is fed the odometry and its poses follow it: placement must take from the window
+    only what the geometry adds, and still cut the odometry's error to 30 %."""
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=4, follow_priors=0.5)
+    run = drive(scene, sim, odometry=odometry, rate_hz=10.0, loops=1.0)
+    windows = {tuple(f.key for f in r.frames) for r in run.results if r.frames}
+    used = [u for call, u in zip(sim.log.calls, sim.log.used_priors, strict=True) if tuple(call) in windows]
+    assert used and all(used)
+    # Loop verification shows the model no prior: it would pull the model towards the drift.
+    assert not any(u for call, u in zip(sim.log.calls, sim.log.used_priors, strict=True) if tuple(call) not in windows)
+    ate_est, ate_odo = odometry_ate(run, odometry)
+    assert ate_est <= 0.3 * ate_odo, f"path ATE {ate_est:.3f} m vs odometry {ate_odo:.3f} m"
+
+
+def test_medium_bad_views_flying_pixels_and_rough_confidence_without_odometry(scene):
+    """Errors too small to be obvious: 12 cm / 4 deg views, flying pixels at every depth edge,
+    confidence that only roughly follows the error; default parameters, no odometry."""
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=1, medium_bad_view_rate=0.1, flying_pixel_rate=0.3,
+                         confidence_follows_error=True)
+    run = drive(scene, sim, loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    est = [run.base_poses[s] for s in stamps]
+    rmse, _ = ate(est, truth, stamps)
+    assert rmse <= 0.01 * path_length(truth), f"ATE {rmse:.3f} m over {path_length(truth):.1f} m"
+    assert run.pipeline.stats.chain_breaks == 0
+    # Every medium bad view is rejected, or placed within 3 cm of where it belongs.
+    assert sim.log.medium_bad_views
+    windows = {tuple(f.key for f in r.frames): r for r in run.results if r.frames}
+    T_cam_base = invert(scene.T_base_camera)
+    fine = 0
+    for b in sim.log.medium_bad_views:
+        r = windows.get(tuple(sim.log.calls[b.call]))
+        if r is None or b.index in r.placement.rejected_views or not r.placement.accepted[b.index]:
+            fine += 1
+            continue
+        placed = r.prediction.views[b.index].T_world_camera @ T_cam_base
+        # the placed pose, against the truth carried into the map frame by the trajectory fit
+        stamp = r.frames[b.index].stamp_ns
+        i = stamps.index(stamp) if stamp in stamps else None
+        if i is not None:
+            fit = truth[i] @ invert(est[i])  # local map -> world of the final estimate
+            fine += np.linalg.norm((fit @ placed)[:3, 3] - truth[i][:3, 3]) <= 0.03
+    assert fine >= 0.9 * len(sim.log.medium_bad_views), (fine, len(sim.log.medium_bad_views))
+
+
+def test_a_steady_scale_bias_is_the_maps_without_odometry_and_corrected_with_it(scene):
+    """5 % too large in every window: without odometry the map takes the model's scale (nothing
+    else is metric); with odometry, the odometry's."""
+    biased = dict(metric=True, noise_seed=1, scale_bias=0.05)
+    run = drive(scene, ModelSimulator(scene=scene, **biased), loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    _, scale = ate([run.base_poses[s] for s in stamps], truth, stamps, with_scale=True)
+    assert abs(1.0 / scale - 1.05) <= 0.02, f"map scale {1 / scale:.3f}, the model's is 1.05"
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.good(seed=5))
+    run = drive(scene, ModelSimulator(scene=scene, **biased), odometry=odometry, rate_hz=10.0, loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    _, scale = ate([run.base_poses[s] for s in stamps], truth, stamps, with_scale=True)
+    assert abs(1.0 / scale - 1.0) <= 0.02, f"map scale {1 / scale:.3f} with 1 % odometry"
+
+
+def test_a_window_that_bends_is_straightened_without_odometry(scene):
+    """Heading and position drift growing across every window (0.3 deg, 1 cm per view)."""
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=1, drift_deg_per_view=0.3, drift_m_per_view=0.01)
+    run = drive(scene, sim, loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    rmse, _ = ate([run.base_poses[s] for s in stamps], truth, stamps)
+    assert rmse <= 0.01 * path_length(truth), f"ATE {rmse:.3f} m over {path_length(truth):.1f} m"
+
+
+def test_non_metric_windows_are_checked_in_their_own_units(scene):
+    """A model of arbitrary scale (0.3x .. 3x per window) with odometry: the view checks work in
+    each window's own units, so good views are kept and bad ones rejected as with a metric model."""
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    sim = ModelSimulator(scene=scene, metric=False, noise_seed=4)
+    run = drive(scene, sim, odometry=odometry, rate_hz=10.0, loops=1.0)
+    s = run.pipeline.stats
+    views = sum(len(r.frames) for r in run.results if r.frames)
+    assert s.windows_rejected == 0
+    assert s.views_rejected <= 0.05 * views, f"{s.views_rejected} of {views} views rejected"
+    ate_est, ate_odo = odometry_ate(run, odometry)
+    assert ate_est <= 0.3 * ate_odo
+
+
+@pytest.mark.parametrize("names", [("front", "left"), ("front", "left", "right")])
+def test_several_cameras_stamped_apart_are_each_placed_and_corrected(scene, names):
+    """A rig whose cameras are stamped 4 ms apart, on a robot turning up to 28 deg/s: every camera's
+    views are placed where that camera was, and every correction reaches all the cameras of a group
+    (not only the first one's, which left ghost walls of the others in the fused map)."""
+    rig = scene.rig(*names)
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=4,
+                         extrinsics={n: c.T_base_camera for n, c in rig.items()})
+    run = drive(scene, sim, odometry=odometry, rate_hz=10.0, loops=0.5, cameras=rig)
+    stamps, truth = run.stamps, run.truth()
+    odo = [odometry.pose(s * 1e-9) for s in stamps]
+    # Half a loop: the odometry has not drifted far yet, and the map takes its 5 % scale error.
+    assert ate([run.base_poses[s] for s in stamps], truth, stamps)[0] <= 0.6 * ate(odo, truth, stamps)[0]
+    finals: dict[tuple[str, int], np.ndarray] = {}
+    for r in run.results:
+        for f, v, out in zip(r.frames, r.prediction.views, r.output_mask, strict=True):
+            if out:
+                finals[f.key] = v.T_world_camera
+        groups = {g[0].stamp_ns: [f.key for f in g] for g in r.window.groups}
+        for stamp in r.placement.corrections:
+            placed = [k for k in groups.get(stamp, []) if k in finals]
+            assert all(k in r.placement.view_corrections for k in placed), (stamp, placed)
+        finals.update({k: T for k, T in r.placement.view_corrections.items() if k in finals})
+    assert {k[0] for k in finals} == set(names)
+    # Each camera's final poses against where that camera truly was at its own stamp, after one
+    # rigid fit of all of them: no camera may sit off the others.
+    keys = sorted(finals)
+    est = np.stack([finals[k][:3, 3] for k in keys])
+    true = np.stack([scene.camera_pose(k[1] * 1e-9, rig[k[0]].T_base_camera)[:3, 3] for k in keys])
+    fit = robust_similarity(est, true, np.full(len(keys), 0.05), fit_scale=False)
+    err = np.linalg.norm(fit.transform.apply_points(est) - true, axis=1)
+    by_camera = {n: float(np.median(err[[k[0] == n for k in keys]])) for n in names}
+    assert max(by_camera.values()) <= 0.1, by_camera
+    assert max(by_camera.values()) <= 1.5 * min(by_camera.values()) + 0.01, by_camera
+
+
+def test_the_odometrys_own_covariance_sets_the_graphs_noise_when_given():
+    """odometry.use_covariance: a dead-reckoning covariance that grows by (2 cm)^2 between two
+    keyframes gives a 2 cm step sigma; without covariance the odometry.sigma_* model stands."""
+    from mapany_ros.core.placement.pose_graph import GraphConfig, PoseGraph
+
+    graph = PoseGraph(GraphConfig())
+    a, b = make_pose(np.eye(3), [0.0, 0, 0]), make_pose(np.eye(3), [1.0, 0, 0])
+    cov_a, cov_b = np.diag([1e-4] * 3 + [1e-4] * 3), np.diag([1e-4 + 4e-4] * 3 + [1e-4 + 4e-4] * 3)
+    graph.add_keyframe(0, a, cov_a)
+    graph.add_keyframe(1, b, cov_b)
+    sigmas = graph.odometry_sigmas(invert(a) @ b, 0, 1)
+    np.testing.assert_allclose(sigmas, [0.02] * 6, rtol=1e-6)
+    plain = PoseGraph(GraphConfig())
+    plain.add_keyframe(0, a)
+    plain.add_keyframe(1, b)
+    np.testing.assert_allclose(plain.odometry_sigmas(invert(a) @ b, 0, 1)[3:], [0.05] * 3)
+
+
+def test_an_exception_inside_placement_leaves_it_whole(scene, monkeypatch):
+    """A failure in the middle of placing a window (here the graph's local check, once) fails that
+    window only: the placer is not left half updated, and the next windows place as if it never ran."""
+    from mapany_ros.core.placement.pose_graph import PoseGraph
+
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    check = PoseGraph.check_window
+    calls = {"n": 0}
+
+    def fails_once(self, observations):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("placement failure on purpose")
+        return check(self, observations)
+
+    monkeypatch.setattr(PoseGraph, "check_window", fails_once)
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, rate_hz=10.0,
+                loops=0.5, raise_errors=False)
+    assert [str(e) for e in run.errors] == ["placement failure on purpose"]
+    s = run.pipeline.stats
+    assert calls["n"] > 5 and s.windows_failed == 1, s
+    assert s.windows_done >= calls["n"] - 1
+    ate_est, ate_odo = odometry_ate(run, odometry)
+    assert ate_est <= ate_odo
+    placer = run.pipeline.placer
+    # every keyframe the graph knows is indexed, and every placed keyframe is in the graph
+    assert all(placer.index.by_kid.get(k) is not None for k in placer.graph.keyframes)
+    assert all(placer.graph.has(placer.index.get(g).kid) for g in placer.context(16))

@@ -79,7 +79,7 @@ def bench_scenarios() -> dict:
     scene = SyntheticScene(0)
     results = {}
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
-    run = drive(scene, sim)
+    run = drive(scene, sim, every_frame_keyframe=True)
     stamps, truth = run.stamps, run.truth()
     est = [run.base_poses[s] for s in stamps]
     steps = step_errors(est, truth, stamps)

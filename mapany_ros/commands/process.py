@@ -83,13 +83,17 @@ class BagInput:
     the cut.
     """
 
-    def __init__(self, path: Path, topics: dict[str, str], warn: Callable[[str, str], None]) -> None:
+    def __init__(self, path: Path, topics: dict[str, str], warn: Callable[[str, str], None],
+                 optional: dict[str, str] | None = None, one_of: tuple[str, ...] = ()) -> None:
+        """``topics`` must all be in the bag; ``optional`` ones are read where present; of ``one_of`` (names
+        among the optional ones) at least one must be present."""
         from rosbags.highlevel import AnyReader
         from rosbags.typesys import Stores, get_typestore
 
         if not path.exists():
             raise ProcessError(f"input bag {path} does not exist")
-        self.path, self.topics, self.warn = path, topics, warn
+        optional = optional or {}
+        self.path, self.topics, self.warn = path, {**topics, **optional}, warn
         self.typestore = get_typestore(Stores.ROS2_KILTED)
         self.reader = None
         self.truncated: list[Path] = []
@@ -112,16 +116,19 @@ class BagInput:
             return
         available = {c.topic: c.msgtype for c in self.reader.connections}
         missing = [t for t in topics if t not in available]
+        if one_of and not any(t in available for t in one_of):
+            missing.append(" or ".join(one_of))
         if missing:
             self.reader.close()
             listed = ", ".join(f"{t} ({m})" for t, m in sorted(available.items())) or "none"
             raise ProcessError(f"input bag {path} lacks topic(s) {', '.join(missing)} the parameters ask for; "
                                f"it has: {listed} (check cameras, image_transport, use_odometry)")
-        wrong = [f"{t} is {available[t]}, expected {m}" for t, m in topics.items() if available[t] != m]
+        wrong = [f"{t} is {available[t]}, expected {m}" for t, m in self.topics.items()
+                 if t in available and available[t] != m]
         if wrong:
             self.reader.close()
             raise ProcessError(f"input bag {path}: {'; '.join(wrong)}")
-        self.connections = [c for c in self.reader.connections if c.topic in topics]
+        self.connections = [c for c in self.reader.connections if c.topic in self.topics]
         self.count = sum(c.msgcount for c in self.connections)
 
     def _raw(self) -> Iterator[tuple[str, str, int, bytes]]:
@@ -244,9 +251,16 @@ class OfflineRun:
                 self.topics[f"/{c}/image_raw/compressed"] = "sensor_msgs/msg/CompressedImage"
             else:
                 self.topics[f"/{c}/image_raw"] = "sensor_msgs/msg/Image"
+        # Read where the bag has them, as the node subscribes them: the extrinsics (static or moving); with
+        # odometry one of the two must be there to carry them.
+        self.optional: dict[str, str] = {"/tf_static": "tf2_msgs/msg/TFMessage", "/tf": "tf2_msgs/msg/TFMessage"}
+        self.one_of: tuple[str, ...] = ()
         if self.config["use_odometry"]:
-            self.topics["/odom"] = "nav_msgs/msg/Odometry"
-            self.topics["/tf_static"] = "tf2_msgs/msg/TFMessage"
+            self.one_of = ("/tf_static", "/tf")
+            if self.config["odometry.source"] == "tf":
+                self.topics["/tf"] = self.optional.pop("/tf")
+            else:
+                self.topics["/odom"] = "nav_msgs/msg/Odometry"
 
     def warn(self, key: str, message: str) -> None:
         self.warnings[key] += 1
@@ -277,6 +291,8 @@ class OfflineRun:
             self.inputs.on_odometry(msg)
         elif name == "tf_static":
             self.inputs.on_tf_static(msg)
+        elif name == "tf":
+            self.inputs.on_tf(msg)
         self.inputs.report(self.pipeline.poll())
         self.pipeline.process_ready()
 
@@ -337,7 +353,7 @@ def process(in_bag: Path, out_bag: Path, values: dict[str, Any], *, progress: bo
     if out_bag.exists():
         raise ProcessError(f"output bag {out_bag} exists already; remove it or choose another name")
     run = OfflineRun(values)
-    bag = BagInput(in_bag, run.topics, run.warn)
+    bag = BagInput(in_bag, run.topics, run.warn, run.optional, run.one_of)
     try:
         out = BagOutput(out_bag)
     except Exception:

@@ -9,6 +9,9 @@ once, with a forward-projection residual check that marks pixels where the model
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -174,3 +177,90 @@ def grid_rays(camera: CameraModel, device: torch.device | str = "cpu") -> tuple[
     )
     rays, valid = pixel_rays(camera, u, v)
     return rays.to(device), valid.to(device)
+
+
+#: Ray grids kept by :func:`plane_rays` (a handful of cameras x strides x devices).
+_CACHE_SIZE = 32
+_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _model_key(camera: CameraModel) -> tuple:
+    D = () if camera.is_pinhole else tuple(np.asarray(camera.D, dtype=np.float64).reshape(-1).tolist())
+    return camera.width, camera.height, camera.K.tobytes(), camera.distortion_model if D else "", D
+
+
+def _plane_grid(camera: CameraModel, stride: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rays with z = 1 (float32, CPU), validity and the largest valid squared radius on the z = 1 plane."""
+    v, u = torch.meshgrid(
+        torch.arange(0, camera.height, stride, dtype=torch.float64),
+        torch.arange(0, camera.width, stride, dtype=torch.float64),
+        indexing="ij",
+    )
+    if camera.is_pinhole:
+        Kinv = np.linalg.inv(camera.K).tolist()
+        x = Kinv[0][0] * u + Kinv[0][1] * v + Kinv[0][2]
+        y = Kinv[1][0] * u + Kinv[1][1] * v + Kinv[1][2]
+        return torch.stack([x, y, torch.ones_like(x)], -1).float(), torch.ones_like(x, dtype=torch.bool), float("inf")
+    unit, valid = pixel_rays(camera, u, v)
+    z = unit[..., 2:3]
+    valid = valid & (z[..., 0] > 1e-6)
+    rays = torch.where(valid[..., None], unit / z.clamp_min(1e-6), torch.zeros_like(unit))
+    rays[..., 2] = 1.0
+    # The whole image's reach on the z = 1 plane: a projection beyond it would fold back onto the image.
+    r2 = rays[..., 0] ** 2 + rays[..., 1] ** 2
+    r2_max = float(r2[valid].max()) if bool(valid.any()) else 0.0
+    return rays.float(), valid, r2_max
+
+
+def plane_rays(camera: CameraModel, device: torch.device | str = "cpu", stride: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, w, 3) float32 rays scaled to z = 1 and (h, w) validity for every ``stride``-th pixel of ``camera``.
+
+    A z-depth d at a pixel is the camera-frame point ``ray * d``, distortion included. Cached per
+    camera model, stride and device (the Newton inversion of a distorted model runs once), so a
+    pinhole camera costs a lookup and a distorted one no more after its first image.
+    """
+    rays, valid, _ = _cached(camera, torch.device(device), stride)
+    return rays, valid
+
+
+def _cached(camera: CameraModel, device: torch.device, stride: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    key = (*_model_key(camera), stride, str(device))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    rays, valid, r2_max = _plane_grid(camera, stride)
+    entry = (rays.to(device), valid.to(device), r2_max)
+    with _cache_lock:
+        _cache[key] = entry
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return entry
+
+
+def image_reach(camera: CameraModel) -> float:
+    """Largest squared radius on the z = 1 plane of a valid pixel of ``camera`` (inf for a pinhole)."""
+    return _cached(camera, torch.device("cpu"), 1)[2]
+
+
+def project(points: torch.Tensor, camera: CameraModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel coordinates (u, v) of camera-frame ``points`` (..., 3) through the camera's distortion, and
+    whether each lands in front of the camera within the image's reach.
+
+    Outside the reach of the image (the z = 1 radius of its farthest valid pixel) a radial polynomial
+    folds back, which would put a point behind the image's edge onto a pixel inside it: those points
+    are marked not ok. ``u, v`` are float32 pixel coordinates (integer = pixel centre); the caller
+    checks the image bounds.
+    """
+    z = points[..., 2]
+    zs = z.clamp_min(1e-6)
+    x, y = points[..., 0] / zs, points[..., 1] / zs
+    ok = z > 1e-6
+    if not camera.is_pinhole:
+        ok = ok & (x * x + y * y <= image_reach(camera) * 1.0001)
+        x, y = distort(x, y, camera.distortion_model, camera.D)
+    K = camera.K.tolist()
+    return K[0][0] * x + K[0][1] * y + K[0][2], K[1][1] * y + K[1][2], ok

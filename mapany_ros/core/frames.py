@@ -45,7 +45,12 @@ class Frame:
     convention (x right, y down, z forward), world being the odometry frame when odometry is
     used. ``depth`` is an optional registered depth prior in metres (NaN or 0 = missing).
     ``T_base_camera`` is the base -> optical extrinsic at the image stamp, when known: whoever
-    needs the robot's pose from a camera's (path, TF, placement) reads it from the frame itself.
+    needs the robot's pose from a camera's (path, TF, placement) reads it from the frame itself;
+    with a moving camera (a pan-tilt head) it is looked up at each image's own stamp.
+    ``odometry_covariance`` is the 6x6 pose covariance of ``T_world_base`` at the image stamp, as
+    nav_msgs/Odometry carries it (row-major x, y, z, rotX, rotY, rotZ, in the odometry frame), when
+    the odometry has one and ``odometry.use_covariance`` is set; else None.
+    :func:`mapany_ros.core.odometry.odometry_between_sigmas` turns two of them into pose-graph noise.
     """
 
     image: np.ndarray  # (H, W, 3) uint8 RGB
@@ -57,6 +62,7 @@ class Frame:
     depth: np.ndarray | None = None
     T_world_base: np.ndarray | None = None
     T_base_camera: np.ndarray | None = None
+    odometry_covariance: np.ndarray | None = None
 
     @property
     def height(self) -> int:

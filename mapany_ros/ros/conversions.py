@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,8 @@ _DEPTH_ENCODINGS: dict[str, str] = {"16UC1": "u2", "32FC1": "f4"}
 
 #: PointCloud2 layout published by :func:`pointcloud2_from_points` (what RViz expects).
 CLOUD_POINT_STEP = 16
+#: Bytes a point of the fused map's cloud: x, y, z, rgb, confidence.
+MAP_POINT_STEP = CLOUD_POINT_STEP + 4
 
 
 class ConversionError(ValueError):
@@ -351,16 +354,23 @@ def _unorganised_cloud(header: Header | None, fields: list, step: int, n: int, d
     return msg
 
 
-def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, header: Header | None = None
-              ) -> PointCloud2:
+def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, header: Header | None = None,
+              buffer: Callable[[int], np.ndarray] | None = None) -> PointCloud2:
     """The fused map as a PointCloud2: x, y, z, rgb as :func:`pointcloud2_from_points`, plus a
-    float32 ``confidence`` at offset 16 (20 bytes a point), for RViz's intensity colouring."""
+    float32 ``confidence`` at offset 16 (20 bytes a point), for RViz's intensity colouring.
+
+    With ``buffer`` the points are packed into ``buffer(nbytes)`` (a writable uint8 array, e.g.
+    memory shared with another process) and the message's ``data`` stays empty.
+    """
     points = np.asarray(points, dtype=np.float32)
     n = int(points.shape[0])
     if np.asarray(confidence).shape != (n,):
         raise ConversionError(f"confidence must be (N,) like points {points.shape}, got {np.shape(confidence)}")
-    step = CLOUD_POINT_STEP + 4
-    data, view = _message_buffer(n * step)
+    step = MAP_POINT_STEP
+    if buffer is None:
+        data, view = _message_buffer(n * step)
+    else:
+        data, view = array.array("B"), buffer(n * step)
     out = view.reshape(n, step)
     packed = _pack_cloud_numpy(points, np.asarray(colors, dtype=np.uint8))
     out[:, :CLOUD_POINT_STEP] = packed
@@ -369,11 +379,16 @@ def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, he
     return _unorganised_cloud(header, fields, step, n, data)
 
 
-def occupancy_grid(grid: GridSnapshot, header: Header | None = None) -> OccupancyGrid:
+def occupancy_grid(grid: GridSnapshot, header: Header | None = None,
+                   buffer: Callable[[int], np.ndarray] | None = None) -> OccupancyGrid:
     """nav_msgs/OccupancyGrid of a grid snapshot: row-major from the cell at ``info.origin`` (its
     lower-left corner, yaw 0), rows along +y; 100 occupied, 0 free, -1 unknown. ``map_load_time`` is
     the header's stamp. An empty grid becomes one unknown cell at the origin: Nav2's costmap and
-    RViz expect a map of at least one cell."""
+    RViz expect a map of at least one cell.
+
+    With ``buffer`` the cells are written into ``buffer(nbytes)`` (a writable uint8 array, e.g.
+    memory shared with another process) as int8 bytes, and the message's ``data`` stays empty.
+    """
     data = grid.data if grid.data.size else np.full((1, 1), UNKNOWN, np.int8)
     msg = OccupancyGrid()
     msg.header = header if header is not None else Header()
@@ -382,7 +397,10 @@ def occupancy_grid(grid: GridSnapshot, header: Header | None = None) -> Occupanc
     msg.info.height, msg.info.width = (int(n) for n in data.shape)
     msg.info.origin = Pose(position=Point(x=float(grid.origin_xy[0]), y=float(grid.origin_xy[1]), z=0.0),
                            orientation=Quaternion(w=1.0))
-    msg.data = array.array("b", np.ascontiguousarray(data, dtype=np.int8).tobytes())
+    if buffer is None:
+        msg.data = array.array("b", np.ascontiguousarray(data, dtype=np.int8).tobytes())
+    else:
+        buffer(data.size)[:] = np.ascontiguousarray(data, dtype=np.int8).reshape(-1).view(np.uint8)
     return msg
 
 

@@ -17,6 +17,7 @@ from mapany_ros.core.fusion import FusionConfig
 from mapany_ros.core.occupancy import OccupancyConfig
 from mapany_ros.core.pipeline import PipelineConfig
 from mapany_ros.core.placement import PlacementConfig
+from mapany_ros.core.placement.loops import LoopConfig
 from mapany_ros.core.placement.pose_graph import KERNELS
 
 
@@ -41,6 +42,8 @@ class Param:
 
 
 PARAMETERS: tuple[Param, ...] = (
+    Param("autostart", True, "Configure and activate at start (lifecycle); false: start unconfigured and wait for "
+          "~/change_state (a lifecycle manager, `ros2 lifecycle set`)."),
     Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights), planesweep (classical "
           "multi-view stereo, no weights, needs odometry), a name registered under the entry-point group "
           "mapany_ros.backends, or a plugin class as package.module:ClassName."),
@@ -53,22 +56,39 @@ PARAMETERS: tuple[Param, ...] = (
           "(jpeg, png) on C/image_raw/compressed, as image_transport names it.", choices=("raw", "compressed")),
     Param("image_rectified", False, "The images are rectified (image_proc's image_rect remapped to C/image_raw): "
           "the camera is CameraInfo P, without distortion."),
-    Param("use_odometry", True, "Use odom (nav_msgs/Odometry) + /tf_static extrinsics as metric pose priors."),
+    Param("use_odometry", True, "Use odometry (the odom topic, or /tf with odometry.source: tf) + base -> camera "
+          "extrinsics (/tf_static, /tf) as metric pose priors."),
     Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
-    Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
-    Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages."),
+    Param("odom_frame", "odom", "Odometry frame (REP 105): parent of base_frame in the odometry, or, without "
+          "odometry, of the node's own chained estimate; map -> odom is published in both modes."),
+    Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages (or on /tf)."),
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
     Param("window.max_latency_s", 2.0, "Send a partial window at the first frame stamped this long after its "
           "oldest keyframe, or, once input stops, when that keyframe has waited this long.", 0.1, 60.0),
     Param("window.queue_size", 2, "Windows that may wait for the backend; beyond, the waiting keyframes are "
           "thinned evenly (never whole windows dropped).", 1, 16),
-    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
-    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe.", 0.0, 180.0),
+    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe (odometry's translation).",
+          0.0, 100.0),
+    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe: odometry's, or without odometry "
+          "the view's rotation measured in the images (any camera of the group).", 0.0, 180.0),
+    Param("keyframe.min_parallax_deg", 1.0, "Without odometry: parallax that makes a new keyframe, the median angle "
+          "by which the last keyframe's image patches moved once the view's rotation is taken out (any camera of "
+          "the group; independent of resolution and lens).", 0.0, 90.0),
     Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
     Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
     Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
-    Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across.", 0.001, 10.0),
+    Param("sync.camera_timeout_s", 1.0, "A camera without a frame for this long (message time, against the other "
+          "cameras' stamps) is left out of groups, which go on with the others (WARN on /diagnostics naming it); "
+          "it rejoins with its next frame. 0 = groups always wait for every camera.", 0.0, 3600.0),
+    Param("odometry.source", "topic", "Where odometry comes from: topic (nav_msgs/Odometry on odom) or tf (the "
+          "odom_frame -> base_frame transform on /tf, interpolated at each image stamp), for odometry nodes that "
+          "publish only TF.", choices=("topic", "tf")),
+    Param("odometry.use_covariance", False, "Carry the pose covariance of the odom messages onto each frame "
+          "(Frame.odometry_covariance) for the pose graph's odometry noise; where it is zero or unset, "
+          "odometry.sigma_* apply."),
+    Param("odometry.max_gap_s", 0.25, "Largest odometry gap interpolated across (also between two /tf samples of a "
+          "moving transform).", 0.001, 10.0),
     Param("odometry.max_wait_s", 0.5, "How long an image waits for odometry at its stamp; it is dropped after "
           "that only while no odometry arrives (an odometry that lags is waited for).", 0.0, 10.0),
     Param("odometry.sigma_translation", 0.05, "Odometry translation error, as a fraction of the distance driven "
@@ -115,26 +135,33 @@ PARAMETERS: tuple[Param, ...] = (
     Param("placement.view_sigma_deg", 1.0, "Expected orientation error of one view of the model.", 0.01, 90.0),
     Param("placement.metric_scale_sigma", 0.03, "Expected scale error of one metric window (how much each window "
           "may correct the map's scale without odometry).", 0.001, 1.0),
-    Param("placement.graph_windows", 4, "Windows kept in the sliding-window pose graph (with odometry).", 1, 100),
     Param("map.enabled", True, "Fuse every placed keyframe into a voxel map (map_points, ~/save_map, ~/reset)."),
     Param("map.voxel_size_m", 0.05, "Voxel edge of the fused map.", 0.005, 10.0),
-    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map, in voxels (about 60 bytes each).",
+    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map: voxels stored in all submaps together, "
+          "a surface once per visit (about 100 bytes each with their published union).",
           1000, 200_000_000),
     Param("map.max_depth_m", 10.0, "Depth beyond this is not fused (its error grows with distance).", 0.1, 1000.0),
     Param("map.min_weight", 2.0, "A voxel is published once its summed confidence reaches this (in median "
           "pixels): one stray sample makes no voxel.", 0.0, 1e6),
     Param("map.pixel_stride", 4, "Fuse every n-th pixel in both directions.", 1, 64),
-    Param("map.keep_keyframes", 16, "Recent keyframes whose contribution moves when the pose graph corrects "
-          "them; older ones are frozen.", 0, 10_000),
+    Param("map.submap_keyframes", 8, "Keyframes per submap: a submap moves as one rigid piece when the pose graph "
+          "corrects its keyframes, however old (fewer follow a bending correction more closely; more store a "
+          "surface seen by consecutive keyframes fewer times).", 1, 10_000),
     Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
           "(0: the least recently seen first).", 0.0, 1e6),
-    Param("map.publish_period_s", 2.0, "Period of map_points and map_grid (transient local; only when they changed).",
-          0.1, 3600.0),
-    Param("map.save_path", "mapany_map.ply", "Where ~/save_map writes the fused map (PLY; relative to the "
-          "node's working directory), and beside it the occupancy grid as a Nav2 map_server pair (same stem, "
-          ".yaml + .pgm)."),
+    Param("map.edge_threshold", 0.05, "Pixels at a depth jump of more than this fraction (or of more than the "
+          "depth's own noise shows), and their neighbours, are not fused: the flying pixels a model puts between "
+          "foreground and background never reach the map (0 = fuse every pixel).", 0.0, 1.0),
+    Param("map.publish_period_s", 2.0, "Period of map_points and map_grid (transient local; only when they "
+          "changed).", 0.1, 3600.0),
+    Param("map.save_path", "mapany_map", "Map folder ~/save_map writes (map.ply, the keyframes a later run "
+          "relocalises with, the occupancy grid as the Nav2 map_server pair map_grid.yaml + map_grid.pgm; "
+          "relative to the node's working directory)."),
+    Param("map.load_path", "", "Map folder to start in (written by ~/save_map): the node relocalises in it "
+          "before it publishes, then maps in its frame (empty: a new map)."),
+    Param("map.update", True, "With map.load_path: false is localisation only, the loaded map is not changed."),
     Param("grid.enabled", True, "Build a 2-D occupancy grid for Nav2 from every placed keyframe (map_grid, "
-          "~/save_map writes it as a map_server pair, ~/reset clears it)."),
+          "~/save_map writes it into the map folder as a map_server pair, ~/reset clears it)."),
     Param("grid.resolution_m", 0.05, "Cell edge of the occupancy grid.", 0.01, 1.0),
     Param("grid.min_height_m", 0.05, "Surfaces at least this high above the floor are obstacles (lower ones are "
           "floor).", -1.0, 10.0),
@@ -148,7 +175,22 @@ PARAMETERS: tuple[Param, ...] = (
     Param("grid.keep_keyframes", 10000, "Keyframes whose samples are kept so pose corrections of any age move "
           "them (2 bytes a sample, 9.6 kB per 640x480 keyframe at stride 8); older ones are frozen.",
           0, 10_000_000),
-    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
+    Param("loops.enabled", True, "Close loops: recognise revisited places and correct the whole map."),
+    Param("loops.min_gap_keyframes", 15, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
+    Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
+          "drift) of the robot are loop candidates.", 0.0, 1000.0),
+    Param("loops.min_similarity", 0.3, "Old keyframes whose image descriptor is at least this alike (cosine, centred "
+          "on the map's mean) are loop candidates, however far the map drifted.", -1.0, 1.0),
+    Param("loops.min_overlap", 0.5, "Fraction of one place's points that must lie on the other's surfaces when "
+          "the backend sees both in one window, for a loop to hold.", 0.05, 1.0),
+    Param("loops.every_keyframes", 4, "Look for loop candidates at every n-th keyframe (each costs a backend call "
+          "while it is idle).", 1, 1000),
+    Param("loops.image_width", 512, "Width of the keyframe images kept in memory (JPEG) to verify loops with.",
+          64, 4096),
+    Param("tf.buffer_s", 10.0, "How long moving transforms from /tf are kept, per edge, for lookups at image "
+          "stamps (a camera on a pan-tilt head; odometry with odometry.source: tf).", 0.1, 3600.0),
+    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (without odometry with the newest chained "
+          "odom -> base at the same stamp).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
     Param("tf.smoothing_s", 0.5, "Time constant with which map -> odom glides to each new drift estimate.",
@@ -215,17 +257,28 @@ def validate(values: dict[str, Any]) -> NodeConfig:
     if values["backend"] == "planesweep" and not values["use_odometry"]:
         raise ParameterError("backend planesweep needs pose priors: set use_odometry: true (odom topic and "
                              "/tf_static extrinsics) or use backend mapanything")
+    if not values["map.update"] and not values["map.load_path"]:
+        raise ParameterError("map.update = false is localisation only and needs a map to localise in: set "
+                             "map.load_path to a folder written by ~/save_map (or map.update: true)")
     for frame in ("map_frame", "odom_frame", "base_frame"):
         if not values[frame] or values[frame].startswith("/"):
             raise ParameterError(f"{frame} = {values[frame]!r}: must be a non-empty frame id without leading '/'")
+    if len({values["map_frame"], values["odom_frame"], values["base_frame"]}) < 3:
+        raise ParameterError(f"map_frame, odom_frame and base_frame must be three different frames, got "
+                             f"{values['map_frame']!r}, {values['odom_frame']!r}, {values['base_frame']!r}")
+    timeout = values["sync.camera_timeout_s"]
+    if 0 < timeout <= values["sync.tolerance_s"]:
+        raise ParameterError(f"sync.camera_timeout_s = {timeout} must exceed sync.tolerance_s = "
+                             f"{values['sync.tolerance_s']} (a camera is late only after a group could have formed), "
+                             "or be 0 (groups always wait for every camera)")
     fusion = None
     if values["map.enabled"]:
         try:
             fusion = FusionConfig(
                 voxel_size_m=values["map.voxel_size_m"], max_voxels=values["map.max_voxels"],
                 max_depth_m=values["map.max_depth_m"], min_weight=values["map.min_weight"],
-                pixel_stride=values["map.pixel_stride"], keep_keyframes=values["map.keep_keyframes"],
-                evict_radius_m=values["map.evict_radius_m"])
+                pixel_stride=values["map.pixel_stride"], submap_keyframes=values["map.submap_keyframes"],
+                evict_radius_m=values["map.evict_radius_m"], edge_threshold=values["map.edge_threshold"])
         except ValueError as exc:
             raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
     grid = None
@@ -247,7 +300,9 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         min_rotation_deg=values["keyframe.min_rotation_deg"],
         max_interval_s=values["keyframe.max_interval_s"],
         min_interval_s=values["keyframe.min_interval_s"],
+        min_parallax_deg=values["keyframe.min_parallax_deg"],
         sync_tolerance_s=values["sync.tolerance_s"],
+        camera_timeout_s=values["sync.camera_timeout_s"],
         odom_max_gap_s=values["odometry.max_gap_s"],
         odom_max_wait_s=values["odometry.max_wait_s"],
         queue_size=values["window.queue_size"],
@@ -267,8 +322,17 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             metric_scale_sigma=values["placement.metric_scale_sigma"],
             odom_sigma_ratio=values["odometry.sigma_translation"],
             odom_sigma_deg_per_m=values["odometry.sigma_rotation_deg_per_m"],
-            graph_windows=values["placement.graph_windows"],
+            loops=LoopConfig(
+                enabled=values["loops.enabled"],
+                min_gap_keyframes=values["loops.min_gap_keyframes"],
+                search_radius_m=values["loops.search_radius_m"],
+                min_similarity=values["loops.min_similarity"],
+                min_overlap=values["loops.min_overlap"],
+                every_keyframes=values["loops.every_keyframes"],
+                image_width=values["loops.image_width"],
+            ),
         ),
+        update_map=values["map.update"],
     )
     if values["backend"] not in BACKENDS:
         options = plugin_options(values["backend_options"])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mapany_ros.core.camera_rays import plane_rays
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import make_pose
 
@@ -41,12 +42,55 @@ def make_camera_model(width: int, height: int, hfov_deg: float = 70.0) -> Camera
     return CameraModel(width, height, K, "plumb_bob", np.zeros(5))
 
 
-def make_T_base_camera(forward_m: float = 0.3, up_m: float = 0.5, pitch_down_deg: float = 5.0) -> np.ndarray:
-    """base_link (x forward, z up) -> optical camera (x right, y down, z forward), pitched down."""
+def make_T_base_camera(forward_m: float = 0.3, up_m: float = 0.5, pitch_down_deg: float = 5.0, *,
+                       left_m: float = 0.0, yaw_deg: float = 0.0) -> np.ndarray:
+    """base_link (x forward, z up) -> optical camera (x right, y down, z forward), pitched down.
+
+    ``yaw_deg`` turns the camera about the base's z axis (90: looking left), ``left_m`` moves it
+    sideways: the mounts of a multi-camera rig.
+    """
     R_base_optical = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     p = math.radians(pitch_down_deg)
     R_pitch = np.array([[math.cos(p), 0.0, math.sin(p)], [0.0, 1.0, 0.0], [-math.sin(p), 0.0, math.cos(p)]])
-    return make_pose(R_pitch @ R_base_optical, [forward_m, 0.0, up_m])
+    R = R_pitch @ R_base_optical
+    if yaw_deg:
+        y = math.radians(yaw_deg)
+        R = np.array([[math.cos(y), -math.sin(y), 0.0], [math.sin(y), math.cos(y), 0.0], [0.0, 0.0, 1.0]]) @ R
+    return make_pose(R, [forward_m, left_m, up_m])
+
+
+@dataclass(frozen=True)
+class RigCamera:
+    """One camera of the robot's rig: where it sits on the base, and how long after the rig's
+    nominal time its image is stamped (cameras of one rig are triggered a few milliseconds apart)."""
+
+    T_base_camera: np.ndarray
+    stamp_offset_s: float = 0.0
+
+
+#: Mounts of the named rig cameras: forward, left, up (m) and yaw (deg) on the base.
+RIG_MOUNTS: dict[str, tuple[float, float, float, float]] = {
+    "front": (0.3, 0.0, 0.5, 0.0),
+    "left": (0.0, 0.2, 0.5, 90.0),
+    "right": (0.0, -0.2, 0.5, -90.0),
+    "rear": (-0.3, 0.0, 0.5, 180.0),
+}
+
+
+def make_rig(*names: str, pitch_down_deg: float = 5.0, stamp_step_s: float = 0.004) -> dict[str, RigCamera]:
+    """Cameras of :data:`RIG_MOUNTS` by name (e.g. ``make_rig("front", "left")``), the i-th stamped
+    ``i * stamp_step_s`` after the first. ``front`` is the single camera of a :class:`SyntheticScene`."""
+    if not names:
+        raise ValueError("a rig needs at least one camera")
+    unknown = [n for n in names if n not in RIG_MOUNTS]
+    if unknown:
+        raise ValueError(f"unknown rig cameras {unknown}; known: {', '.join(RIG_MOUNTS)}")
+    rig = {}
+    for i, name in enumerate(names):
+        forward, left, up, yaw = RIG_MOUNTS[name]
+        rig[name] = RigCamera(make_T_base_camera(forward, up, pitch_down_deg, left_m=left, yaw_deg=yaw),
+                              i * stamp_step_s)
+    return rig
 
 
 @dataclass(frozen=True)
@@ -335,6 +379,7 @@ class SyntheticScene:
         if texel_m <= 0:
             raise ValueError(f"texel_m must be positive, got {texel_m}")
         self.seed = seed
+        self.camera_pitch_deg = camera_pitch_deg
         rng = np.random.default_rng(seed)
         a = rng.uniform(2.4, 3.0)
         b = max(rng.uniform(1.6, 2.0), math.sqrt(a))  # a / b^2 <= 1: <= 28.6 deg/s at 0.5 m/s
@@ -432,9 +477,13 @@ class SyntheticScene:
         """Ground-truth T_odom_base at ``t_s``."""
         return self.trajectory.base_pose(t_s)
 
-    def camera_pose(self, t_s: float) -> np.ndarray:
-        """Ground-truth T_odom_camera (optical) at ``t_s``."""
-        return self.base_pose(t_s) @ self.T_base_camera
+    def camera_pose(self, t_s: float, T_base_camera: np.ndarray | None = None) -> np.ndarray:
+        """Ground-truth T_odom_camera (optical) at ``t_s``, of the scene's camera or of ``T_base_camera``."""
+        return self.base_pose(t_s) @ (self.T_base_camera if T_base_camera is None else T_base_camera)
+
+    def rig(self, *names: str, stamp_step_s: float = 0.004) -> dict[str, RigCamera]:
+        """A multi-camera rig (:func:`make_rig`) at this scene's camera pitch."""
+        return make_rig(*names, pitch_down_deg=self.camera_pitch_deg, stamp_step_s=stamp_step_s)
 
     # ----------------------------------------------------------------- rendering
 
@@ -706,6 +755,20 @@ class SyntheticScene:
         return torch.lerp(top, bot, fy)
 
 
+def render_depth(scene: SyntheticScene, T_world_camera: np.ndarray, camera_model: CameraModel) -> np.ndarray:
+    """Exact z-depth (H, W) float32 of any ROS camera model, distortion included (NaN where the
+    model has no ray): a pinhole camera through :meth:`SyntheticScene.render`, a distorted one by
+    casting each pixel's true ray."""
+    if camera_model.is_pinhole:
+        return scene.render(T_world_camera, camera_model, supersample=1)[1]
+    rays, valid = plane_rays(camera_model)  # cached per camera: the model is inverted once
+    unit = (rays / rays.norm(dim=-1, keepdim=True)).double().numpy()
+    T = np.asarray(T_world_camera, dtype=np.float64)
+    dist = scene.ray_distance(T[:3, 3], unit.reshape(-1, 3) @ T[:3, :3].T).reshape(unit.shape[:2])
+    depth = dist * unit[..., 2]
+    return np.where(valid.numpy(), depth, np.nan).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- sequences
 
 
@@ -759,28 +822,47 @@ def make_sequence(
     speed_mps: float = 0.5,
     supersample: int = 2,
     scene: SyntheticScene | None = None,
+    camera: RigCamera | None = None,
 ) -> SyntheticSequence:
     """Render ``n_frames`` at ``rate_hz`` from ``start_s`` along the default trajectory of ``seed``.
 
     Pass ``scene`` to reuse an already built scene (``seed`` and ``speed_mps`` are then unused).
+    ``camera``: one camera of a rig (its extrinsic, and its images stamped ``stamp_offset_s`` later);
+    default the scene's single camera.
     """
     if n_frames < 1 or rate_hz <= 0:
         raise ValueError("need n_frames >= 1 and rate_hz > 0")
     scene = scene if scene is not None else SyntheticScene(seed, speed_mps=speed_mps)
     cam = make_camera_model(width, height, hfov_deg)
-    seq = SyntheticSequence(scene, cam, scene.T_base_camera.copy())
+    T_base_camera = scene.T_base_camera if camera is None else camera.T_base_camera
+    offset_s = 0.0 if camera is None else camera.stamp_offset_s
+    seq = SyntheticSequence(scene, cam, T_base_camera.copy())
     for i in range(n_frames):
-        t = start_s + i / rate_hz
+        t = start_s + i / rate_hz + offset_s
         T_ob = scene.base_pose(t)
-        T_oc = T_ob @ scene.T_base_camera
+        T_oc = T_ob @ T_base_camera
         rgb, depth = scene.render(T_oc, cam, supersample)
         seq.frames.append(SyntheticFrame(int(round(t * 1e9)), rgb, depth, T_ob, T_oc))
     return seq
 
 
+def make_rig_sequences(rig: dict[str, RigCamera], seed: int = 0, width: int = 640, height: int = 480,
+                       n_frames: int = 8, rate_hz: float = 10.0, **options) -> dict[str, SyntheticSequence]:
+    """One :func:`make_sequence` per camera of ``rig`` (name -> sequence), on one scene and timeline.
+
+    ``options`` are :func:`make_sequence`'s; the scene is built once when not given.
+    """
+    if options.get("scene") is None:
+        options["scene"] = SyntheticScene(seed, speed_mps=options.pop("speed_mps", 0.5))
+    return {name: make_sequence(seed, width, height, n_frames, rate_hz, camera=camera, **options)
+            for name, camera in rig.items()}
+
+
 __all__ = [
     "Box",
     "Cylinder",
+    "RIG_MOUNTS",
+    "RigCamera",
     "Room",
     "SyntheticFrame",
     "SyntheticScene",
@@ -788,5 +870,8 @@ __all__ = [
     "SyntheticTrajectory",
     "make_T_base_camera",
     "make_camera_model",
+    "make_rig",
+    "make_rig_sequences",
+    "render_depth",
     "make_sequence",
 ]

@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mapany_ros.core.frames import Frame
+from mapany_ros.core.frames import CameraModel, Frame
 
 
 class BackendError(RuntimeError):
@@ -45,7 +45,10 @@ class ViewPrediction:
     map. Tensors live on the backend's device; the ROS layer moves them to the host once.
     ``depth`` is z-depth in window units (metres when the window is metric; NaN where invalid);
     ``valid`` marks the pixels worth publishing; ``points_world`` are the back-projected pixels
-    in the window frame; ``T_world_camera`` is the camera in the window frame.
+    in the window frame; ``T_world_camera`` is the camera in the window frame. ``camera`` is the output
+    grid's camera model with its distortion (K = ``K``); a backend may leave it None, and the pipeline
+    then fills it from the frame (:meth:`WindowPrediction.with_cameras`): the output grid of a distorted
+    camera is that camera's own grid, scaled.
     """
 
     depth: torch.Tensor  # (h, w) float32, window units, NaN where invalid
@@ -55,6 +58,7 @@ class ViewPrediction:
     colors: torch.Tensor  # (h, w, 3) uint8 RGB
     T_world_camera: np.ndarray  # (4, 4) float64 camera-to-window, OpenCV optical
     K: np.ndarray  # (3, 3) float64 intrinsics of the output grid
+    camera: CameraModel | None = None  # the output grid's camera model, distortion included
 
     @property
     def height(self) -> int:
@@ -64,13 +68,21 @@ class ViewPrediction:
     def width(self) -> int:
         return int(self.depth.shape[1])
 
+    @property
+    def grid_camera(self) -> CameraModel:
+        """The camera model of the output grid: ``camera`` when set, else the pinhole ``K``."""
+        if self.camera is not None:
+            return self.camera
+        return CameraModel(self.width, self.height, np.asarray(self.K, dtype=np.float64))
+
 
 @dataclass
 class WindowPrediction:
     """Per-frame predictions, in the order of the input frames, plus window-level facts.
 
     ``metric`` says whether the window frame's unit is the metre (a metric model, or one that
-    took metric priors); placement then fits SE(3), otherwise Sim(3). ``metric_scale`` is the
+    took metric priors); placement then fits SE(3), otherwise Sim(3). ``pose_priors_used`` says
+    the window's poses lean towards the pose priors it was given (see the field). ``metric_scale`` is the
     model's own scale estimate where it reports one. ``alignment_residual_m`` is filled by the
     placement stage, not by backends.
     """
@@ -80,6 +92,22 @@ class WindowPrediction:
     alignment_residual_m: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     metric: bool = True
+    #: The backend was given the frames' pose priors (odometry) and its poses lean towards them,
+    #: as MapAnything's do: placement then takes from the poses only what the geometry adds.
+    pose_priors_used: bool = False
+
+    def with_cameras(self, frames: Sequence[Frame]) -> WindowPrediction:
+        """The same prediction with every view's ``camera`` set: where the backend left it None, the
+        frame camera's distortion on the view's grid (its size and K), as the depth topics publish it."""
+        views = []
+        for view, frame in zip(self.views, frames, strict=True):
+            if view.camera is None:
+                cam = frame.camera_model
+                grid = CameraModel(view.width, view.height, np.asarray(view.K, dtype=np.float64),
+                                   cam.distortion_model, np.asarray(cam.D, dtype=np.float64).copy())
+                view = dataclasses.replace(view, camera=grid)
+            views.append(view)
+        return dataclasses.replace(self, views=views)
 
     def to_host(self) -> WindowPrediction:
         """The same prediction with every tensor in host memory (pinned when it came from CUDA).

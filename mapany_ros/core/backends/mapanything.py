@@ -45,8 +45,14 @@ Outputs
 Memory
     CUDA: bf16 autocast and memory-efficient heads; on ``torch.cuda.OutOfMemoryError`` the cache is
     emptied and the window is split in halves that each start with the window's reference view;
-    each half is carried into the first half's frame through the pose and depth it predicts for
-    that shared view. Only a pair that still does not fit raises.
+    each part is carried into the first part's frame through the pose and depth it predicts for
+    that shared view, so the window still comes back whole, in one frame. Only a pair that still
+    does not fit raises. The split is remembered: the most views that fitted below the smallest
+    count that ran out becomes the limit of one model call, and later windows are split up front
+    into as few balanced parts as keep under it (each with the reference view), so they do not run
+    out of memory first. After ``oom_probe_windows`` windows that ran split without running out,
+    the limit grows by one view (memory freed elsewhere is used again); a probe that runs out sets
+    it back.
     :meth:`WindowPrediction.to_host` copies a prediction to pinned host memory with one
     synchronisation.
 """
@@ -57,6 +63,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -110,6 +117,8 @@ class MapAnythingConfig:
     #: Pixels with confidence below this are invalid (upstream confidence is >= 1); 0 disables.
     min_confidence: float = 0.0
     memory_efficient: bool = True
+    #: After a CUDA OOM: windows run split without running out before one more view per model call is tried.
+    oom_probe_windows: int = 16
     depth_interpolation: str = "bilinear"  # "bilinear" | "nearest", for output_resolution="input"
     warmup: bool = True
 
@@ -129,6 +138,8 @@ class MapAnythingConfig:
             raise BackendError(f"min_confidence must be >= 0, got {self.min_confidence}")
         if not self.model_path and not self.model_id:
             raise BackendError("set model_path or model_id")
+        if self.oom_probe_windows < 1:
+            raise BackendError(f"oom_probe_windows must be >= 1, got {self.oom_probe_windows}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +355,27 @@ class _Part:
     outputs: list[dict[str, Any]]
 
 
+@dataclass
+class _CallSizes:
+    """View counts of one window's model calls: those that fitted in GPU memory and those that did not."""
+
+    fitted: set[int]
+    out_of_memory: set[int]
+
+
+def share_out(rest: Sequence[int], anchored: set[int], parts: int) -> list[list[int]]:
+    """``rest`` dealt into ``parts`` balanced groups (sizes differ by at most one), in their own order.
+
+    Posed views are dealt first, so every group keeps as many pose anchors as it can.
+    """
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    dealt = [i for i in rest if i in anchored] + [i for i in rest if i not in anchored]
+    for j, i in enumerate(dealt):
+        groups[j % parts].append(i)
+    position = {i: k for k, i in enumerate(rest)}
+    return [sorted(g, key=position.__getitem__) for g in groups if g]
+
+
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Frame.image as contiguous (H, W, 3) uint8: upstream corrupts float arrays silently."""
     image = np.asarray(image)
@@ -390,6 +422,10 @@ class MapAnythingBackend:
         self._model, self._preprocess = load_model(self.config, self.device)
         self._lock = threading.Lock()
         self._ray_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: Most views one model call may take, learnt from CUDA OOMs (None: no OOM seen yet).
+        self._max_views: int | None = None
+        #: Windows split to fit ``_max_views`` that ran without OOM since it last changed.
+        self._fitted_windows = 0
         if self.config.warmup:
             self._warmup()
 
@@ -401,6 +437,11 @@ class MapAnythingBackend:
             raise BackendError("infer() needs at least one frame")
         with self._lock:
             return self._infer_locked(list(frames))
+
+    @property
+    def max_views_per_call(self) -> int | None:
+        """Most views one model call gets, remembered from CUDA OOMs; None while no OOM was seen."""
+        return self._max_views
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -426,7 +467,12 @@ class MapAnythingBackend:
         # Views the model gets a pose for: an OOM split shares them out between the halves.
         posed = self._uses_poses(frames)
         anchored = {i for i, f in enumerate(frames) if posed and f.T_world_camera is not None}
-        parts = self._infer_parts(prepared, order, anchored, timings)
+        chunks = self._split_to_fit(order, anchored)
+        sizes = _CallSizes(set(), set())
+        try:
+            parts = [p for chunk in chunks for p in self._infer_parts(prepared, chunk, anchored, timings, sizes)]
+        finally:
+            self._remember_fit(sizes, split=len(chunks) > 1)
 
         t0 = time.perf_counter()
         chosen: dict[int, tuple[dict[str, Any], np.ndarray, float]] = {}
@@ -453,7 +499,8 @@ class MapAnythingBackend:
             torch.cuda.synchronize(self.device)
         timings["postprocess"] = time.perf_counter() - t0
         # MapAnything predicts metric geometry (its scale head, or the metric priors it was given).
-        return WindowPrediction(views, metric_scale, None, timings, metric=True)
+        return WindowPrediction(views, metric_scale, None, timings, metric=True,
+                                pose_priors_used=self._uses_poses(frames))
 
     def _prepare(self, frames: list[Frame], order: list[int]) -> list[_Prepared]:
         """Build upstream input views (in model order), run preprocess_inputs, add rays."""
@@ -569,41 +616,77 @@ class MapAnythingBackend:
             confidence_percentile=cfg.confidence_percentile,
         )
 
+    def _split_to_fit(self, order: list[int], anchored: set[int]) -> list[list[int]]:
+        """The window's model calls: one, or as few balanced parts as the remembered limit allows,
+        each starting with the reference view ``order[0]``."""
+        limit = self._max_views
+        if limit is None or len(order) <= limit:
+            return [order]
+        parts = math.ceil((len(order) - 1) / (limit - 1))
+        return [[order[0], *group] for group in share_out(order[1:], anchored, parts)]
+
+    def _remember_fit(self, sizes: _CallSizes, split: bool) -> None:
+        """Learn the view limit from this window's OOMs, or probe one view more after enough fitted windows."""
+        if sizes.out_of_memory:
+            smallest = min(sizes.out_of_memory)
+            # Known to fit: this window's calls and the previous limit, below the smallest count that ran out.
+            fitted = [n for n in (*sizes.fitted, self._max_views or 0) if 2 <= n < smallest]
+            limit = max(fitted) if fitted else max(2, smallest - 1)
+            if limit != self._max_views:
+                log.warning(
+                    "out of GPU memory on %d views: later windows run in model calls of at most %d views, "
+                    "each with the reference view (one more is tried after %d windows fit)",
+                    smallest,
+                    limit,
+                    self.config.oom_probe_windows,
+                )
+            self._max_views, self._fitted_windows = limit, 0
+        elif split and self._max_views is not None:
+            self._fitted_windows += 1
+            if self._fitted_windows >= self.config.oom_probe_windows:
+                self._max_views += 1
+                self._fitted_windows = 0
+                log.info("%d windows fitted in GPU memory: trying model calls of up to %d views",
+                         self.config.oom_probe_windows, self._max_views)
+
     def _infer_parts(
-        self, prepared: list[_Prepared], indices: list[int], anchored: set[int], timings: dict[str, float]
+        self,
+        prepared: list[_Prepared],
+        indices: list[int],
+        anchored: set[int],
+        timings: dict[str, float],
+        sizes: _CallSizes,
     ) -> list[_Part]:
         """Run the model on ``indices`` (reference first); split in halves on CUDA OOM.
 
-        Both halves start with the reference view and get every other posed and every other
-        unposed view, so each half keeps as many pose anchors as it can.
+        Both halves start with the reference view and share out the posed and the unposed views
+        (:func:`share_out`), so each half keeps as many pose anchors as it can.
         """
         t0 = time.perf_counter()
         try:
             outputs = self._run_model([dict(prepared[i].view) for i in indices])
             timings["infer"] += time.perf_counter() - t0
+            sizes.fitted.add(len(indices))
             return [_Part(list(indices), outputs)]
         except torch.cuda.OutOfMemoryError as exc:
             timings["infer"] += time.perf_counter() - t0
             torch.cuda.empty_cache()
+            sizes.out_of_memory.add(len(indices))
             if len(indices) <= 2:
                 raise BackendError(
                     f"out of GPU memory even for {len(indices)} view(s) at the model resolution; "
                     "use a smaller model, a larger GPU, or device 'cpu'"
                 ) from exc
-            ref, rest = indices[0], indices[1:]
-            posed = [i for i in rest if i in anchored]
-            unposed = [i for i in rest if i not in anchored]
-            pick = set(posed[0::2] + unposed[1::2] if len(posed) % 2 else posed[0::2] + unposed[0::2])
-            first = [i for i in rest if i in pick]
-            second = [i for i in rest if i not in pick]
+            ref = indices[0]
+            first, second = share_out(indices[1:], anchored, 2)
             log.warning(
                 "out of GPU memory on %d views; retrying as %d + %d views, each with the reference view",
                 len(indices),
                 len(first) + 1,
                 len(second) + 1,
             )
-        return self._infer_parts(prepared, [ref, *first], anchored, timings) + self._infer_parts(
-            prepared, [ref, *second], anchored, timings
+        return self._infer_parts(prepared, [ref, *first], anchored, timings, sizes) + self._infer_parts(
+            prepared, [ref, *second], anchored, timings, sizes
         )
 
     def _view_prediction(

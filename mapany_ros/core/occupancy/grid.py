@@ -11,8 +11,9 @@ almost none hit it, unknown otherwise.
 The grid keeps the integer vote counts, so taking a keyframe out is exact: the same samples at
 the same pose give the same cells, which are subtracted. Each keyframe keeps its strided depth
 (2 bytes a sample) and its pose, so a correction of any age moves it; corrections are only
-recorded by ``update_pose`` and applied when the grid is next read, so a keyframe corrected by
-many windows in a row (a sliding pose graph, a loop closure) is recomputed once. Over
+recorded by ``update_pose`` (``update_poses`` for the thousands a loop closure corrects at once) and
+applied when the grid is next read, so a keyframe corrected by many windows in a row (a sliding pose
+graph, a loop closure) is recomputed once. Over
 ``keep_keyframes`` the oldest are frozen.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,7 +182,7 @@ class OccupancyGrid:
         with self._lock:
             if key in self._keyframes:
                 raise ValueError(f"keyframe {key!r} is already in the grid; move it with update_pose")
-            self._check_reach(T)
+            self._check_reach(T[None, :2, 3])
             kf = _Keyframe(*self._samples(depth, K, confidence, valid), T, T_camera_base)
             self._add(self._evidence(kf, T), +1)
             self._integrated += 1
@@ -204,7 +205,7 @@ class OccupancyGrid:
             kf = self._keyframes.get(key)
             if kf is None:
                 return False
-            self._check_reach(T)
+            self._check_reach(T[None, :2, 3])
             if self._moved(kf.T_map_camera, T):
                 self._pending[key] = T
                 self._version += 1
@@ -212,6 +213,36 @@ class OccupancyGrid:
             if self._pending.pop(key, None) is not None:
                 self._version += 1
             return False
+
+    def update_poses(self, poses: Mapping[Hashable, np.ndarray]) -> int:
+        """:meth:`update_pose` for many keyframes at once (a loop closure's corrections, any age): one
+        lock and vectorised checks however many. Returns how many keyframes' votes will move; unknown
+        and frozen keys are skipped. Every pose is checked before any is recorded: one bad pose is a
+        ValueError and changes nothing.
+        """
+        if not poses:
+            return 0
+        keys = list(poses)
+        T = np.asarray([np.asarray(poses[k], dtype=np.float64) for k in keys])
+        _check_poses(T, "T_map_camera")
+        with self._lock:
+            rows = [i for i, k in enumerate(keys) if k in self._keyframes]
+            if not rows:
+                return 0
+            keys, T = [keys[i] for i in rows], T[rows]
+            self._check_reach(T[:, :2, 3])
+            old = np.asarray([self._keyframes[k].T_map_camera for k in keys])
+            moved = self._moved_many(old, T)
+            changed = False
+            for key, T_new, move in zip(keys, T, moved, strict=True):
+                if move:
+                    self._pending[key] = T_new
+                    changed = True
+                elif self._pending.pop(key, None) is not None:
+                    changed = True
+            if changed:
+                self._version += 1
+            return int(moved.sum())
 
     def reset(self) -> None:
         """Forget every vote and keyframe."""
@@ -319,18 +350,21 @@ class OccupancyGrid:
             behind[r:r + h, c:c + w] = self._behind
         self._hits, self._misses, self._behind, self._ix0, self._iy0 = hits, misses, behind, x0, y0
 
-    def _check_reach(self, T: np.ndarray) -> None:
-        """ValueError when a camera at T could grow the vote arrays beyond MAX_CELLS (a pose far off)."""
+    def _check_reach(self, xy: np.ndarray) -> None:
+        """ValueError when cameras at map positions ``xy`` (n, 2) could grow the vote arrays beyond
+        MAX_CELLS (a pose far off)."""
         res, reach = self.config.resolution_m, self.config.max_range_m + self.config.resolution_m
-        x0, y0 = math.floor((T[0, 3] - reach) / res), math.floor((T[1, 3] - reach) / res)
-        x1, y1 = math.floor((T[0, 3] + reach) / res) + 1, math.floor((T[1, 3] + reach) / res) + 1
+        lo, hi = xy.min(axis=0), xy.max(axis=0)
+        x0, y0 = math.floor((lo[0] - reach) / res), math.floor((lo[1] - reach) / res)
+        x1, y1 = math.floor((hi[0] + reach) / res) + 1, math.floor((hi[1] + reach) / res) + 1
         h, w = self._hits.shape
         if h:
             x0, y0 = min(x0, self._ix0), min(y0, self._iy0)
             x1, y1 = max(x1, self._ix0 + w), max(y1, self._iy0 + h)
         nx, ny = x1 - x0 + 2 * _GROW_MARGIN, y1 - y0 + 2 * _GROW_MARGIN
         if nx * ny > MAX_CELLS:
-            raise ValueError(f"a camera at ({T[0, 3]:.0f}, {T[1, 3]:.0f}) m would grow the occupancy grid to "
+            far = xy[np.argmax(np.abs(xy).max(axis=1))]
+            raise ValueError(f"a camera at ({far[0]:.0f}, {far[1]:.0f}) m would grow the occupancy grid to "
                              f"{nx * res:.0f} m x {ny * res:.0f} m, more than {MAX_CELLS} cells: pose refused "
                              "(far off, or raise grid.resolution_m)")
 
@@ -354,6 +388,14 @@ class OccupancyGrid:
         turn = rotation_angle(T_old[:3, :3].T @ T_new[:3, :3])
         return shift >= cfg.resolution_m / 4 or turn * cfg.max_range_m >= cfg.resolution_m / 2
 
+    def _moved_many(self, T_old: np.ndarray, T_new: np.ndarray) -> np.ndarray:
+        """:meth:`_moved` of (n, 4, 4) pose pairs at once, as a bool (n,) array."""
+        cfg = self.config
+        shift = np.linalg.norm(T_new[:, :3, 3] - T_old[:, :3, 3], axis=1)
+        cos = (np.einsum("nij,nij->n", T_old[:, :3, :3], T_new[:, :3, :3]) - 1.0) / 2.0
+        turn = np.arccos(np.clip(cos, -1.0, 1.0))
+        return (shift >= cfg.resolution_m / 4) | (turn * cfg.max_range_m >= cfg.resolution_m / 2)
+
 
 def _strided(
     name: str, x: ImageLike, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], stride: int, device: torch.device
@@ -374,6 +416,20 @@ def _check_K(K: np.ndarray) -> np.ndarray:
     if not np.allclose(K[2], [0.0, 0.0, 1.0]):
         raise ValueError(f"K's last row must be [0, 0, 1], got {K[2].tolist()}")
     return K
+
+
+def _check_poses(T: np.ndarray, name: str) -> None:
+    """ValueError unless every (n, 4, 4) pose is a finite rigid transform (as :func:`_check_pose`)."""
+    if T.ndim != 3 or T.shape[1:] != (4, 4):
+        raise ValueError(f"{name} must be finite 4x4 rigid transforms, got shape {T.shape[1:]}")
+    R = T[:, :3, :3]
+    with np.errstate(invalid="ignore"):
+        rigid = (np.isfinite(T).all(axis=(1, 2))
+                 & (np.abs(R @ R.transpose(0, 2, 1) - np.eye(3)).max(axis=(1, 2)) <= 1e-3 + 1e-5)
+                 & (np.abs(np.linalg.det(np.nan_to_num(R)) - 1.0) < 1e-3)
+                 & (np.abs(T[:, 3] - (0.0, 0.0, 0.0, 1.0)).max(axis=1) <= 1e-5))
+    if not rigid.all():
+        raise ValueError(f"{name} must be a finite 4x4 rigid transform (orthonormal rotation, last row 0 0 0 1)")
 
 
 def _check_pose(T: np.ndarray, name: str) -> np.ndarray:

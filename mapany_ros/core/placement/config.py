@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from mapany_ros.core.placement.loops.closer import LoopConfig
 from mapany_ros.core.placement.pose_graph import GraphConfig
 
 
@@ -30,7 +31,6 @@ class PlacementConfig:
     metric_scale_sigma: float = 0.03
     odom_sigma_ratio: float = 0.05
     odom_sigma_deg_per_m: float = 5.0
-    graph_windows: int = 4
     #: Relative depth error assumed for overlap correspondences (whitening of the robust fit).
     overlap_sigma: float = 0.02
     #: Fraction of overlap correspondences that must fit for a window to attach.
@@ -40,10 +40,11 @@ class PlacementConfig:
     anchor_samples: int = 3000
     #: Refine each window's view poses so that their depth maps agree (see :mod:`.refine`).
     refine_poses: bool = True
+    loops: LoopConfig = field(default_factory=LoopConfig)
 
     def graph(self) -> GraphConfig:
         return GraphConfig(
             view_sigma_m=self.view_sigma_m, view_sigma_rad=np.radians(self.view_sigma_deg),
             odom_sigma_ratio=self.odom_sigma_ratio, odom_sigma_rad_per_m=np.radians(self.odom_sigma_deg_per_m),
-            kernel=self.robust_kernel, kernel_threshold=self.robust_threshold, max_windows=self.graph_windows,
+            kernel=self.robust_kernel, kernel_threshold=self.robust_threshold,
         )

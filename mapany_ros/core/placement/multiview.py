@@ -5,8 +5,9 @@ which small pose corrections make them agree - project a sparse sample of every 
 into every other view and read that view's depth there. Doing it for all ordered pairs at once,
 in a few large tensor operations on the prediction's device, keeps the cost independent of the
 number of kernel launches (a window of 16 views has 240 pairs). Views of different sizes are
-padded to one size. Projection uses the pinhole K of each view (a distorted grid projects
-approximately, which the tolerances absorb).
+padded to one size. Each view's grid is its camera model's (:attr:`ViewPrediction.grid_camera`):
+pixels are back-projected along the model's true rays and points projected through its forward
+distortion, so a distorted camera is judged on its real geometry, not on its pinhole part.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from mapany_ros.core.alignment import rigidify
 from mapany_ros.core.backends.base import ViewPrediction
-from mapany_ros.core.geometry import invert
+from mapany_ros.core.camera_rays import distort, image_reach, plane_rays
+from mapany_ros.core.depth_edges import depth_edges
+from mapany_ros.core.frames import CameraModel
 
 
 def sample_grid(valid: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,37 +101,43 @@ MAX_WIDTH = 160
 
 
 def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
-                  ) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-    """Per view: camera-frame points, validity and K on a grid at most ``max_width`` wide.
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, CameraModel]]:
+    """Per view: camera-frame points, validity and camera model on a grid at most ``max_width`` wide.
 
-    Blocks of pixels are averaged (only blocks that are valid throughout stay valid), and K follows
-    the block grid (pixel-centre convention). Views of one size are pooled in one operation, in the
-    world frame (a mean commutes with the rigid move into the camera, which then touches only the
-    coarse grid).
+    Points are the depth along the camera model's rays (distortion included). Blocks of pixels are
+    averaged (only blocks that are valid throughout stay valid; depth edges are dropped, see
+    :mod:`mapany_ros.core.depth_edges`), and the camera model follows the
+    block grid (pixel-centre convention; distortion holds in normalised coordinates, so only K
+    changes). Views of one size are pooled in one operation.
     """
-    out: list[tuple[torch.Tensor, torch.Tensor, np.ndarray] | None] = [None] * len(views)
+    out: list[tuple[torch.Tensor, torch.Tensor, CameraModel] | None] = [None] * len(views)
     sizes: dict[tuple, list[int]] = {}
     for i, v in enumerate(views):
         sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
-    for (_, width, device), idx in sizes.items():
-        ok = torch.stack([views[i].valid & torch.isfinite(views[i].depth) & (views[i].depth > 0) for i in idx])
-        Pw = torch.where(ok[..., None], torch.stack([views[i].points_world for i in idx]).float(),
-                         torch.zeros(3, device=device))
+    for (height, width, device), idx in sizes.items():
+        cams = [views[i].grid_camera for i in idx]
+        grids = [plane_rays(cam, device) for cam in cams]
+        depth = torch.stack([views[i].depth for i in idx]).float()
+        ok = torch.stack([views[i].valid & ray_ok for i, (_, ray_ok) in zip(idx, grids, strict=True)])
+        ok &= torch.isfinite(depth) & (depth > 0)
+        rays = torch.stack([rays for rays, _ in grids])
+        P = torch.where(ok[..., None], rays * depth[..., None], torch.zeros(3, device=device))
         f = max(1, -(-width // max_width))
         if f > 1:
             count = _block_sum(ok.float(), f)
-            Pw = _block_sum(Pw, f) / count[..., None].clamp_min(1e-6)
+            P = _block_sum(P, f) / count[..., None].clamp_min(1e-6)
             ok = count > f * f - 0.5
-        T = np.stack([invert(rigidify(views[i].T_world_camera)) for i in idx])
-        Tt = torch.as_tensor(T, dtype=torch.float32, device=device)
-        P = Pw @ Tt[:, None, :3, :3].transpose(-1, -2) + Tt[:, None, None, :3, 3]
+        # A block across a depth edge averages foreground and background, as a flying pixel does:
+        # neither is a surface to sample or to compare against.
+        ok &= ~depth_edges(P[..., 2], valid=ok)
         P = torch.where(ok[..., None], P, torch.zeros(3, device=device))
-        for a, i in enumerate(idx):
-            K = np.asarray(views[i].K, dtype=np.float64).copy()
+        for a, (i, cam) in enumerate(zip(idx, cams, strict=True)):
+            K = np.asarray(cam.K, dtype=np.float64).copy()
             if f > 1:
                 K[:2, :2] /= f
                 K[:2, 2] = (K[:2, 2] + 0.5) / f - 0.5
-            out[i] = (P[a], ok[a], K)
+            coarse = CameraModel(width // f, height // f, K, cam.distortion_model, np.asarray(cam.D).copy())
+            out[i] = (P[a], ok[a], coarse)
     return out  # type: ignore[return-value]
 
 
@@ -163,7 +172,14 @@ class ViewStack:
         self.N = torch.zeros(n, H, W, 3, device=self.device)
         self.N_ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
         self.size = torch.tensor([[g[0].shape[1], g[0].shape[0]] for g in grids], device=self.device)
-        self.K = torch.as_tensor(np.stack([g[2] for g in grids]), dtype=torch.float64, device=self.device)
+        self.cameras = [g[2] for g in grids]
+        self.K = torch.as_tensor(np.stack([c.K for c in self.cameras]), dtype=torch.float64, device=self.device)
+        # Views whose grids are distorted, by camera model: their projections go through the distortion.
+        self._distorted: dict[tuple, list[int]] = {}
+        for a, cam in enumerate(self.cameras):
+            if not cam.is_pinhole:
+                key = (cam.width, cam.height, cam.K.tobytes(), cam.distortion_model, np.asarray(cam.D).tobytes())
+                self._distorted.setdefault(key, []).append(a)
         self.T0 = np.stack([rigidify(views[i].T_world_camera) for i in self.candidates])
         for a, (P, ok, _) in enumerate(grids):
             h, w = ok.shape
@@ -202,11 +218,21 @@ class ViewStack:
         I, J = self.I, self.J
         Y = (X[I] - t[J][:, None]) @ R[J]  # (P, S, 3) camera j
         z = Y[..., 2]
+        front = z > 1e-6
+        x, y = Y[..., 0] / z.clamp_min(1e-6), Y[..., 1] / z.clamp_min(1e-6)
+        for slots in self._distorted.values():
+            cam = self.cameras[slots[0]]
+            sel = torch.isin(J, torch.tensor(slots, device=self.device))
+            if bool(sel.any()):
+                xs, ys = x[sel], y[sel]
+                front[sel] &= xs * xs + ys * ys <= image_reach(cam) * 1.0001  # beyond, the model folds back
+                xd, yd = distort(xs, ys, cam.distortion_model, cam.D)
+                x[sel], y[sel] = xd.to(x.dtype), yd.to(y.dtype)
         K = self.K[J].float()
-        u = (K[:, 0, 0, None] * Y[..., 0] / z.clamp_min(1e-6) + K[:, 0, 2, None]).round().long()
-        v = (K[:, 1, 1, None] * Y[..., 1] / z.clamp_min(1e-6) + K[:, 1, 2, None]).round().long()
+        u = (K[:, 0, 0, None] * x + K[:, 0, 1, None] * y + K[:, 0, 2, None]).round().long()
+        v = (K[:, 1, 1, None] * y + K[:, 1, 2, None]).round().long()
         size = self.size[J]
-        inside = (z > 1e-6) & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
+        inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
         u, v = u.clamp(0, self.W - 1), v.clamp(0, self.H - 1)
         flat = (J[:, None] * self.H + v) * self.W + u
         seen = inside & self.src_ok[I] & self.ok.reshape(-1)[flat]

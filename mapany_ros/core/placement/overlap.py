@@ -69,3 +69,17 @@ def correspondences(anchor: Anchor, view: ViewPrediction) -> tuple[np.ndarray, n
     src = view.points_world[rows, cols].double().cpu().numpy()[ok]
     weight = np.minimum(anchor.weight[ok], normalised_confidence(view, rows, cols).double().cpu().numpy()[ok])
     return src, anchor.points[ok], anchor.depth[ok], weight
+
+
+def depth_ratio(anchor: Anchor, view: ViewPrediction, min_points: int = 50) -> float | None:
+    """Median of the anchor's depth over ``view``'s at the anchor's pixels: how much larger the map
+    sees the frame than the view does (None with too few valid pixels in common)."""
+    u = np.clip((anchor.uv[:, 0] * view.width).astype(np.int64), 0, view.width - 1)
+    v = np.clip((anchor.uv[:, 1] * view.height).astype(np.int64), 0, view.height - 1)
+    rows = torch.as_tensor(v, device=view.depth.device)
+    cols = torch.as_tensor(u, device=view.depth.device)
+    d = view.depth[rows, cols].double().cpu().numpy()
+    ok = view.valid[rows, cols].cpu().numpy() & np.isfinite(d) & (d > 0) & (anchor.depth > 0)
+    if ok.sum() < min_points:
+        return None
+    return float(np.median(anchor.depth[ok] / d[ok]))

@@ -21,6 +21,10 @@ class PlacementStatus(enum.Enum):
     PLACED = "placed"
     RELOCALISED = "chain broken: continued from the last placed pose"
     REJECTED = "rejected"
+    #: Not a window: a loop closure moved keyframes already placed (the result carries corrections only).
+    LOOP_CLOSED = "loop closed"
+    #: Not a window: the robot was localised in a loaded map; the keyframe that starts the map is the correction.
+    LOCALISED = "localised in the loaded map"
 
 
 @dataclass
@@ -29,8 +33,20 @@ class PlacementStats:
     windows_rejected: int = 0
     views_rejected: int = 0
     chain_breaks: int = 0
+    #: Odometry steps the model's geometry contradicted by far more than the odometry's noise.
+    odometry_slips: int = 0
     last_scale: float = 1.0
     last_residual_m: float = 0.0
+    #: Keyframes in the global pose graph.
+    graph_keyframes: int = 0
+    loop_candidates: int = 0
+    loops_verified: int = 0
+    loops_rejected: int = 0
+    loops_closed: int = 0
+    #: Backend + verification + graph time of the newest loop job, seconds.
+    last_loop_s: float = 0.0
+    #: Windows that arrived while the robot was not yet localised in a loaded map.
+    windows_unlocalised: int = 0
 
 
 @dataclass
@@ -39,18 +55,28 @@ class PlacedWindow:
 
     #: The backend's prediction with every accepted view moved into the map frame.
     prediction: WindowPrediction
-    #: Per view: placed and worth publishing.
+    #: Per view: placed in the map (points, path, fused map).
     accepted: list[bool]
     status: PlacementStatus
     scale: float
     residual_m: float | None
     #: Drift estimate map -> odom after this window (None without odometry).
     T_map_odom: np.ndarray | None
-    #: Group stamp -> corrected T_map_base (camera pose without extrinsic) of keyframes still adjustable.
+    #: Group stamp -> T_map_base of every keyframe (of any age) whose pose changed, this window's included.
     corrections: dict[int, np.ndarray] = field(default_factory=dict)
+    #: Frame key (camera, stamp) -> T_map_camera of every camera of those keyframes (the fused map follows).
+    view_corrections: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     message: str = ""
     #: Views judged wrong (context views included): disagreeing with their neighbours or the priors.
     rejected_views: list[int] = field(default_factory=list)
+    #: Per view: passed the view checks, so its depth (in its own camera frame) is worth publishing
+    #: even when the window as a whole could not be placed (then only depth goes out, flagged).
+    depth_ok: list[bool] = field(default_factory=list)
+    #: (older stamp, newer stamp, metres) of odometry steps this window's geometry contradicted.
+    slips: list[tuple[int, int, float]] = field(default_factory=list)
+    #: Without odometry: group stamp -> the node's own chained T_odom_base of this window's new
+    #: keyframes (published as odom -> base, as a visual odometry would).
+    visual_odometry: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def move_view(view: ViewPrediction, T_window_camera: np.ndarray, T_map_camera: np.ndarray, scale: float
@@ -77,7 +103,7 @@ def moved(prediction: WindowPrediction, accepted: list[bool], poses: list[np.nda
 
 
 def rejected(prediction: WindowPrediction, message: str, T_map_odom: np.ndarray | None = None) -> PlacedWindow:
-    """A window placement refused: no view is output."""
+    """A window placement refused: no view is placed (the stage still says which views' depth is fine)."""
     log.debug("window rejected: %s", message)
     return PlacedWindow(prediction, [False] * len(prediction.views), PlacementStatus.REJECTED, 1.0, None,
                         T_map_odom, message=message)

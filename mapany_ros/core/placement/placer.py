@@ -18,21 +18,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from mapany_ros.core.alignment import rigidify
+from mapany_ros.core.alignment import Sim3, rigidify
 from mapany_ros.core.backends.base import WindowPrediction
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import is_rigid
+from mapany_ros.core.geometry import invert, is_rigid, rotation_angle
 from mapany_ros.core.placement.config import PlacementConfig
+from mapany_ros.core.placement.keyframe_index import KeyframeIndex
+from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob, LoopMeasurement
+from mapany_ros.core.placement.loops.memory import SavedKeyframes
 from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
-from mapany_ros.core.placement.overlap import Anchor, make_anchor
+from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
-from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus
+from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected
+from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
 
@@ -43,25 +48,82 @@ REJECT_CHI2 = 22.46
 STACK_SAMPLES = 1000
 #: Placed views kept as anchors for later windows (context is a few groups of a few cameras).
 MAX_ANCHORS = 64
+#: Two windows' depths of the frames they share may differ by this factor at most (a unit slip, a
+#: collapsed prediction); beyond, the newer window is rejected.
+MAX_LINK_SCALE = 1.25
+#: How much more loosely refinement holds views to poses that leant towards their priors.
+PRIOR_LEANING_SIGMA_FACTOR = 4.0
+#: Relocalising: two verified matches confirm each other when their keyframes are this many apart
+#: at most and put them within RELOCALISE_M (per keyframe between them) and RELOCALISE_DEG.
+RELOCALISE_NEIGHBOURS = 3
+RELOCALISE_M = 0.3
+RELOCALISE_DEG = 10.0
+#: Keyframes whose windows are kept while relocalising (each window's prediction is kept once per keyframe).
+MAX_WAITING_KEYFRAMES = 32
+#: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
+RECENT_KEYFRAMES = 48
+
+log = logging.getLogger(__name__)
 
 
 class WindowPlacer:
-    """Places windows in the map (see module docstring). Called from the pipeline's worker thread."""
+    """Places windows in the map (see module docstring). Called from the pipeline's worker thread.
+
+    ``place`` changes nothing until the window has passed every check: an exception on the way
+    leaves the placer as it was (with odometry, the window's keyframes may have entered the graph
+    with their odometry, as for a rejected window).
+    """
 
     def __init__(self, config: PlacementConfig, extrinsic: Callable[[str], np.ndarray | None]) -> None:
         self.config = config
         self._extrinsic = extrinsic
         self.stats = PlacementStats()
+        self._loaded: SavedKeyframes | None = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the map (a restart of the input): the next window starts a new one."""
         self._anchors: collections.OrderedDict[tuple[str, int], Anchor] = collections.OrderedDict()
         self._placed_groups: collections.deque[list[Frame]] = collections.deque(maxlen=16)
+        self.graph = PoseGraph(self.config.graph())
+        self.index = KeyframeIndex()
         self._mode: OdometryGraphPlacement | OverlapChainPlacement = (
-            OdometryGraphPlacement(self.config, self._anchors) if self.config.use_odometry
-            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic))
+            OdometryGraphPlacement(self.config, self.graph, self.index) if self.config.use_odometry
+            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index))
         self._windows = 0
+        #: Without odometry: the node's own chained estimate (visual odometry) per keyframe id, and
+        #: the newest one's id. Continuous: only the graph's relative motion enters it.
+        self._vo: dict[int, np.ndarray] = {}
+        self._vo_newest: int | None = None
+        self.loops = LoopCloser(self.config.loops, self.config.view_sigma_m, np.radians(self.config.view_sigma_deg))
+        #: The graph's latest word on every keyframe (recent ones after each window, all after a loop).
+        self._poses: dict[int, np.ndarray] = {}
+        #: With a loaded map: its keyframes (negative ids) in loop closure's memory, and until the
+        #: robot is localised in it nothing is placed. New keyframes' groups wait to start the map.
+        self.localised = True
+        #: While relocalising: new keyframe id -> the window (groups, prediction) that saw it.
+        self._waiting_windows: dict[int, tuple[list[list[Frame]], WindowPrediction]] = {}
+        self._matches: list[tuple[int, np.ndarray]] = []  # verified (new keyframe, T_map_base) while relocalising
+        if self._loaded is not None:
+            order = sorted(self._loaded.poses)
+            for n, kid in enumerate(order):  # oldest saved = -len, newest = -1: neighbours stay neighbours
+                new_id = n - len(order)
+                kf = next(k for k in self._loaded.keyframes if k.kid == kid)
+                self.loops.memory.insert(dataclasses.replace(kf, kid=new_id))
+                self._poses[new_id] = self._loaded.poses[kid]
+            self.localised = not order
+
+    def load(self, saved: SavedKeyframes | None) -> None:
+        """Start in a saved map (None: a new map). Its keyframes keep their poses; the robot is
+        relocalised by loop closure against them before anything is placed (see :meth:`place`)."""
+        self._loaded = saved
+        self.reset()
+
+    def saved_keyframes(self, map_frame: str = "map") -> SavedKeyframes:
+        """Every keyframe loop closure remembers, at its latest pose, loaded ones included (a map folder)."""
+        poses = {k: self.graph.T_map_base(k) if self.graph.has(k) else T for k, T in self._poses.items()}
+        kfs = [kf for k, kf in self.loops.memory.keyframes.items() if k in poses]
+        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame)
 
     # ------------------------------------------------------------------ queries
     def context(self, n: int) -> list[list[Frame]]:
@@ -74,8 +136,8 @@ class WindowPlacer:
         """Place one window; ``groups[:n_context]`` are placed context, the rest new keyframes.
 
         ``poses_are_priors``: the backend returned its pose priors as its poses (plane sweep
-        computes depth from the given poses). Refining them against that depth, or linking
-        windows through it, can then only add the depth's noise to exact poses: both are skipped.
+        computes depth from the given poses). Refining them against that depth can then only add
+        the depth's noise to exact poses: it is skipped.
         """
         frames = [f for g in groups for f in g]
         views = prediction.views
@@ -83,26 +145,162 @@ class WindowPlacer:
             raise ValueError(f"backend returned {len(views)} views for {len(frames)} frames")
         usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
         accepted = [i in usable for i in range(len(views))]
-        stack = self._reject_outliers(frames, prediction, accepted)
-        if not poses_are_priors and self.config.refine_poses and stack is not None:
-            prediction = self._refine(prediction, stack, accepted)
-        group_of = [gi for gi, g in enumerate(groups) for _ in g]
-        self._windows += 1
-        if isinstance(self._mode, OdometryGraphPlacement):
-            self._mode.poses_are_priors = poses_are_priors
-            placed = self._mode.place(self._windows, groups, n_context, frames, group_of, prediction, accepted)
+        if not self.localised:
+            return self._relocalise(groups, n_context, frames, prediction, accepted)
+        mode = self._mode
+        if isinstance(mode, OdometryGraphPlacement):
+            mode.register(groups)
+            scale = mode.scale_guess(frames, prediction, usable)
         else:
-            placed = self._mode.place(groups, n_context, frames, prediction, accepted)
-        placed.rejected_views = [i for i, a in enumerate(accepted) if not a]
-        self._bookkeep(groups, n_context, frames, group_of, placed)
+            scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
+        units = 1.0 / scale  # metres -> window units, for the checks' sigmas
+        stack = self._reject_outliers(frames, prediction, accepted, units)
+        if not poses_are_priors and self.config.refine_poses and stack is not None:
+            prediction = self._refine(prediction, stack, accepted, units)
+        depth_ok = list(accepted)
+        self._windows += 1
+        # With odometry the window's depth is checked against the map's; without, the overlap fit is that check.
+        off = self._depth_disagreement(groups, n_context, frames, prediction, accepted, scale) \
+            if isinstance(mode, OdometryGraphPlacement) else None
+        if off is not None:
+            placed = rejected(prediction, f"depth disagrees with the previous window's on the frames both "
+                              f"predicted by a factor {off:.3g}", self._T_map_odom())
+        elif isinstance(mode, OdometryGraphPlacement):
+            placed = mode.place(self._windows, groups, frames, prediction, accepted)
+        else:
+            placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted)
+        placed.rejected_views = [i for i, a in enumerate(depth_ok) if not a]
+        placed.depth_ok = depth_ok
+        if placed.status is PlacementStatus.REJECTED and scale != 1.0:  # depth that still goes out is in metres
+            placed.prediction = dataclasses.replace(placed.prediction, views=[
+                dataclasses.replace(v, depth=v.depth * scale) if ok else v
+                for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
+        if placed.status is not PlacementStatus.REJECTED:
+            self._report(groups, placed)
+        self._bookkeep(groups, n_context, frames, placed)
         return placed
 
-    def _units(self, prediction: WindowPrediction) -> float:
-        """Metres -> window units: 1 for a metric window, else from the last placed window's scale."""
-        return 1.0 if prediction.metric else 1.0 / self._mode.scale
+    def _relocalise(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
+                    prediction: WindowPrediction, accepted: list[bool]) -> PlacedWindow:
+        """A window while not localised in the loaded map: its new keyframes are remembered and
+        matched against the map's keyframes (by appearance; loop jobs verify); nothing is placed,
+        only the depth of views that pass the view checks goes out."""
+        self._reject_outliers(frames, prediction, accepted, 1.0)
+        group_of = [gi for gi, g in enumerate(groups) for _ in g]
+        for gi in range(n_context, len(groups)):
+            g = groups[gi]
+            newest = self.index.newest
+            if self.index.get(g) is not None or (newest is not None and g[0].stamp_ns <= newest.stamp_ns):
+                continue
+            kf = self.index.add(g)
+            self._waiting_windows[kf.kid] = (groups, prediction)
+            while len(self._waiting_windows) > MAX_WAITING_KEYFRAMES:
+                self._waiting_windows.pop(next(iter(self._waiting_windows)))
+            idx = [i for i in range(len(frames)) if group_of[i] == gi and accepted[i] and frames[i].key in kf.cameras]
+            if idx:
+                self.loops.remember(kf.kid, kf.stamp_ns, [(frames[i], kf.cameras[frames[i].key],
+                                                          prediction.views[i].depth, prediction.views[i].valid)
+                                                         for i in idx])
+                self.loops.propose(kf.kid, self._poses, 0.0, every=True)
+        self.stats.windows_unlocalised += 1
+        self.stats.loop_candidates = self.loops.stats.candidates
+        placed = rejected(prediction, "not localised in the loaded map yet")
+        placed.depth_ok = list(accepted)
+        placed.rejected_views = [i for i, a in enumerate(accepted) if not a]
+        return placed
 
-    def _reject_outliers(self, frames: list[Frame], prediction: WindowPrediction, accepted: list[bool]
-                         ) -> ViewStack | None:
+    def _localise(self, loop: LoopMeasurement, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
+        """A verified match of a new keyframe with a loaded one: localised once a second match of a
+        keyframe close by agrees; then that keyframe starts the map, in the loaded map's frame."""
+        if loop.old_kid >= 0 or loop.new_kid < 0:
+            return None  # two new keyframes: no use before the map is there
+        T_map_new = self._poses[loop.old_kid] @ loop.T_old_new
+        agree = any(abs(k - loop.new_kid) <= RELOCALISE_NEIGHBOURS
+                    and np.linalg.norm(T[:3, 3] - T_map_new[:3, 3]) <= RELOCALISE_M * (1 + abs(k - loop.new_kid))
+                    and np.degrees(rotation_angle(invert(T) @ T_map_new)) <= RELOCALISE_DEG
+                    for k, T in self._matches)
+        self._matches.append((loop.new_kid, T_map_new))
+        if not agree:
+            return None
+        kf = self.index.by_kid[loop.new_kid]
+        window = self._waiting_windows.get(loop.new_kid)
+        if window is None:
+            return None  # its window is gone from memory: a later match will do
+        groups, prediction_w = window
+        frames_w = [f for g in groups for f in g]
+        k_views = [i for i, f in enumerate(frames_w) if f.key in kf.cameras]
+        group = next(g for g in groups if g[0].stamp_ns == kf.stamp_ns)
+        # The window that saw the matched keyframe starts the map, placed so that keyframe lands where
+        # the loaded map has it: the next window then continues from the newest keyframes, as usual.
+        self.localised = True
+        if self.config.use_odometry:
+            self.graph.set_origin(T_map_new @ invert(group[0].T_world_base))
+        elif k_views:
+            i = k_views[0]
+            T_map_cam = T_map_new @ kf.cameras[frames_w[i].key]
+            self._mode.start_at = Sim3.from_pose(T_map_cam) @ Sim3.from_pose(
+                invert(rigidify(prediction_w.views[i].T_world_camera)))
+        self._waiting_windows.clear()
+        placed = self.place(groups, 0, prediction_w)
+        if placed.status is PlacementStatus.REJECTED:  # the window itself would not place: wait for another match
+            self.reset_localisation()
+            return None
+        message = (f"localised in the loaded map at the keyframe of {kf.stamp_ns * 1e-9:.2f} s "
+                   f"({len(self._matches)} matches verified)")
+        log.info(message)
+        out = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOCALISED, 1.0, None,
+                           None, placed.corrections, placed.view_corrections, message=message)
+        out.T_map_odom = self._T_map_odom()
+        return out
+
+    def reset_localisation(self) -> None:
+        """Back to relocalising (the window a match started the map with could not be placed)."""
+        self.reset()
+
+    def _depth_disagreement(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
+                            prediction: WindowPrediction, accepted: list[bool], scale: float) -> float | None:
+        """The factor by which the window's depth of the frames it shares with the map differs from
+        the map's, when beyond MAX_LINK_SCALE (a unit slip, a collapsed prediction); else None."""
+        n_ctx = sum(len(g) for g in groups[:n_context])
+        ratios = [depth_ratio(self._anchors[frames[i].key], prediction.views[i]) for i in range(n_ctx)
+                  if accepted[i] and frames[i].key in self._anchors]
+        ratios = [r / scale for r in ratios if r is not None]
+        if not ratios:
+            return None
+        r = float(np.median(ratios))
+        return 1.0 / r if abs(np.log(r)) > np.log(MAX_LINK_SCALE) else None
+
+    def _T_map_odom(self) -> np.ndarray | None:
+        """map -> odom: the drift the graph estimates (wheel odometry), or, without odometry, the
+        correction between the graph and the node's own continuous chain."""
+        if self.config.use_odometry:
+            return self.graph.T_map_odom
+        if self._vo_newest is None:
+            return None
+        return self.graph.T_map_base(self._vo_newest) @ invert(self._vo[self._vo_newest])
+
+    def _report(self, groups: list[list[Frame]], placed: PlacedWindow) -> None:
+        """Corrections of every keyframe the graph moved (recent ones; all of them after a loop),
+        this window's own included; and, without odometry, the chained estimate of the new ones."""
+        kids = self.graph.keyframes[-RECENT_KEYFRAMES:]
+        poses = {k: self.graph.T_map_base(k) for k in kids}
+        self._poses.update(poses)
+        placed.corrections, placed.view_corrections = self.index.changed(poses)
+        if not self.config.use_odometry:
+            for k in kids:
+                if k in self._vo:
+                    continue
+                if self._vo_newest is None:
+                    self._vo[k] = poses[k]
+                else:  # the graph's relative motion from the previous keyframe, never its corrections
+                    ref = self._vo_newest
+                    self._vo[k] = self._vo[ref] @ invert(self.graph.T_map_base(ref)) @ poses[k]
+                self._vo_newest = k
+                placed.visual_odometry[self.index.by_kid[k].stamp_ns] = self._vo[k]
+        placed.T_map_odom = self._T_map_odom()
+
+    def _reject_outliers(self, frames: list[Frame], prediction: WindowPrediction, accepted: list[bool],
+                         units: float) -> ViewStack | None:
         """Views that disagree with their neighbours: implausible, in geometry (depth), or off their
         path (pose). Returns the window's views stacked for refinement (None for fewer than two)."""
         cfg = self.config
@@ -120,7 +318,6 @@ class WindowPlacer:
             return stack
         for i in inconsistent_views(stack, cfg.view_consistency, tolerance=cfg.consistency_tolerance):
             accepted[i] = False
-        units = self._units(prediction)
         for camera in sorted({f.camera for f in frames}):
             idx = [i for i, a in enumerate(accepted) if a and frames[i].camera == camera]
             out = pose_outliers([rigidify(views[i].T_world_camera) for i in idx], [frames[i].stamp_ns for i in idx],
@@ -129,12 +326,16 @@ class WindowPlacer:
                 accepted[idx[k]] = False
         return stack
 
-    def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool]) -> WindowPrediction:
+    def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool], units: float
+                ) -> WindowPrediction:
         """Refine the accepted views' poses; a view that had to move far more than the model's
         noise to agree with its neighbours is rejected, and the rest refined again without it."""
         cfg = self.config
-        kwargs = dict(prior_sigma_m=cfg.view_sigma_m * self._units(prediction),
-                      prior_sigma_rad=np.radians(cfg.view_sigma_deg), depth_sigma=cfg.overlap_sigma / 2,
+        # Poses that lean towards the odometry they were given are not the model's own evidence: its
+        # depth is. Held only loosely to them, the views move wherever the geometry observes them.
+        loose = PRIOR_LEANING_SIGMA_FACTOR if prediction.pose_priors_used else 1.0
+        kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units * loose,
+                      prior_sigma_rad=np.radians(cfg.view_sigma_deg) * loose, depth_sigma=cfg.overlap_sigma / 2,
                       kernel_threshold=cfg.robust_threshold)
         active = [i for i, a in enumerate(accepted) if a]
         ref = refine_window_poses(prediction.views, stack, active, **kwargs)
@@ -147,10 +348,14 @@ class WindowPlacer:
             ref = refine_window_poses(prediction.views, stack, [i for i in active if i not in bad], **kwargs)
         return dataclasses.replace(prediction, views=ref.views)
 
-    def _bookkeep(self, groups: list[list[Frame]], n_context: int, frames: list[Frame], group_of: list[int],
-                  placed: PlacedWindow) -> None:
+    def _bookkeep(self, groups: list[list[Frame]], n_context: int, frames: list[Frame], placed: PlacedWindow) -> None:
         s = self.stats
         s.views_rejected += len(placed.rejected_views)
+        s.odometry_slips += len(placed.slips)
+        s.graph_keyframes = len(self.graph.keyframes)
+        for a, b, metres in placed.slips:
+            log.warning("odometry slip: the odometry moved %.2f m away from the model's geometry between the "
+                        "keyframes at %.3f s and %.3f s", metres, a * 1e-9, b * 1e-9)
         if placed.status is PlacementStatus.REJECTED:
             s.windows_rejected += 1
             return
@@ -158,15 +363,76 @@ class WindowPlacer:
         s.last_scale, s.last_residual_m = placed.scale, placed.residual_m or 0.0
         if placed.status is PlacementStatus.RELOCALISED:
             s.chain_breaks += 1
+        group_of = [gi for gi, g in enumerate(groups) for _ in g]
         for gi in range(n_context, len(groups)):
             idx = [i for i in range(len(frames)) if group_of[i] == gi and placed.accepted[i]]
             if not idx:
                 continue
             self._placed_groups.append(groups[gi])
-            for i in idx:
+            for i in idx:  # later windows measure their scale and attach through these
                 view = placed.prediction.views[i]
-                if isinstance(self._mode, OverlapChainPlacement):  # the chain needs the points; the graph does not
+                self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
+                if isinstance(self._mode, OverlapChainPlacement):
                     self._mode.last_pose = view.T_world_camera
-                    self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
+            kf = self.index.get(groups[gi])
+            if kf is not None and self.loops.config.enabled:
+                views = [(frames[i], kf.cameras[frames[i].key], placed.prediction.views[i].depth,
+                          placed.prediction.views[i].valid) for i in idx if frames[i].key in kf.cameras]
+                if views:
+                    self.loops.remember(kf.kid, kf.stamp_ns, views)
+                    self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
         while len(self._anchors) > MAX_ANCHORS:
             self._anchors.popitem(last=False)
+        s.loop_candidates = self.loops.stats.candidates
+
+    def _position_sigma(self, kid: int) -> float:
+        """Largest standard deviation (m) of a keyframe's position in the graph: how far it may have drifted."""
+        if not self.graph.has(kid) or kid not in self._poses:
+            return 0.0
+        try:
+            cov = self.graph.marginal_covariance(kid)[3:, 3:]
+        except RuntimeError:  # not yet in iSAM2 (waiting for its window)
+            return 0.0
+        return float(np.sqrt(max(np.linalg.eigvalsh(0.5 * (cov + cov.T)).max(), 0.0)))
+
+    # ------------------------------------------------------------------ loop closure
+    def loop_job(self) -> LoopJob | None:
+        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do)."""
+        return self.loops.next_job() if self.loops.pending else None
+
+    def close_loop(self, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
+        """Verify ``job`` with the backend's ``prediction``; when it closes a loop, the corrections of
+        every keyframe it moved (no views), else None."""
+        s = self.stats
+        loop = self.loops.verify(job, prediction)
+        if isinstance(loop, str):
+            s.loops_rejected += 1
+            self.loops.stats.last_message = loop
+            log.debug("loop %s rejected: %s", job.candidate, loop)
+            return None
+        s.loops_verified += 1
+        if not self.localised:
+            return self._localise(loop, job, prediction)
+        g = self.graph
+        if loop.old_kid < 0 and loop.old_kid in self._poses:  # a keyframe of the loaded map: held where it is
+            g.add_fixed(loop.old_kid, self._poses[loop.old_kid])
+        if not (g.has(loop.old_kid) and g.has(loop.new_kid)):
+            return None
+        ready = self.loops.confirm(loop, g.T_map_base(loop.old_kid), g.T_map_base(loop.new_kid))
+        if not ready:
+            return None
+        for m in ready:
+            g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
+        s.loops_closed += len(ready)
+        poses = {k: g.T_map_base(k) for k in g.keyframes}
+        self._poses.update(poses)
+        corrections, view_corrections = self.index.changed(poses)
+        stamps = {k: self.loops.memory.keyframes[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
+        message = (f"loop closed between the keyframes at {stamps[loop.old_kid]:.2f} s and "
+                   f"{stamps[loop.new_kid]:.2f} s ({loop.source}, {loop.overlap:.0%} overlap, {len(ready)} "
+                   f"loops); {len(corrections)} keyframes moved")
+        log.info(message)
+        placed = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOOP_CLOSED, 1.0, None,
+                              None, corrections, view_corrections, message=message)
+        placed.T_map_odom = self._T_map_odom()
+        return placed
