@@ -209,6 +209,40 @@ def test_update_pose_equals_integrating_at_the_corrected_pose_at_any_age() -> No
     assert not np.array_equal(before.data, truth.snapshot().data)
 
 
+def test_update_poses_takes_a_loop_closure_at_once_as_update_pose_does() -> None:
+    """A batch of corrections (both cameras of every keyframe, the way a loop closure reports them, with
+    unknown keys, small ones and one back where its votes are) gives the grid one update_pose each gives;
+    a batch with one bad pose changes nothing."""
+    poses = [base(0.05 * i, 0.02 * math.sin(i)) for i in range(12)]
+    wrong = [p @ base(0.0, 0.05 * i, 1.5 * i) for i, p in enumerate(poses)]
+    one_by_one, batch, truth = OccupancyGrid(), OccupancyGrid(), OccupancyGrid()
+    for g in (one_by_one, batch):
+        drive(g, poses, placed=wrong)
+    drive(truth, poses)
+    corrections = {(name, i): poses[i] @ T_base_camera for i in range(12) for name, T_base_camera in
+                   (("front", FRONT), ("left", LEFT))}
+    corrections[("front", 0)] = wrong[0] @ FRONT @ base(0.004)  # under a quarter cell: waits
+    corrections[("rear", 3)] = poses[3]  # no such keyframe
+    assert batch.update_pose(("left", 1), wrong[1] @ LEFT @ base(0.5))  # pending, then back where its votes are
+    corrections[("left", 1)] = wrong[1] @ LEFT
+    expected = sum(one_by_one.update_pose(k, T) for k, T in corrections.items())
+    bad = dict(corrections)
+    bad[("left", 5)] = np.full((4, 4), np.nan)
+    version = batch.version
+    with pytest.raises(ValueError, match="rigid"):
+        batch.update_poses(bad)
+    assert batch.version == version and len(batch._pending) == 1
+    assert batch.update_poses(corrections) == expected == 21 and batch.version > version
+    assert not batch._pending.keys() - one_by_one._pending.keys()
+    assert_same(batch.snapshot(), one_by_one.snapshot())
+    assert batch.keyframes_reposed == one_by_one.keyframes_reposed == 21
+    assert disagreement(batch.snapshot(), truth.snapshot()) < 0.01
+    far = {("front", 2): base(1e4) @ FRONT}
+    with pytest.raises(ValueError, match="would grow the occupancy grid"):
+        batch.update_poses(far)
+    assert batch.update_poses({}) == 0
+
+
 def test_small_corrections_wait_and_a_correction_back_cancels() -> None:
     grid = OccupancyGrid()
     drive(grid, ROW)
@@ -345,20 +379,32 @@ def disagreement(a: GridSnapshot, b: GridSnapshot) -> float:
     return float((A != B)[known].mean())
 
 
-def test_the_pipelines_grid_follows_the_pose_graph() -> None:
-    """Drifting odometry (5 % scale, 5 deg/m): the pose graph corrects keyframes after they were cast; the
-    pipeline's grid is the grid of the final poses (up to corrections under a quarter cell), not the
-    grid of the poses the keyframes first had."""
+def test_the_pipelines_grid_follows_loop_closures(monkeypatch) -> None:
+    """A model whose errors add up (3 % scale, 0.3 deg and 5 mm more with every view), no odometry, 1.3
+    loops, no fused map: loop closure corrects keyframes of any age, in results of no window. The grid is
+    the grid of the final poses (up to corrections under a quarter cell), not the grid of the poses
+    the keyframes first had."""
     from mapany_ros.sim.drive import drive as drive_pipeline
     from mapany_ros.sim.model_simulator import ModelSimulator
-    from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
     from mapany_ros.sim.scene import SyntheticScene
 
+    batches: list[set] = []
+    update_poses = OccupancyGrid.update_poses
+
+    def recording_update_poses(self, poses):
+        batches.append(set(poses))
+        return update_poses(self, poses)
+
+    monkeypatch.setattr(OccupancyGrid, "update_poses", recording_update_poses)
     scene = SyntheticScene(0)
-    errors = OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0, noise_m=0.005, noise_deg=0.2, seed=5)
-    odometry = DriftingOdometry(scene.base_pose, errors)
-    run = drive_pipeline(scene, ModelSimulator(scene=scene, noise_seed=4, scale_sigma=0.0), odometry=odometry,
-                         loops=0.5, rate_hz=5.0, width=W, height=H)
+    model = ModelSimulator(scene=scene, noise_seed=4, metric=True, scale_bias=0.03, drift_deg_per_view=0.3,
+                           drift_m_per_view=0.005)
+    run = drive_pipeline(scene, model, loops=1.3, width=W, height=H, fusion=None)  # the grid alone
+    loops = [r for r in run.results if not r.frames and r.placement.view_corrections]
+    assert run.pipeline.stats.loops_closed >= 1 and loops
+    # Every loop closure's corrections, hundreds of keyframes back, reached the grid in one call.
+    for r in loops:
+        assert set(r.placement.view_corrections) in batches
     grid = run.pipeline.grid
     snap = grid.snapshot()
     assert grid.keyframes_integrated == len(run.stamps) and grid.keyframes_reposed > 0
@@ -372,3 +418,17 @@ def test_the_pipelines_grid_follows_the_pose_graph() -> None:
                                 T_base_camera=scene.T_base_camera)
     to_final, to_first = disagreement(snap, final.snapshot()), disagreement(snap, first.snapshot())
     assert to_final < 0.01 and to_first > 5 * to_final, (to_final, to_first)
+
+
+def test_localisation_only_leaves_the_grid_alone() -> None:
+    """map.update false: new keyframes are placed and published, neither the fused map nor the grid changes."""
+    from mapany_ros.sim.drive import drive as drive_pipeline
+    from mapany_ros.sim.model_simulator import ModelSimulator
+    from mapany_ros.sim.scene import SyntheticScene
+
+    scene = SyntheticScene(0)
+    run = drive_pipeline(scene, ModelSimulator(scene=scene, noise_seed=4), loops=0.3, width=W, height=H,
+                         update_map=False)
+    assert len(run.stamps) >= 8
+    assert run.pipeline.grid.keyframes_integrated == 0 and run.pipeline.map.keyframes_integrated == 0
+    assert run.pipeline.grid.snapshot().data.size == 0
