@@ -368,6 +368,12 @@ def test_occupancy_grid_message_is_row_major_from_the_lower_left_cell():
 
     empty = conv.occupancy_grid(GridSnapshot(np.zeros((0, 0), np.int8), (0.0, 0.0), 0.05, 0))
     assert (empty.info.width, empty.info.height, list(empty.data)) == (1, 1, [-1])
+    # Packed for the map publisher: the same cells as int8 bytes in the buffer, data left empty.
+    shared = np.full(64, 7, np.uint8)
+    sizes: list[int] = []
+    packed = conv.occupancy_grid(grid, header, buffer=lambda n: (sizes.append(n), shared[:n])[1])
+    assert len(packed.data) == 0 and sizes == [12] and (packed.info.width, packed.info.height) == (4, 3)
+    assert list(shared[:12].view(np.int8)) == list(msg.data) and shared[12] == 7
     msg.info.width = 5
     with pytest.raises(ConversionError, match="12 cells"):
         conv.occupancy_grid_to_snapshot(msg)
