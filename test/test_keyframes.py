@@ -283,8 +283,9 @@ def default_config(**overrides) -> dict:
     """The node's default parameters without odometry, as PipelineConfig keywords (offline: nothing thinned)."""
     values = {p.name: p.default for p in PARAMETERS}
     cfg = validate({**values, "use_odometry": False}).pipeline
-    return {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PipelineConfig)}, "thin_keyframes": False,
-            **overrides}
+    # The rig (``cameras``) is drive()'s own: it names the cameras it renders.
+    return {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PipelineConfig) if f.name != "cameras"},
+            "thin_keyframes": False, **overrides}
 
 
 def test_without_odometry_default_keyframes_give_a_metric_continuous_map(scene):

@@ -100,6 +100,10 @@ TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliabili
 #: As tf2's listener subscribes /tf.
 TF_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                     durability=DurabilityPolicy.VOLATILE)
+#: Services keep every request: with the default depth of 10, calls that arrive while one waits
+#: for the worker or the voxel map would be dropped by DDS and their callers left waiting forever.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 
 def _descriptor(p) -> ParameterDescriptor:
@@ -315,9 +319,10 @@ class MapanyNode(LifecycleNode):
             self.map_publisher.add_layer(self.resolve_topic_name("map_grid"), OccupancyGrid, LATCHED_QOS,
                                          self._grid_version, self._build_grid)
         # Groups of their own: while one awaits the worker or the voxel map, the other callbacks go on.
-        subscribe(self.create_service(Trigger, "~/save_map", self._save_map,
+        subscribe(self.create_service(Trigger, "~/save_map", self._save_map, qos_profile=SERVICE_QOS,
                                       callback_group=MutuallyExclusiveCallbackGroup()))
-        subscribe(self.create_service(Trigger, "~/reset", self._reset, callback_group=MutuallyExclusiveCallbackGroup()))
+        subscribe(self.create_service(Trigger, "~/reset", self._reset, qos_profile=SERVICE_QOS,
+                                      callback_group=MutuallyExclusiveCallbackGroup()))
         self._last_odom_ns: int | None = None
         self._last_counts = {"keyframes_skipped": 0, "windows_rejected": 0, "views_rejected": 0, "chain_breaks": 0,
                              "views_unplaced": 0, "odometry_slips": 0,
