@@ -344,3 +344,36 @@ def test_pose_stamped():
         ps = conv.pose_stamped(some_pose(i), "map", ns)
         assert ps.header.frame_id == "map" and conv.stamp_to_ns(ps.header.stamp) == ns
         np.testing.assert_allclose(conv.pose_to_matrix(ps.pose), some_pose(i), atol=1e-12)
+
+
+def test_occupancy_grid_message_is_row_major_from_the_lower_left_cell():
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from mapany_ros.core.occupancy import GridSnapshot
+
+    data = np.full((3, 4), -1, np.int8)  # 3 rows (y) x 4 columns (x)
+    data[0, 3] = 100  # lowest row, last column: x in [1.15, 1.2), y in [-0.5, -0.45)
+    data[2, 0] = 0  # top row, first column
+    grid = GridSnapshot(data, (1.0, -0.5), 0.05, 7)
+    header = Header(stamp=Time(sec=3, nanosec=4), frame_id="map")
+    msg = deserialize_message(serialize_message(conv.occupancy_grid(grid, header)), type(conv.occupancy_grid(grid)))
+    assert msg.header.frame_id == "map" and msg.info.map_load_time == header.stamp
+    assert (msg.info.width, msg.info.height) == (4, 3) and msg.info.resolution == pytest.approx(0.05)
+    p, q = msg.info.origin.position, msg.info.origin.orientation
+    assert (p.x, p.y, p.z, q.x, q.y, q.z, q.w) == (1.0, -0.5, 0.0, 0.0, 0.0, 0.0, 1.0)
+    assert list(msg.data) == [-1, -1, -1, 100, -1, -1, -1, -1, 0, -1, -1, -1]  # data[y * width + x]
+    back = conv.occupancy_grid_to_snapshot(msg)
+    np.testing.assert_array_equal(back.data, data)
+    assert back.cell_of(1.17, -0.48) == (0, 3) and back.data[back.cell_of(1.17, -0.48)] == 100
+
+    empty = conv.occupancy_grid(GridSnapshot(np.zeros((0, 0), np.int8), (0.0, 0.0), 0.05, 0))
+    assert (empty.info.width, empty.info.height, list(empty.data)) == (1, 1, [-1])
+    # Packed for the map publisher: the same cells as int8 bytes in the buffer, data left empty.
+    shared = np.full(64, 7, np.uint8)
+    sizes: list[int] = []
+    packed = conv.occupancy_grid(grid, header, buffer=lambda n: (sizes.append(n), shared[:n])[1])
+    assert len(packed.data) == 0 and sizes == [12] and (packed.info.width, packed.info.height) == (4, 3)
+    assert list(shared[:12].view(np.int8)) == list(msg.data) and shared[12] == 7
+    msg.info.width = 5
+    with pytest.raises(ConversionError, match="12 cells"):
+        conv.occupancy_grid_to_snapshot(msg)

@@ -20,6 +20,7 @@ def test_two_layers_are_published_by_the_helper_when_they_change_and_never_while
     from sensor_msgs.msg import PointCloud2
     from std_msgs.msg import Header
 
+    from mapany_ros.core.occupancy import GridSnapshot
     from mapany_ros.ros.map_publisher import MapPublisher
     from mapany_ros.ros.node import LATCHED_QOS
 
@@ -33,12 +34,8 @@ def test_two_layers_are_published_by_the_helper_when_they_change_and_never_while
     def build_cloud(buffer):
         return conv.map_cloud(xyz, rgb, confidence, Header(frame_id="map"), buffer=buffer)
 
-    def build_grid(buffer):  # the shape of the occupancy grid layer
-        msg = OccupancyGrid()
-        msg.header.frame_id = "map"
-        msg.info.width, msg.info.height, msg.info.resolution = 40, 30, 0.05
-        buffer(grid.size).view(np.int8)[:] = grid.ravel()
-        return msg
+    def build_grid(buffer):  # as the node's occupancy grid layer packs it
+        return conv.occupancy_grid(GridSnapshot(grid, (-1.0, 2.0), 0.05, 0), Header(frame_id="map"), buffer=buffer)
 
     warnings: list[str] = []
     publisher = MapPublisher("layer_test", "/", 0.05, warn=warnings.append)
@@ -77,6 +74,7 @@ def test_two_layers_are_published_by_the_helper_when_they_change_and_never_while
         assert clouds[0].width == len(xyz) and clouds[0].header.frame_id == "map"
         np.testing.assert_array_equal(np.asarray(grids[0].data, np.int8).reshape(30, 40), grid)
         assert grids[0].info.width == 40 and grids[0].info.resolution == pytest.approx(0.05)
+        assert conv.occupancy_grid_to_snapshot(grids[0]).origin_xy == (-1.0, 2.0)
         # Published by the helper process, under its own node name.
         (info,) = node.get_publishers_info_by_topic("/layer_test/map_points")
         assert info.node_name == "layer_test_map_publisher"

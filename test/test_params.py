@@ -127,6 +127,8 @@ def test_launch_file_remaps_every_camera_and_odometry(monkeypatch):
         ({"map_frame": "/map"}, "map_frame"),
         ({"qos.reliability": "sometimes"}, "qos.reliability"),
         ({"placement.max_residual_m": -1.0}, "placement.max_residual_m"),
+        ({"grid.min_height_m": 2.5}, r"grid.min_height_m \(2.5\) must be below max_height_m"),
+        ({"grid.pixel_stride": 0}, "grid.pixel_stride"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_message_naming_them(change, message):
@@ -144,6 +146,13 @@ def test_a_plugin_backend_gets_its_options_and_the_placement_its_parameters():
     assert config.pipeline.placement.use_odometry
 
 
+def test_the_grid_gets_its_parameters_or_is_off():
+    config = validate({**defaults(), "grid.resolution_m": 0.1, "grid.base_height_m": 0.2, "grid.max_range_m": 6.0})
+    grid = config.pipeline.grid
+    assert (grid.resolution_m, grid.base_height_m, grid.max_range_m, grid.pixel_stride) == (0.1, 0.2, 6.0, 8)
+    assert validate({**defaults(), "grid.enabled": False}).pipeline.grid is None
+
+
 def test_every_range_is_consistent_with_its_default():
     for p in PARAMETERS:
         p.check(p.default)
@@ -151,10 +160,14 @@ def test_every_range_is_consistent_with_its_default():
             assert p.low <= p.high
 
 
-def test_rviz_config_shows_the_fused_map_and_only_topics_the_node_publishes():
+def test_rviz_config_shows_the_fused_map_the_grid_and_only_topics_the_node_publishes():
     doc = yaml.safe_load((ROOT / "config" / "mapany.rviz").read_text())
     topics = {d["Name"]: d["Topic"] for d in doc["Visualization Manager"]["Displays"] if "Topic" in d}
     assert topics["Fused map"]["Value"] == "/map_points"
     assert topics["Fused map"]["Durability Policy"] == "Transient Local"  # the node latches it
-    outputs = {"/map_points", "/points", "/path", "/camera/depth", "/camera/confidence"}
+    classes = {d["Name"]: d["Class"] for d in doc["Visualization Manager"]["Displays"]}
+    assert classes["Occupancy grid"] == "rviz_default_plugins/Map"
+    assert topics["Occupancy grid"] == {"Value": "/map_grid", "Reliability Policy": "Reliable",
+                                        "Durability Policy": "Transient Local"}
+    outputs = {"/map_points", "/map_grid", "/points", "/path", "/camera/depth", "/camera/confidence"}
     assert {t["Value"] for t in topics.values()} <= outputs

@@ -621,6 +621,14 @@ def test_save_map_is_written_by_the_worker_between_two_windows(tmp_path):
         return saved_keyframes(*args)
 
     p.placer._placer.saved_keyframes = recording_saved_keyframes
+    grid_readers: list[tuple[str, int]] = []
+    snapshot = p.grid.snapshot
+
+    def recording_snapshot():
+        grid_readers.append((threading.current_thread().name, backend.active))
+        return snapshot()
+
+    p.grid.snapshot = recording_snapshot
     p.start()
     for i in range(7):
         p.add_frame(frame(i * 0.1))
@@ -635,6 +643,10 @@ def test_save_map_is_written_by_the_worker_between_two_windows(tmp_path):
     assert writers == [("mapany-backend", 0)], writers  # on the worker, with no backend call under way
     assert n_windows < 3, "the save waited for every window instead of the next gap"
     assert "keyframes" in wrote and (tmp_path / "map" / "keyframes.npz").is_file()
+    # The occupancy grid's Nav2 pair in the folder, read on the worker as the voxel map is.
+    assert "map_grid.yaml" in wrote and (tmp_path / "map" / "map_grid.pgm").is_file()
+    assert "image: map_grid.pgm" in (tmp_path / "map" / "map_grid.yaml").read_text()
+    assert grid_readers == [("mapany-backend", 0)], grid_readers
     p.stop()
     # Without a worker the caller writes it.
     assert "keyframes" in p.save_map(tmp_path / "again") and writers[-1] == ("MainThread", 0)

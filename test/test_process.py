@@ -53,6 +53,7 @@ OUTPUT_TYPES = {
     "/path": "nav_msgs/msg/Path",
     "/tf": "tf2_msgs/msg/TFMessage",
     "/map_points": "sensor_msgs/msg/PointCloud2",
+    "/map_grid": "nav_msgs/msg/OccupancyGrid",
 }
 # The accuracy the live node reaches (test_end_to_end.py, mapany_ros/scoring/scene_scores.py TARGETS).
 MEDIAN_ABS_REL, WITHIN_10PCT = 0.03, 0.90
@@ -307,6 +308,12 @@ def check_outputs(result: Processed, truth: Truth) -> dict[str, list[tuple[int, 
     assert [f.name for f in fused.fields] == ["x", "y", "z", "rgb", "confidence"]
     fields = cloud_arrays(fused)
     assert fused.width > 100 and np.all(fields["confidence"] > 0)
+
+    [(_, grid)] = msgs["/map_grid"]
+    assert grid.header.frame_id == "map" and stamp(grid) == max(depth)
+    assert grid.info.resolution == pytest.approx(0.05) and len(grid.data) == grid.info.width * grid.info.height
+    cells = np.asarray(grid.data, np.int8)
+    assert np.count_nonzero(cells == 100) > 10 and np.count_nonzero(cells == 0) > 100
     return msgs
 
 
@@ -352,14 +359,16 @@ def test_cli_writes_ply_tum_and_rerun(mcap_bag: Path, tmp_path: Path, caplog: py
     from rerun.chunk import RrdReader
 
     out, ply, tum, rrd = tmp_path / "out", tmp_path / "map.ply", tmp_path / "path.txt", tmp_path / "run.rrd"
+    grid_yaml = tmp_path / "nav2" / "grid.yaml"
+    grid_yaml.parent.mkdir()
     torch.set_num_threads(2)
     rc = process_tool.main(cli_args(mcap_bag, out, "-p", "window.sise:=6", "--ply", str(ply), "--tum", str(tum),
-                                    "--rerun", str(rrd), "--threads", "1"))
+                                    "--rerun", str(rrd), "--threads", "1", "--grid", str(grid_yaml)))
     assert rc == 0 and torch.get_num_threads() == 1
     warnings = errors_logged(caplog, logging.WARNING)
     assert "'window.sise' is not a parameter" in warnings and "did you mean 'window.size'?" in warnings
     printed = capsys.readouterr().out
-    assert all(f"wrote {path}" in printed for path in (out, tum, ply, rrd))
+    assert all(f"wrote {path}" in printed for path in (out, tum, ply, rrd, grid_yaml))
 
     _, msgs = read_output(out)
     depth_stamps = [stamp(m) for _, m in msgs["/camera/depth"]]
@@ -372,6 +381,15 @@ def test_cli_writes_ply_tum_and_rerun(mcap_bag: Path, tmp_path: Path, caplog: py
     assert len(vertices) == len(fused) > 100
     np.testing.assert_allclose(np.stack([vertices[k] for k in "xyz"]), np.stack([fused[k] for k in "xyz"]),
                                atol=1e-6)
+
+    # The grid pair, as Nav2's map_server loads it: the /map_grid of the bag, cell for cell.
+    from test_nav2_map import load_like_map_server
+
+    grid_msg = msgs["/map_grid"][0][1]
+    loaded = load_like_map_server(grid_yaml)
+    assert (tmp_path / "nav2" / "grid.pgm").is_file()
+    np.testing.assert_array_equal(loaded.data.ravel(), np.asarray(grid_msg.data, np.int8))
+    assert loaded.origin_xy == pytest.approx((grid_msg.info.origin.position.x, grid_msg.info.origin.position.y))
 
     # TUM: "stamp tx ty tz qx qy qz qw", one line per keyframe, the final /path.
     lines = tum.read_text().splitlines()

@@ -17,6 +17,8 @@ Measured as ratios within one run (these machines are noisy):
    at 2000 keyframes (:mod:`mapany_ros.bench.loops`).
 8. Keyframe selection per frame group in the callbacks, from the images without odometry
    (target <= 2 ms at 640x480, :mod:`mapany_ros.bench.keyframes`).
+9. The occupancy grid's update per 640x480 keyframe on the CPU (target <= 10 ms) and its accuracy on
+   the demo's path (:mod:`mapany_ros.bench.occupancy`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"].append(fusion_markdown(bench_fusion()))
     print("[bench] fused map: a loop closure at 2000 keyframes ...", flush=True)
     results["extra_sections"].append(loop_closure_markdown(bench_loop_closure()))
+    from mapany_ros.bench.occupancy import bench_occupancy
+
+    print("[bench] occupancy grid: update per keyframe, accuracy on the demo's path ...", flush=True)
+    results["extra_sections"].append(bench_occupancy())
     print("[bench] offline processing ...", flush=True)
     results["extra_sections"].append(bench_process())
     print("[bench] long run (2000 keyframes) ...", flush=True)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_localhost_dds()
     # Imported after the DDS environment is set: nothing may touch rclpy before that.
     import rclpy
-    from nav_msgs.msg import Odometry
+    from nav_msgs.msg import OccupancyGrid, Odometry
     from nav_msgs.msg import Path as PathMsg
     from rclpy.executors import MultiThreadedExecutor
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "/camera/image_raw": Image, "/camera/camera_info": CameraInfo, "/odom": Odometry, "/tf_static": TFMessage,
         "/camera/depth": Image, "/camera/depth/camera_info": CameraInfo, "/camera/confidence": Image,
         "/points": PointCloud2, "/path": PathMsg, "/tf": TFMessage, "/map_points": PointCloud2,
+        "/map_grid": OccupancyGrid,
     })
     executor = MultiThreadedExecutor(num_threads=3)
     for n in (source, collector, recorder):

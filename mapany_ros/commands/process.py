@@ -9,6 +9,7 @@ backend. A damaged bag stops the run with a message naming the damage; what was 
 it is written and readable.
 
     mapany-ros process robot_bag/ out_bag/ --params config/demo.yaml -p window.size:=6 --ply map.ply --tum path.txt
+    mapany-ros process robot_bag/ out_bag/ --params config/demo.yaml --grid map.yaml   # map.pgm beside it
 """
 
 from __future__ import annotations
@@ -316,17 +317,21 @@ class OfflineRun:
 
 
     def write_map(self, out: BagOutput) -> None:
-        """The fused map once, at the end, stamped with the newest keyframe (as the node's latched topic)."""
+        """The fused map and the occupancy grid once, at the end, stamped with the newest keyframe (as the
+        node's latched topics)."""
         from std_msgs.msg import Header
 
-        from mapany_ros.ros.conversions import map_cloud, ns_to_stamp
+        from mapany_ros.ros.conversions import map_cloud, ns_to_stamp, occupancy_grid
 
-        if self.pipeline.map is None or not self.outputs.has_path:
+        if not self.outputs.has_path:
             return
         stamp = int(max(self.outputs.path_stamps()))
-        xyz, rgb, confidence = self.pipeline.map.points()
         header = Header(stamp=ns_to_stamp(stamp), frame_id=self.config["map_frame"])
-        out.write("/map_points", map_cloud(xyz, rgb, confidence, header), stamp)
+        if self.pipeline.map is not None:
+            xyz, rgb, confidence = self.pipeline.map.points()
+            out.write("/map_points", map_cloud(xyz, rgb, confidence, header), stamp)
+        if self.pipeline.grid is not None:
+            out.write("/map_grid", occupancy_grid(self.pipeline.grid.snapshot(), header), stamp)
 
 
 def _stamp_of(msg: Any, fallback: int | None) -> int:
@@ -401,6 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override one parameter (repeatable)")
     ap.add_argument("--ply", type=Path, default=None, help="also write the map points to this PLY file")
     ap.add_argument("--tum", type=Path, default=None, help="also write the trajectory in TUM format")
+    ap.add_argument("--grid", type=Path, default=None, metavar="FILE.yaml",
+                    help="also write the occupancy grid as a Nav2 map_server pair: FILE.yaml and FILE.pgm beside it")
     ap.add_argument("--rerun", type=Path, default=None, help="also write a rerun recording (.rrd)")
     ap.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                     help="torch CPU threads (default: torch's choice, one per core); on a machine busy with "
@@ -455,6 +462,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         n = run.pipeline.map.save_ply(args.ply)
         print(f"[process] wrote {args.ply} ({n} points of the fused map)")
+    if args.grid:
+        if run.pipeline.grid is None:
+            log.error("--grid needs the occupancy grid: grid.enabled is false")
+            return 2
+        from mapany_ros.core.occupancy import write_nav2_map
+
+        grid = run.pipeline.grid.snapshot()
+        yaml_path, pgm_path = write_nav2_map(args.grid, grid)
+        print(f"[process] wrote {yaml_path} and {pgm_path} (occupancy grid, {grid.width} x {grid.height} cells of "
+              f"{grid.resolution:g} m)")
     if args.rerun:
         from mapany_ros.commands.rerun_export import export_rerun
 

@@ -7,6 +7,7 @@
     <folder>/keyframes.npz   every keyframe: its pose in the map, and per camera its camera model,
                              place on the base, global descriptor and small depth image
     <folder>/images/         per keyframe and camera, the JPEG loop closure verifies with
+    <folder>/map_grid.yaml   the occupancy grid as Nav2's map_server loads it, with map_grid.pgm
 
 Other layers (the occupancy grid's Nav2 pair) are written beside them by their owners. Nothing
 here is pickled: arrays, JPEG and YAML only, so a map folder is safe to load from anywhere.
@@ -24,6 +25,8 @@ from mapany_ros.core.placement.loops.memory import SavedKeyframes, StoredKeyfram
 
 VERSION = 1
 MAP_PLY = "map.ply"
+#: The occupancy grid's Nav2 pair: this YAML and the PGM of the same stem (core.occupancy.write_nav2_map).
+GRID_YAML = "map_grid.yaml"
 MAX_D = 14  # rational_polynomial has 8 coefficients; room for the longest ROS model
 
 

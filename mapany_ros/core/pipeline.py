@@ -14,9 +14,10 @@ window), and between two jobs it writes the map that :meth:`Pipeline.save_map` a
 Threads and locks. Callers (the node's executor, its timers, services) and the worker share one
 lock, ``Pipeline._lock``, which guards the buffers, counters and the worker's queue. It is a leaf:
 while it is held the pipeline calls out to nothing - not the callbacks (``on_result``,
-``on_error``, ``on_reset``), not the clock, not the placer and not the voxel map (which has its own
-leaf lock). What a locked section decides to announce is collected and announced after the lock is
-released, so a callback may take its own locks and call back into the pipeline in any order. The
+``on_error``, ``on_reset``), not the clock, not the placer and not the voxel map or the occupancy
+grid (each has its own leaf lock). What a locked section decides to announce is collected and
+announced after the lock is released, so a callback may take its own locks and call back into the
+pipeline in any order. The
 placer is the worker's alone (or the caller's of :meth:`Pipeline.process_ready`), so it needs no lock:
 what others may read of it (counters, ``localised``) the worker copies under the lock after each job.
 """
@@ -39,7 +40,8 @@ from mapany_ros.core.backends.base import Backend, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.fusion import FusionConfig, VoxelMap
 from mapany_ros.core.keyframes import KeyframeSelector
-from mapany_ros.core.map_folder import MAP_PLY, read_keyframes, write_keyframes
+from mapany_ros.core.map_folder import GRID_YAML, MAP_PLY, read_keyframes, write_keyframes
+from mapany_ros.core.occupancy import OccupancyConfig, OccupancyGrid, write_nav2_map
 from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.core.placement import PlacedWindow, PlacementConfig, PlacementStats, PlacementStatus, WindowPlacer
 from mapany_ros.core.sync import FrameSync
@@ -92,6 +94,8 @@ class PipelineConfig:
     placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
     #: The fused voxel map of every placed keyframe (None: no map).
     fusion: FusionConfig | None = dataclasses.field(default_factory=FusionConfig)
+    #: The 2-D occupancy grid of every placed keyframe (None: no grid).
+    grid: OccupancyConfig | None = dataclasses.field(default_factory=OccupancyConfig)
     #: False: localisation only in a loaded map - new keyframes are placed and published, the map
     #: (fused, and what a saved map holds) is not changed.
     update_map: bool = True
@@ -235,6 +239,8 @@ class Pipeline:
         #: Fused in the worker, on the backend's device, before anything leaves it.
         self.map = VoxelMap(config.fusion, device if isinstance(device, torch.device) else "cpu") \
             if config.fusion is not None else None
+        self.grid = OccupancyGrid(config.grid, device if isinstance(device, torch.device) else "cpu") \
+            if config.grid is not None else None
         self._waiting: deque[_Waiting] = deque()
         self._last_stamp: dict[str, int] = {}
         self._due: dict[int, int] = {}  # group stamp -> node time after which it flushes a partial window
@@ -618,6 +624,8 @@ class Pipeline:
                 self.placer.reset()
                 if self.map is not None:
                     self.map.reset()
+                if self.grid is not None:
+                    self.grid.reset()
                 snapshot = self._placer_snapshot()
                 with self._lock:
                     self._placer_generation = job.generation  # another reset since: the worker restarts again
@@ -660,7 +668,7 @@ class Pipeline:
                 placed = self.placer.close_loop(job, prediction)
                 self.placer.stats.last_loop_s = time.perf_counter() - t0
                 if placed is not None:
-                    if self.map is not None:
+                    if self.map is not None or self.grid is not None:
                         self._fuse(Window(-1, [], 0), placed)
                     result = WindowResult(Window(-1, [], 0), [], placed.prediction, [], placed, 0.0, generation)
         except Exception as exc:  # a failed verification loses a candidate, nothing else
@@ -745,13 +753,21 @@ class Pipeline:
         return request["result"]
 
     def _write_map(self, folder: Path) -> str:
+        """The map folder (worker between two jobs, or the caller without a worker): the voxel map and
+        the grid are read through their own locks (points(), snapshot()), as the map publisher reads them."""
         folder.mkdir(parents=True, exist_ok=True)
         saved = self.placer.saved_keyframes()
-        extra = {}
+        extra: dict = {}
         if self.map is not None:
             extra["map_points"] = self.map.save_ply(folder / MAP_PLY)
+        grid = ""
+        if self.grid is not None:
+            snapshot = self.grid.snapshot()
+            write_nav2_map(folder / GRID_YAML, snapshot)
+            extra["occupancy_grid"] = GRID_YAML
+            grid = f", the occupancy grid ({snapshot.width} x {snapshot.height} cells, {GRID_YAML})"
         write_keyframes(folder, saved, extra)
-        return f"{extra.get('map_points', 0)} map points and {len(saved.keyframes)} keyframes"
+        return f"{extra.get('map_points', 0)} map points, {len(saved.keyframes)} keyframes{grid}"
 
     def _serve_saves(self, requests: list[dict]) -> None:
         """Answer ~/save_map requests (worker thread between jobs, or ``stop`` once the worker is gone)."""
@@ -789,7 +805,7 @@ class Pipeline:
         placed = self.placer.place(window.groups, window.n_context, prediction,
                                    poses_are_priors=getattr(self.backend, "needs_pose_priors", False))
         t2 = time.perf_counter()
-        if self.map is not None and placed.status is not PlacementStatus.REJECTED:
+        if (self.map is not None or self.grid is not None) and placed.status is not PlacementStatus.REJECTED:
             self._fuse(window, placed)
         # One synchronised copy to (pinned) host memory per window: publishing never waits on the GPU.
         placed.prediction = placed.prediction.to_host()
@@ -813,16 +829,23 @@ class Pipeline:
         return WindowResult(window, frames, placed.prediction, mask, placed, latency_s, job.generation, depth_only)
 
     def _fuse(self, window: Window, placed: PlacedWindow) -> None:
-        """Integrate the window's new keyframes into the map; move earlier ones the pose graph corrected."""
-        voxel_map = self.map
-        assert voxel_map is not None
+        """Integrate the window's new keyframes into the map and the grid; move earlier ones the pose graph
+        corrected."""
+        voxel_map, grid = self.map, self.grid
         for frame, view, out, ok in zip(window.frames, placed.prediction.views, window.output_mask, placed.accepted,
                                         strict=True):
             if out and ok and self.config.update_map:
-                voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
-                                    view.confidence, view.valid)
+                if voxel_map is not None:
+                    voxel_map.integrate(frame.key, view.depth, view.grid_camera, view.T_world_camera, view.colors,
+                                        view.confidence, view.valid)
+                if grid is not None:
+                    grid.integrate(frame.key, view.depth, view.K, view.T_world_camera, view.confidence, view.valid,
+                                   T_base_camera=frame.T_base_camera)
         # every camera's view of every corrected keyframe, any age, in one call (submaps re-anchor once)
-        voxel_map.update_poses(placed.view_corrections)
+        if voxel_map is not None:
+            voxel_map.update_poses(placed.view_corrections)
+        if grid is not None:
+            grid.update_poses(placed.view_corrections)
 
 
 def _pose_of(group: Group) -> np.ndarray | None:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, Transform, TransformStamped, Vector3
-from nav_msgs.msg import Odometry
+from nav_msgs.msg import OccupancyGrid, Odometry
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.geometry import pose_from_quat, quat_from_pose
+from mapany_ros.core.occupancy import UNKNOWN, GridSnapshot
 
 __all__ = [
     "ConversionError",
@@ -376,6 +377,48 @@ def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, he
     out[:, CLOUD_POINT_STEP:] = np.ascontiguousarray(confidence, dtype=np.float32).view(np.uint8).reshape(n, 4)
     fields = [*_cloud_fields(), PointField(name="confidence", offset=16, datatype=PointField.FLOAT32, count=1)]
     return _unorganised_cloud(header, fields, step, n, data)
+
+
+def occupancy_grid(grid: GridSnapshot, header: Header | None = None,
+                   buffer: Callable[[int], np.ndarray] | None = None) -> OccupancyGrid:
+    """nav_msgs/OccupancyGrid of a grid snapshot: row-major from the cell at ``info.origin`` (its
+    lower-left corner, yaw 0), rows along +y; 100 occupied, 0 free, -1 unknown. ``map_load_time`` is
+    the header's stamp. An empty grid becomes one unknown cell at the origin: Nav2's costmap and
+    RViz expect a map of at least one cell.
+
+    With ``buffer`` the cells are written into ``buffer(nbytes)`` (a writable uint8 array, e.g.
+    memory shared with another process) as int8 bytes, and the message's ``data`` stays empty.
+    """
+    data = grid.data if grid.data.size else np.full((1, 1), UNKNOWN, np.int8)
+    msg = OccupancyGrid()
+    msg.header = header if header is not None else Header()
+    msg.info.map_load_time = msg.header.stamp
+    msg.info.resolution = float(grid.resolution)
+    msg.info.height, msg.info.width = (int(n) for n in data.shape)
+    msg.info.origin = Pose(position=Point(x=float(grid.origin_xy[0]), y=float(grid.origin_xy[1]), z=0.0),
+                           orientation=Quaternion(w=1.0))
+    if buffer is None:
+        msg.data = array.array("b", np.ascontiguousarray(data, dtype=np.int8).tobytes())
+    else:
+        buffer(data.size)[:] = np.ascontiguousarray(data, dtype=np.int8).reshape(-1).view(np.uint8)
+    return msg
+
+
+def occupancy_grid_to_snapshot(msg: OccupancyGrid) -> GridSnapshot:
+    """The cells of a nav_msgs/OccupancyGrid as a snapshot (row 0 = lowest y); for tests and tools.
+
+    Only maps without rotation are read (yaw 0, as every grid this package writes): a rotated one
+    is a ConversionError.
+    """
+    q = msg.info.origin.orientation
+    if abs(q.x) > 1e-9 or abs(q.y) > 1e-9 or abs(q.z) > 1e-9:
+        raise ConversionError("OccupancyGrid origin is rotated; only axis-aligned maps are read")
+    h, w = int(msg.info.height), int(msg.info.width)
+    data = np.frombuffer(bytes(msg.data), dtype=np.int8)
+    if data.size != h * w:
+        raise ConversionError(f"OccupancyGrid has {data.size} cells, but width x height is {w} x {h}")
+    return GridSnapshot(data.reshape(h, w).copy(), (msg.info.origin.position.x, msg.info.origin.position.y),
+                        float(msg.info.resolution), 0)
 
 
 def pointcloud2_to_arrays(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,10 +2,11 @@
 
 Callbacks hand messages to :class:`~mapany_ros.ros.inputs.InputHandler` (conversion, checks,
 pipeline); the backend runs on the pipeline's worker thread, which publishes what
-:class:`~mapany_ros.ros.outputs.OutputBuilder` makes of each placed window; the fused map is packed
-and published off the executor by :class:`~mapany_ros.ros.map_publisher.MapPublisher`. Time is the
-node's ROS clock, so ``use_sim_time`` replay behaves as offline processing does. Bad input gets a
-throttled warning naming what is wrong and is dropped; nothing else is lost.
+:class:`~mapany_ros.ros.outputs.OutputBuilder` makes of each placed window; the fused map and the
+occupancy grid are packed and published off the executor by
+:class:`~mapany_ros.ros.map_publisher.MapPublisher`. Time is the node's ROS clock, so
+``use_sim_time`` replay behaves as offline processing does. Bad input gets a throttled warning
+naming what is wrong and is dropped; nothing else is lost.
 
 Lifecycle (rclpy's ``LifecycleNode``, as Nav2's nodes): parameters are declared at construction;
 *configure* validates them, loads the backend (and the saved map of ``map.load_path``) and builds
@@ -19,18 +20,19 @@ node configures and activates itself.
 Threads and locks. The executor runs the callbacks, timers, services and transitions (one mutually
 exclusive callback group); the pipeline's worker runs ``_publish_result``, ``_on_backend_error``
 and, like any caller of ``Pipeline.reset``, ``_on_reset``; the map publisher's thread calls the map
-layer's ``version`` and ``build``. Every lock is a leaf - no lock is held while another component
-is called:
+layers' ``version`` and ``build`` (map_points, map_grid). Every lock is a leaf - no lock is held while
+another component is called:
 
 * ``_out_lock`` guards what the outputs remember (the path, map -> odom, the output generation);
   under it only the output builder and the transform smoother run, both pure, and messages are
   published after it is released;
 * ``_warn_lock`` guards the warning throttle; the logger is called after it is released;
-* the pipeline's, the voxel map's and the map publisher's own locks (see their modules). The voxel
-  map's lock is held while the map is packed (a second or more at 2 M voxels), and a map save is
-  written by the pipeline's worker between two jobs (placement is the worker's), so ``~/reset`` and
-  ``~/save_map`` (callback groups of their own) await them on a thread of their own and the
-  executor goes on meanwhile.
+* the pipeline's, the voxel map's, the occupancy grid's and the map publisher's own locks (see their
+  modules). The voxel map's lock is held while the map is packed (a second or more at 2 M voxels),
+  the grid's while it is read (pending corrections applied), and a map save is written by the
+  pipeline's worker between two jobs (placement is the worker's), so ``~/reset`` and ``~/save_map``
+  (callback groups of their own) await them on a thread of their own and the executor goes on
+  meanwhile.
 
 A reset and a result may race (the pipeline announces both after releasing its lock): every result
 carries the pipeline generation it belongs to, and the outputs drop a stale one and start afresh on a
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from nav_msgs.msg import Odometry, Path
+from nav_msgs.msg import OccupancyGrid, Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
@@ -307,11 +309,15 @@ class MapanyNode(LifecycleNode):
         self._publisher(Path, "path", LATCHED_QOS)
         self._publisher(TFMessage, "/tf", OUTPUT_QOS)
         self._publisher(DiagnosticArray, "/diagnostics", OUTPUT_QOS)
-        if self.pipeline.map is not None:
+        if self.pipeline.map is not None or self.pipeline.grid is not None:
             self.map_publisher = MapPublisher(self.get_name(), self.get_namespace(), config["map.publish_period_s"],
                                               lambda message: self.warn("map_publisher", message))
+        if self.pipeline.map is not None:
             self.map_publisher.add_layer(self.resolve_topic_name("map_points"), PointCloud2, LATCHED_QOS,
                                          self._map_version, self._build_map)
+        if self.pipeline.grid is not None:
+            self.map_publisher.add_layer(self.resolve_topic_name("map_grid"), OccupancyGrid, LATCHED_QOS,
+                                         self._grid_version, self._build_grid)
         # Groups of their own: while one awaits the worker or the voxel map, the other callbacks go on.
         subscribe(self.create_service(Trigger, "~/save_map", self._save_map, qos_profile=SERVICE_QOS,
                                       callback_group=MutuallyExclusiveCallbackGroup()))
@@ -445,6 +451,18 @@ class MapanyNode(LifecycleNode):
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config["map_frame"])
         return conv.map_cloud(xyz, rgb, confidence, header, buffer=buffer)
 
+    # ------------------------------------------------------------------ the occupancy grid (map publisher's thread)
+    def _grid_version(self) -> tuple[int, ...]:
+        """Changes whenever map_grid would: a reset, a keyframe cast or a correction recorded."""
+        return (self.pipeline.stats.resets, self._map_resets, self.pipeline.grid.version)
+
+    def _build_grid(self, buffer) -> OccupancyGrid:
+        """The occupancy grid for Nav2 (pending corrections applied under the grid's lock), packed into
+        the map publisher's shared buffer."""
+        snapshot = self.pipeline.grid.snapshot()
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.config["map_frame"])
+        return conv.occupancy_grid(snapshot, header, buffer=buffer)
+
     # ------------------------------------------------------------------ services
     def _off_executor(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on a thread of its own; the executor is woken when it is done (await the Future).
@@ -466,7 +484,8 @@ class MapanyNode(LifecycleNode):
         return future
 
     async def _save_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        """Write the map folder (map.save_path): fused map, keyframes for relocalisation."""
+        """Write the map folder (map.save_path): fused map, keyframes for relocalisation, the occupancy
+        grid's Nav2 pair."""
         pipeline = self.pipeline
         folder = self.config["map.save_path"]
         try:
@@ -479,13 +498,14 @@ class MapanyNode(LifecycleNode):
         return response
 
     async def _reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        """Empty the map and the path and start a new map; the input keeps flowing."""
+        """Empty the map, the grid and the path and start a new map; the input keeps flowing."""
         pipeline = self.pipeline
         pipeline.reset("~/reset service")
-        if pipeline.map is not None:
-            await self._off_executor(pipeline.map.reset)
+        layers = [layer for layer in (pipeline.map, pipeline.grid) if layer is not None]
+        if layers:  # each waits for its own lock (held while the map publisher packs it)
+            await self._off_executor(lambda: [layer.reset() for layer in layers])
             self._map_resets += 1
-        response.success, response.message = True, "map and path reset; mapping continues"
+        response.success, response.message = True, "map, grid and path reset; mapping continues"
         return response
 
     def _on_backend_error(self, exc: Exception) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from mapany_ros.core.backends import BACKENDS, is_backend_name
 from mapany_ros.core.fusion import FusionConfig
+from mapany_ros.core.occupancy import OccupancyConfig
 from mapany_ros.core.pipeline import PipelineConfig
 from mapany_ros.core.placement import PlacementConfig
 from mapany_ros.core.placement.loops import LoopConfig
@@ -151,13 +152,29 @@ PARAMETERS: tuple[Param, ...] = (
     Param("map.edge_threshold", 0.05, "Pixels at a depth jump of more than this fraction (or of more than the "
           "depth's own noise shows), and their neighbours, are not fused: the flying pixels a model puts between "
           "foreground and background never reach the map (0 = fuse every pixel).", 0.0, 1.0),
-    Param("map.publish_period_s", 2.0, "Period of map_points (transient local; only when the map changed).",
-          0.1, 3600.0),
+    Param("map.publish_period_s", 2.0, "Period of map_points and map_grid (transient local; only when they "
+          "changed).", 0.1, 3600.0),
     Param("map.save_path", "mapany_map", "Map folder ~/save_map writes (map.ply, the keyframes a later run "
-          "relocalises with, the grid's Nav2 files; relative to the node's working directory)."),
+          "relocalises with, the occupancy grid as the Nav2 map_server pair map_grid.yaml + map_grid.pgm; "
+          "relative to the node's working directory)."),
     Param("map.load_path", "", "Map folder to start in (written by ~/save_map): the node relocalises in it "
           "before it publishes, then maps in its frame (empty: a new map)."),
     Param("map.update", True, "With map.load_path: false is localisation only, the loaded map is not changed."),
+    Param("grid.enabled", True, "Build a 2-D occupancy grid for Nav2 from every placed keyframe (map_grid, "
+          "~/save_map writes it into the map folder as a map_server pair, ~/reset clears it)."),
+    Param("grid.resolution_m", 0.05, "Cell edge of the occupancy grid.", 0.01, 1.0),
+    Param("grid.min_height_m", 0.05, "Surfaces at least this high above the floor are obstacles (lower ones are "
+          "floor).", -1.0, 10.0),
+    Param("grid.max_height_m", 2.0, "Surfaces higher than this above the floor are passed under (ceiling, "
+          "lamps).", 0.0, 100.0),
+    Param("grid.base_height_m", 0.0, "Height of base_frame above the floor (0 for a frame on the ground, as "
+          "base_footprint); the floor under each keyframe is this far below its base_frame.", -10.0, 10.0),
+    Param("grid.pixel_stride", 8, "Cast rays to every n-th depth pixel in both directions.", 1, 64),
+    Param("grid.max_range_m", 3.5, "Depth samples farther than this from the camera neither mark nor clear "
+          "cells (their error grows with range).", 0.5, 100.0),
+    Param("grid.keep_keyframes", 10000, "Keyframes whose samples are kept so pose corrections of any age move "
+          "them (2 bytes a sample, 9.6 kB per 640x480 keyframe at stride 8); older ones are frozen.",
+          0, 10_000_000),
     Param("loops.enabled", True, "Close loops: recognise revisited places and correct the whole map."),
     Param("loops.min_gap_keyframes", 15, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
     Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
@@ -264,6 +281,16 @@ def validate(values: dict[str, Any]) -> NodeConfig:
                 evict_radius_m=values["map.evict_radius_m"], edge_threshold=values["map.edge_threshold"])
         except ValueError as exc:
             raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
+    grid = None
+    if values["grid.enabled"]:
+        try:
+            grid = OccupancyConfig(
+                resolution_m=values["grid.resolution_m"], min_height_m=values["grid.min_height_m"],
+                max_height_m=values["grid.max_height_m"], base_height_m=values["grid.base_height_m"],
+                pixel_stride=values["grid.pixel_stride"], max_range_m=values["grid.max_range_m"],
+                keep_keyframes=values["grid.keep_keyframes"])
+        except ValueError as exc:
+            raise ParameterError(str(exc).replace("OccupancyConfig.", "grid.")) from exc
     pipeline = PipelineConfig(
         cameras=tuple(cams),
         use_odometry=values["use_odometry"],
@@ -282,6 +309,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         max_window_latency_s=values["window.max_latency_s"],
         reset_jump_s=values["time.reset_jump_s"],
         fusion=fusion,
+        grid=grid,
         placement=PlacementConfig(
             max_residual_m=values["placement.max_residual_m"],
             view_consistency=values["placement.view_consistency"],
