@@ -24,6 +24,7 @@ from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.overlap import Anchor, correspondences, depth_ratio
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, moved, rejected
 from mapany_ros.core.placement.pose_graph import Observation, PoseGraph
+from mapany_ros.core.placement.stage_clock import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ class OverlapChainPlacement:
     """Windows chained through their shared frames' anchors (map-frame points of placed views)."""
 
     def __init__(self, config: PlacementConfig, anchors: collections.OrderedDict[tuple[str, int], Anchor],
-                 extrinsic: Callable[[str], np.ndarray | None], graph: PoseGraph, index: KeyframeIndex) -> None:
+                 extrinsic: Callable[[str], np.ndarray | None], graph: PoseGraph, index: KeyframeIndex,
+                 clock: StageClock | None = None) -> None:
         self.config = config
+        self.clock = clock if clock is not None else StageClock()
         self._anchors = anchors
         self._extrinsic = extrinsic
         self.graph = graph
@@ -83,7 +86,8 @@ class OverlapChainPlacement:
             return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None)
         n_ctx_frames = sum(len(g) for g in groups[:n_context])
         shared = [i for i in ok if i < n_ctx_frames and frames[i].key in self._anchors]
-        fit, message = self._fit_overlap(frames, views, shared, prediction.metric)
+        with self.clock.stage("local check"):
+            fit, message = self._fit_overlap(frames, views, shared, prediction.metric)
         if fit is not None:
             self._failures = 0
             self._scale_var = self._pending_scale_var
@@ -181,16 +185,18 @@ class OverlapChainPlacement:
             # Nothing shared with the graph (a break): continue from the newest keyframe, loosely.
             last, first = graph.keyframes[-1], min(new_poses)
             bridge = (last, first, invert(graph.T_map_base(last)) @ new_poses[first])
-        if obs:
-            graph.commit_window(j, obs, make_pose(S.R, S.t), new_poses, bridge=bridge)
-        poses: list[np.ndarray | None] = []
-        for i in range(len(frames)):
-            kf = kfs[i]
-            if not accepted[i]:
-                poses.append(None)
-            elif kf is not None and frames[i].key in kf.cameras and graph.has(kf.kid):
-                poses.append(graph.T_map_base(kf.kid) @ kf.cameras[frames[i].key])
-            else:
-                poses.append(chained[i])
-        return PlacedWindow(moved(prediction, accepted, poses, S.scale), accepted, status, S.scale, residual,
-                            None, message=message)
+        with self.clock.stage("graph commit"):
+            if obs:
+                graph.commit_window(j, obs, make_pose(S.R, S.t), new_poses, bridge=bridge)
+            poses: list[np.ndarray | None] = []
+            for i in range(len(frames)):
+                kf = kfs[i]
+                if not accepted[i]:
+                    poses.append(None)
+                elif kf is not None and frames[i].key in kf.cameras and graph.has(kf.kid):
+                    poses.append(graph.T_map_base(kf.kid) @ kf.cameras[frames[i].key])
+                else:
+                    poses.append(chained[i])
+        with self.clock.stage("views out"):
+            out = moved(prediction, accepted, poses, S.scale)
+        return PlacedWindow(out, accepted, status, S.scale, residual, None, message=message)

@@ -39,6 +39,7 @@ from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, move_view, rejected
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
+from mapany_ros.core.placement.stage_clock import StageClock
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
 
 #: A view whose refinement moved it beyond this (chi-square of the model's pose noise, 6 dof,
@@ -76,6 +77,9 @@ class WindowPlacer:
         self.config = config
         self._extrinsic = extrinsic
         self.stats = PlacementStats()
+        #: Time per stage of the newest window, and of the newest loop job (``loop_job`` + ``close_loop``).
+        self.clock = StageClock()
+        self.loop_clock = StageClock()
         self._loaded: SavedKeyframes | None = None
         self.reset()
 
@@ -86,8 +90,8 @@ class WindowPlacer:
         self.graph = PoseGraph(self.config.graph())
         self.index = KeyframeIndex()
         self._mode: OdometryGraphPlacement | OverlapChainPlacement = (
-            OdometryGraphPlacement(self.config, self.graph, self.index) if self.config.use_odometry
-            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index))
+            OdometryGraphPlacement(self.config, self.graph, self.index, self.clock) if self.config.use_odometry
+            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index, self.clock))
         self._windows = 0
         #: Without odometry: the node's own chained estimate (visual odometry) per keyframe id, and
         #: the newest one's id. Continuous: only the graph's relative motion enters it.
@@ -136,29 +140,35 @@ class WindowPlacer:
         computes depth from the given poses). Refining them against that depth can then only add
         the depth's noise to exact poses: it is skipped.
         """
+        self.clock.reset()
         frames = [f for g in groups for f in g]
         views = prediction.views
         if len(views) != len(frames):
             raise ValueError(f"backend returned {len(views)} views for {len(frames)} frames")
-        usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
-        accepted = [i in usable for i in range(len(views))]
-        if not self.localised:
-            return self._relocalise(groups, n_context, frames, prediction, accepted)
-        mode = self._mode
-        if isinstance(mode, OdometryGraphPlacement):
-            mode.register(groups)
-            scale = mode.scale_guess(frames, prediction, usable)
-        else:
-            scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
-        units = 1.0 / scale  # metres -> window units, for the checks' sigmas
-        stack = self._reject_outliers(frames, prediction, accepted, units)
+        clock = self.clock
+        with clock.stage("view checks"):
+            usable = [i for i, v in enumerate(views)
+                      if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
+            accepted = [i in usable for i in range(len(views))]
+            if not self.localised:
+                return self._relocalise(groups, n_context, frames, prediction, accepted)
+            mode = self._mode
+            if isinstance(mode, OdometryGraphPlacement):
+                mode.register(groups)
+                scale = mode.scale_guess(frames, prediction, usable)
+            else:
+                scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
+            units = 1.0 / scale  # metres -> window units, for the checks' sigmas
+            stack = self._reject_outliers(frames, prediction, accepted, units)
         if not poses_are_priors and self.config.refine_poses and stack is not None:
-            prediction = self._refine(prediction, stack, accepted, units)
+            with clock.stage("refinement"):
+                prediction = self._refine(prediction, stack, accepted, units)
         depth_ok = list(accepted)
         self._windows += 1
         # With odometry the window's depth is checked against the map's; without, the overlap fit is that check.
-        off = self._depth_disagreement(groups, n_context, frames, prediction, accepted, scale) \
-            if isinstance(mode, OdometryGraphPlacement) else None
+        with clock.stage("local check"):
+            off = self._depth_disagreement(groups, n_context, frames, prediction, accepted, scale) \
+                if isinstance(mode, OdometryGraphPlacement) else None
         if off is not None:
             placed = rejected(prediction, f"depth disagrees with the previous window's on the frames both "
                               f"predicted by a factor {off:.3g}", self._T_map_odom())
@@ -169,11 +179,13 @@ class WindowPlacer:
         placed.rejected_views = [i for i, a in enumerate(depth_ok) if not a]
         placed.depth_ok = depth_ok
         if placed.status is PlacementStatus.REJECTED and scale != 1.0:  # depth that still goes out is in metres
-            placed.prediction = dataclasses.replace(placed.prediction, views=[
-                dataclasses.replace(v, depth=v.depth * scale) if ok else v
-                for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
+            with clock.stage("views out"):
+                placed.prediction = dataclasses.replace(placed.prediction, views=[
+                    dataclasses.replace(v, depth=v.depth * scale) if ok else v
+                    for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
         if placed.status is not PlacementStatus.REJECTED:
-            self._report(groups, placed)
+            with clock.stage("report"):
+                self._report(groups, placed)
         self._bookkeep(groups, n_context, frames, placed)
         return placed
 
@@ -363,18 +375,21 @@ class WindowPlacer:
             if not idx:
                 continue
             self._placed_groups.append(groups[gi])
-            for i in idx:  # later windows measure their scale and attach through these
-                view = placed.prediction.views[i]
-                self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
-                if isinstance(self._mode, OverlapChainPlacement):
-                    self._mode.last_pose = view.T_world_camera
+            with self.clock.stage("anchors"):
+                for i in idx:  # later windows measure their scale and attach through these
+                    view = placed.prediction.views[i]
+                    self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
+                    if isinstance(self._mode, OverlapChainPlacement):
+                        self._mode.last_pose = view.T_world_camera
             kf = self.index.get(groups[gi])
             if kf is not None and self.loops.config.enabled:
                 views = [(frames[i], kf.cameras[frames[i].key], placed.prediction.views[i].depth,
                           placed.prediction.views[i].valid) for i in idx if frames[i].key in kf.cameras]
                 if views:
-                    self.loops.remember(kf.kid, kf.stamp_ns, views)
-                    self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
+                    with self.clock.stage("loop memory"):
+                        self.loops.remember(kf.kid, kf.stamp_ns, views)
+                    with self.clock.stage("loop search"):
+                        self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
         while len(self._anchors) > MAX_ANCHORS:
             self._anchors.popitem(last=False)
         s.loop_candidates = self.loops.stats.candidates
@@ -392,13 +407,16 @@ class WindowPlacer:
     # ------------------------------------------------------------------ loop closure
     def loop_job(self) -> LoopJob | None:
         """The next loop candidate to verify, with the frames the backend must see (None: nothing to do)."""
-        return self.loops.next_job() if self.loops.pending else None
+        self.loop_clock.reset()
+        with self.loop_clock.stage("job frames"):
+            return self.loops.next_job() if self.loops.pending else None
 
     def close_loop(self, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
         """Verify ``job`` with the backend's ``prediction``; when it closes a loop, the corrections of
         every keyframe it moved (no views), else None."""
         s = self.stats
-        loop = self.loops.verify(job, prediction)
+        with self.loop_clock.stage("verification"):
+            loop = self.loops.verify(job, prediction)
         if isinstance(loop, str):
             s.loops_rejected += 1
             self.loops.stats.last_message = loop
@@ -415,12 +433,13 @@ class WindowPlacer:
         ready = self.loops.confirm(loop, g.T_map_base(loop.old_kid), g.T_map_base(loop.new_kid))
         if not ready:
             return None
-        for m in ready:
-            g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
-        s.loops_closed += len(ready)
-        poses = {k: g.T_map_base(k) for k in g.keyframes}
-        self._poses.update(poses)
-        corrections, view_corrections = self.index.changed(poses)
+        with self.loop_clock.stage("loop in graph"):
+            for m in ready:
+                g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
+            s.loops_closed += len(ready)
+            poses = {k: g.T_map_base(k) for k in g.keyframes}
+            self._poses.update(poses)
+            corrections, view_corrections = self.index.changed(poses)
         stamps = {k: self.loops.memory.keyframes[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
         message = (f"loop closed between the keyframes at {stamps[loop.old_kid]:.2f} s and "
                    f"{stamps[loop.new_kid]:.2f} s ({loop.source}, {loop.overlap:.0%} overlap, {len(ready)} "
