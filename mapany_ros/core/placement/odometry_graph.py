@@ -93,8 +93,9 @@ class OdometryGraphPlacement:
         return ScaleMeasurement(median, (np.pi / 2) * max(spread, MIN_STEP_LOG_SIGMA) ** 2 / len(logs))
 
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
-              accepted: list[bool]) -> PlacedWindow:
-        """Place window ``j``; ``accepted`` is narrowed to the views the graph keeps."""
+              accepted: list[bool], owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
+        """Place window ``j``; ``accepted`` is narrowed to the views the graph keeps. ``owed``: view
+        index -> the transform its points still owe (refinement's, see :func:`.placed.settle`)."""
         graph, cfg = self.graph, self.config
         group_of = [g for g, grp in enumerate(groups) for _ in grp]
         kf = [self.index.get(groups[group_of[i]]) for i in range(len(frames))]
@@ -135,6 +136,6 @@ class OdometryGraphPlacement:
         placed = [poses[i] is not None for i in range(len(frames))]
         slips = [(self.index.by_kid[a].stamp_ns, self.index.by_kid[b].stamp_ns, m) for a, b, m in check.slips]
         with self.clock.stage("views out"):
-            out = moved(prediction, placed, poses, scale)
+            out = moved(prediction, placed, poses, scale, owed)
         return PlacedWindow(out, placed, PlacementStatus.PLACED, scale, check.residual_m, graph.T_map_odom,
                             slips=slips)

@@ -74,8 +74,13 @@ class OverlapChainPlacement:
         return Sim3.from_pose(T_map_cam @ invert(T_window_camera))
 
     def place(self, j: int, groups: list[list[Frame]], n_context: int, frames: list[Frame],
-              prediction: WindowPrediction, accepted: list[bool]) -> PlacedWindow:
-        """Place window ``j`` by its shared frames (``groups[:n_context]`` are placed context)."""
+              prediction: WindowPrediction, accepted: list[bool], owed: dict[int, np.ndarray] | None = None
+              ) -> PlacedWindow:
+        """Place window ``j`` by its shared frames (``groups[:n_context]`` are placed context).
+
+        ``owed``: view index -> the transform its points still owe (refinement's, see :func:`.placed.settle`).
+        """
+        owed = owed or {}
         views = prediction.views
         ok = [i for i in range(len(frames)) if accepted[i]]
         if not ok:
@@ -83,16 +88,17 @@ class OverlapChainPlacement:
         if self.last_pose is None:
             first = ok[0]
             S = self._initial_frame(frames[first], rigidify(views[first].T_world_camera))
-            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None)
+            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None, owed=owed)
         n_ctx_frames = sum(len(g) for g in groups[:n_context])
         shared = [i for i in ok if i < n_ctx_frames and frames[i].key in self._anchors]
         with self.clock.stage("local check"):
-            fit, message = self._fit_overlap(frames, views, shared, prediction.metric)
+            fit, message = self._fit_overlap(frames, views, shared, prediction.metric, owed)
         if fit is not None:
             self._failures = 0
             self._scale_var = self._pending_scale_var
             S, residual = fit
-            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.PLACED, residual)
+            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.PLACED, residual,
+                                owed=owed)
         self._failures += 1
         if self._failures < self.config.max_attach_failures:
             return rejected(prediction, message)
@@ -104,14 +110,15 @@ class OverlapChainPlacement:
         S = Sim3.from_pose(T_map_ref) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(
             invert(rigidify(views[ref].T_world_camera)))
         log.warning("placement: %s; continuing from the last placed pose", message)
-        return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.RELOCALISED, None, message)
+        return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.RELOCALISED, None, message,
+                            owed)
 
-    def _fit_overlap(self, frames: list[Frame], views: list[ViewPrediction], shared: list[int], metric: bool
-                     ) -> tuple[tuple[Sim3, float] | None, str]:
+    def _fit_overlap(self, frames: list[Frame], views: list[ViewPrediction], shared: list[int], metric: bool,
+                     owed: dict[int, np.ndarray]) -> tuple[tuple[Sim3, float] | None, str]:
         """Window -> map from the shared frames' dense correspondences, or why it failed."""
         if not shared:
             return None, "the window shares no placed frame with the map"
-        parts = [correspondences(self._anchors[frames[i].key], views[i]) for i in shared]
+        parts = [correspondences(self._anchors[frames[i].key], views[i], owed.get(i)) for i in shared]
         src = np.concatenate([p[0] for p in parts])
         dst = np.concatenate([p[1] for p in parts])
         depth = np.concatenate([p[2] for p in parts])
@@ -157,8 +164,8 @@ class OverlapChainPlacement:
         return max(spread, MIN_CHAIN_SCALE_SIGMA**2)
 
     def _finish(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
-                accepted: list[bool], S: Sim3, status: PlacementStatus, residual: float | None, message: str = ""
-                ) -> PlacedWindow:
+                accepted: list[bool], S: Sim3, status: PlacementStatus, residual: float | None, message: str = "",
+                owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
         """Commit the window, placed by ``S``, to the pose graph, and read its views' poses back."""
         self.scale = S.scale
         graph, index = self.graph, self.index
@@ -198,5 +205,5 @@ class OverlapChainPlacement:
                 else:
                     poses.append(chained[i])
         with self.clock.stage("views out"):
-            out = moved(prediction, accepted, poses, S.scale)
+            out = moved(prediction, accepted, poses, S.scale, owed)
         return PlacedWindow(out, accepted, status, S.scale, residual, None, message=message)

@@ -36,7 +36,14 @@ from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
-from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, move_view, rejected
+from mapany_ros.core.placement.placed import (
+    PlacedWindow,
+    PlacementStats,
+    PlacementStatus,
+    move_view,
+    rejected,
+    settle,
+)
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
 from mapany_ros.core.placement.stage_clock import StageClock
@@ -63,6 +70,14 @@ RELOCALISE_DEG = 10.0
 RECENT_KEYFRAMES = 48
 
 log = logging.getLogger(__name__)
+
+
+def _median_beyond(depth: torch.Tensor, valid: torch.Tensor, limit: float) -> bool:
+    """Whether the (lower) median of the valid, finite depth exceeds ``limit``: exactly when at most
+    (n - 1) // 2 of its n values are within it. Two counts instead of a selection over every pixel."""
+    ok = valid & torch.isfinite(depth)
+    n = int(ok.sum())
+    return n > 0 and int((ok & (depth <= limit)).sum()) <= (n - 1) // 2
 
 
 class WindowPlacer:
@@ -160,9 +175,10 @@ class WindowPlacer:
                 scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
             units = 1.0 / scale  # metres -> window units, for the checks' sigmas
             stack = self._reject_outliers(frames, prediction, accepted, units)
+        owed: dict[int, np.ndarray] = {}  # view -> what its points owe after refinement (moved in one pass)
         if not poses_are_priors and self.config.refine_poses and stack is not None:
             with clock.stage("refinement"):
-                prediction = self._refine(prediction, stack, accepted, units)
+                prediction, owed = self._refine(prediction, stack, accepted, units)
         depth_ok = list(accepted)
         self._windows += 1
         # With odometry the window's depth is checked against the map's; without, the overlap fit is that check.
@@ -173,16 +189,17 @@ class WindowPlacer:
             placed = rejected(prediction, f"depth disagrees with the previous window's on the frames both "
                               f"predicted by a factor {off:.3g}", self._T_map_odom())
         elif isinstance(mode, OdometryGraphPlacement):
-            placed = mode.place(self._windows, groups, frames, prediction, accepted)
+            placed = mode.place(self._windows, groups, frames, prediction, accepted, owed)
         else:
-            placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted)
+            placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted, owed)
         placed.rejected_views = [i for i, a in enumerate(depth_ok) if not a]
         placed.depth_ok = depth_ok
-        if placed.status is PlacementStatus.REJECTED and scale != 1.0:  # depth that still goes out is in metres
+        if placed.status is PlacementStatus.REJECTED:  # its views stay in the window frame, as refined
             with clock.stage("views out"):
+                # Depth that still goes out is in metres.
                 placed.prediction = dataclasses.replace(placed.prediction, views=[
-                    dataclasses.replace(v, depth=v.depth * scale) if ok else v
-                    for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
+                    settle(dataclasses.replace(v, depth=v.depth * scale) if ok and scale != 1.0 else v, owed.get(i))
+                    for i, (v, ok) in enumerate(zip(placed.prediction.views, depth_ok, strict=True))])
         if placed.status is not PlacementStatus.REJECTED:
             with clock.stage("report"):
                 self._report(groups, placed)
@@ -313,8 +330,7 @@ class WindowPlacer:
         views = prediction.views
         if prediction.metric and cfg.max_depth_m > 0:  # a unit slip (mm as m) keeps views self-consistent
             for i, a in enumerate(accepted):
-                d = views[i].depth[views[i].valid & torch.isfinite(views[i].depth)]
-                if a and d.numel() and float(d.median()) > cfg.max_depth_m:
+                if a and _median_beyond(views[i].depth, views[i].valid, cfg.max_depth_m):
                     accepted[i] = False
         candidates = [i for i, a in enumerate(accepted) if a]
         if len(candidates) < 2:
@@ -333,16 +349,17 @@ class WindowPlacer:
         return stack
 
     def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool], units: float
-                ) -> WindowPrediction:
+                ) -> tuple[WindowPrediction, dict[int, np.ndarray]]:
         """Refine the accepted views' poses; a view that had to move far more than the model's
-        noise to agree with its neighbours is rejected, and the rest refined again without it."""
+        noise to agree with its neighbours is rejected, and the rest refined again without it.
+        Returns the prediction with the refined poses and what each refined view's points owe."""
         cfg = self.config
         # Poses that lean towards the odometry they were given are not the model's own evidence: its
         # depth is. Held only loosely to them, the views move wherever the geometry observes them.
         loose = PRIOR_LEANING_SIGMA_FACTOR if prediction.pose_priors_used else 1.0
         kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units * loose,
                       prior_sigma_rad=np.radians(cfg.view_sigma_deg) * loose, depth_sigma=cfg.overlap_sigma / 2,
-                      kernel_threshold=cfg.robust_threshold)
+                      kernel_threshold=cfg.robust_threshold, move_points=False)
         active = [i for i, a in enumerate(accepted) if a]
         ref = refine_window_poses(prediction.views, stack, active, **kwargs)
         # Relative to the window's typical correction: a common shift of all views is no verdict.
@@ -352,7 +369,7 @@ class WindowPlacer:
             for i in bad:
                 accepted[i] = False
             ref = refine_window_poses(prediction.views, stack, [i for i in active if i not in bad], **kwargs)
-        return dataclasses.replace(prediction, views=ref.views)
+        return dataclasses.replace(prediction, views=ref.views), ref.point_transforms
 
     def _bookkeep(self, groups: list[list[Frame]], n_context: int, frames: list[Frame], placed: PlacedWindow) -> None:
         s = self.stats

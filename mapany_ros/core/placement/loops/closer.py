@@ -226,7 +226,7 @@ class LoopCloser:
         scale = float(np.median(ratios))
         stack = ViewStack(views, usable, 1000, normals=True)
         refined = refine_window_poses(views, stack, usable, prior_sigma_m=self.view_sigmas[3] / scale,
-                                      prior_sigma_rad=self.view_sigmas[0], depth_sigma=0.01)
+                                      prior_sigma_rad=self.view_sigmas[0], depth_sigma=0.01, move_points=False)
         moved = max(refined.correction_chi2.values(), default=0.0)
         if moved > REJECT_CHI2:  # a view had to move far to agree: one of the four is wrong, trust none
             return f"a view disagrees with the others (moved {np.sqrt(moved):.1f} sigmas to agree)"
