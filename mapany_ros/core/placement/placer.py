@@ -405,8 +405,9 @@ class WindowPlacer:
                 if views:
                     with self.clock.stage("loop memory"):
                         self.loops.remember(kf.kid, kf.stamp_ns, views)
-                    with self.clock.stage("loop search"):
-                        self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
+                    if self.loops.searches(kf.kid):  # the search runs while the backend is idle, as of now
+                        with self.clock.stage("loop search"):
+                            self.loops.search_later(kf.kid, self._poses, self._position_sigma(kf.kid))
         while len(self._anchors) > MAX_ANCHORS:
             self._anchors.popitem(last=False)
         s.loop_candidates = self.loops.stats.candidates
@@ -423,10 +424,15 @@ class WindowPlacer:
 
     # ------------------------------------------------------------------ loop closure
     def loop_job(self) -> LoopJob | None:
-        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do)."""
+        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do).
+        Called while the backend is idle: first what the windows left for then (candidate searches,
+        the loop memory's descriptors and JPEGs)."""
         self.loop_clock.reset()
+        with self.loop_clock.stage("idle work"):
+            self.loops.idle_work()
+        self.stats.loop_candidates = self.loops.stats.candidates
         with self.loop_clock.stage("job frames"):
-            return self.loops.next_job() if self.loops.pending else None
+            return self.loops.next_job() if self.loops.has_candidates else None
 
     def close_loop(self, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
         """Verify ``job`` with the backend's ``prediction``; when it closes a loop, the corrections of
