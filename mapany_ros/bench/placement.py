@@ -84,7 +84,7 @@ def bench_cost(width: int = 518, height: int = 392, views: int = 8, overlap: int
 WINDOW_STAGES = ("view checks", "refinement", "local check", "graph commit", "views out", "report", "anchors",
                  "loop memory", "loop search")
 #: Stages of one loop job in ``WindowPlacer.loop_clock``.
-LOOP_STAGES = ("idle work", "job frames", "verification", "loop in graph")
+LOOP_STAGES = ("job frames", "verification", "loop in graph")
 #: Keyframes per loop of the scene's trajectory: about 15 cm apart (the node's default keyframe
 #: distance), and every loop passes the same places, so candidates by position and by appearance
 #: come up as on a robot that revisits its map.
@@ -207,23 +207,37 @@ def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392
     return out
 
 
+#: What each stage of ``WindowPlacer.clock`` holds, for the bench's text.
+STAGE_NOTES = {
+    "view checks": "plausible depth, views stacked (coarse grids, normals), agreement, path outliers",
+    "refinement": "point-to-plane Gauss-Newton of every view's pose (5 steps at most)",
+    "local check": "depth against the map's; the window's local graph problem or the overlap fit",
+    "graph commit": "iSAM2 update with the window's factors, its keyframes read back",
+    "views out": "depth scaled and full-resolution points moved into the map frame",
+    "report": "the newest 48 keyframes read back, corrections of those that moved",
+    "anchors": "sparse points of the new views for the next windows",
+    "loop memory": "per new keyframe: small depth, a reference to its image",
+    "loop search": "keyframes that search: position uncertainty, the poses of the moment",
+}
+
+
 def window_cost_lines(cost: dict) -> list[str]:
     """Markdown: the per-window cost at many keyframes, stage by stage, and the loop job's."""
     threads = cost["threads"]
     many = threads[-1]
-    head = "| stage | " + " | ".join(f"{m}, {n} thread{'s' if n > 1 else ''}: wall / CPU ms"
-                                      for m in ("odometry", "no odometry") for n in threads) + " | target |"
+    head = "| stage | " + " | ".join(f"{m}, {n} thread{'s' if n > 1 else ''}" for m in ("odometry", "no odometry")
+                                      for n in threads) + " | target |"
     lines = [
         f"## Placement per window at {cost['keyframes']} keyframes ({cost['resolution']} output, 8 views, CPU)",
         "",
-        f"The whole of `WindowPlacer.place` for windows of 8 views at full {cost['resolution']} output (as",
-        "MapAnything gives; the model simulator's errors), after the synthetic robot has driven the placer round",
-        f"its loop to {cost['keyframes']} keyframes (64x48 windows, 95 keyframes per loop, so the graph, the index",
-        "and the loop memory hold what a long run's would, and candidates by position and appearance come up).",
-        f"Medians of {cost['repeats']} consecutive windows per setting after one warm-up, torch threads alternating",
-        "window by window; wall and CPU (all threads) time per stage (`WindowPlacer.clock`). Load average",
-        f"{cost['load_before']:.1f} before, {cost['load_after']:.1f} after, on this 2-core machine: CPU time is what",
-        "the work costs, wall time also the waits for a core.",
+        f"All of `WindowPlacer.place` for windows of 8 views with full {cost['resolution']} output (as MapAnything",
+        "gives; errors of the model simulator), once the synthetic robot has driven the placer round its loop to",
+        f"{cost['keyframes']} keyframes (64x48 windows, 95 keyframes per loop: the graph, the keyframe index and",
+        "the loop memory hold what a long run's would, and candidates by position and appearance come up).",
+        f"Medians of {cost['repeats']} consecutive windows per setting after a warm-up window, torch threads",
+        "alternating window by window; per stage (`WindowPlacer.clock`) wall / CPU ms, CPU over all threads.",
+        f"Load average {cost['load_before']:.1f} before and {cost['load_after']:.1f} after on this 2-core machine:",
+        "CPU time is what the work costs, wall time adds the waits for a core.",
         "",
         head,
         "|---" * (2 + 2 * len(threads)) + "|",
@@ -233,29 +247,31 @@ def window_cost_lines(cost: dict) -> list[str]:
         wall, cpu = (f"wall {key}", f"cpu {key}") if key else ("wall", "cpu")
         return f"{row.get(wall, 0.0) * 1e3:.1f} / {row.get(cpu, 0.0) * 1e3:.1f}"
 
-    rows = [(cost[m][n], m) for m in ("odometry", "overlap") for n in threads]
+    rows = [cost[m][n] for m in ("odometry", "overlap") for n in threads]
     for stage in WINDOW_STAGES:
-        lines.append(f"| {stage} | " + " | ".join(cell(r, stage) for r, _ in rows) + " | |")
-    lines.append("| **whole window** | " + " | ".join(f"**{cell(r, '')}**" for r, _ in rows) + " | <= 15 ms |")
-    lines.append("| then, backend idle: loop searches, descriptors, JPEGs | "
-                 + " | ".join(cell(r, "idle") for r, _ in rows) + " | |")
+        lines.append(f"| {stage}: {STAGE_NOTES[stage]} | " + " | ".join(cell(r, stage) for r in rows) + " | |")
+    lines.append("| **the window** (placement, graph update, loop detection) | "
+                 + " | ".join(f"**{cell(r, '')}**" for r in rows) + " | <= 15 ms |")
+    lines.append("| then, backend idle: loop searches, descriptors, JPEGs of the window's keyframes | "
+                 + " | ".join(cell(r, "idle") for r in rows) + " | |")
     loop = cost["odometry"]["loop"]
     job = loop["jobs"][-1]
     lines += [
         "",
-        f"A loop job, run while the backend is idle (not per window): {loop['views']} views of {loop['size']}",
-        "from the loop memory, verified on the backend's answer (its own time not counted), the loop added to the",
-        f"graph and all {cost['odometry']['graph_keyframes']} keyframes read back; one thread, wall / CPU ms:",
+        f"A loop job (with odometry, one thread), run while the backend is idle, not per window: {loop['views']}",
+        f"views of {loop['size']} from the loop memory (JPEGs decoded), verified on the backend's answer (the",
+        "backend's own time not counted); the job that closes the loop also adds it to the graph and reads all",
+        f"{cost['odometry']['graph_keyframes']} keyframes back (jobs before it: verification only).",
         "",
         "| loop job stage | wall / CPU ms |",
         "|---|---|",
     ]
     for stage in LOOP_STAGES:
         lines.append(f"| {stage} | {cell(job, stage)} |")
-    lines += [f"| **whole job** | **{cell(job, '')}** |", ""]
+    lines += [f"| **the job** | **{cell(job, '')}** |", ""]
     if many > 1:
-        lines.insert(len(lines) - 1, f"With {many} torch threads on a loaded machine the threads wait for each other "
-                     "(CPU time grows with the wall time): one thread is the setting to compare.")
+        lines += [f"With {many} torch threads on a loaded machine the threads wait for each other (CPU time grows",
+                  "with wall time): one thread is the setting to compare.", ""]
     return lines
 
 
