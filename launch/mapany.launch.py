@@ -4,9 +4,10 @@
     ros2 launch mapany_ros mapany.launch.py params_file:=/path/to/params.yaml rviz:=true
     ros2 launch mapany_ros mapany.launch.py cameras:=front,rear front:=/drivers/front rear:=/drivers/rear
     ros2 launch mapany_ros mapany.launch.py use_sim_time:=true   # with `ros2 bag play --clock BAG`
+    ros2 launch mapany_ros mapany.launch.py autostart:=false     # unconfigured, for a lifecycle manager
 
-The params file wins: backend, cameras and use_sim_time override it only when they are given on
-the command line. Every camera C named in ``cameras`` can be remapped with ``C:=/driver/ns``
+The params file wins: backend, cameras, use_sim_time and autostart override it only when they are
+given on the command line. Every camera C named in ``cameras`` can be remapped with ``C:=/driver/ns``
 (image_raw, image_raw/compressed, camera_info and depth_prior follow).
 """
 
@@ -41,8 +42,9 @@ def _node(context, *args, **kwargs):
     overrides = {}
     if conf.get("backend"):
         overrides["backend"] = conf["backend"]
-    if conf.get("use_sim_time"):
-        overrides["use_sim_time"] = conf["use_sim_time"].lower() in ("true", "1")
+    for flag in ("use_sim_time", "autostart"):
+        if conf.get(flag):
+            overrides[flag] = conf[flag].lower() in ("true", "1")
     cameras = [c.strip() for c in conf["cameras"].split(",") if c.strip()] if conf.get("cameras") else []
     if cameras:
         overrides["cameras"] = cameras
@@ -77,6 +79,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("odom", default_value="", description="nav_msgs/Odometry topic (default: odom)"),
         DeclareLaunchArgument("use_sim_time", default_value="",
                               description="true to run on /clock (bag replay with --clock)"),
+        DeclareLaunchArgument("autostart", default_value="",
+                              description="Overrides the params file: false starts the node unconfigured (lifecycle)"),
         DeclareLaunchArgument("rviz", default_value="false", description="Start RViz with config/mapany.rviz"),
         OpaqueFunction(function=_node),
         Node(

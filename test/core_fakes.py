@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
+from mapany_ros.core.backends.base import BackendError, ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import backproject, make_pose, pixel_rays
 
@@ -32,9 +33,10 @@ class RecordingBackend:
     name = "fake"
     needs_pose_priors = False
 
-    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_on: int | tuple[int, ...] | None = None) -> None:
         self.delay_s = delay_s
-        self.fail_on = fail_on
+        #: Calls (1-based) that raise.
+        self.fail_on = {fail_on} if isinstance(fail_on, int) else set(fail_on or ())
         self.calls: list[list[Frame]] = []
         self.active = 0
         self.max_active = 0
@@ -46,7 +48,7 @@ class RecordingBackend:
             self.max_active = max(self.max_active, self.active)
         try:
             self.calls.append(list(frames))
-            if self.fail_on is not None and len(self.calls) == self.fail_on:
+            if len(self.calls) in self.fail_on:
                 raise RuntimeError("backend failure on purpose")
             time.sleep(self.delay_s)
             poses = [f.T_world_camera if f.T_world_camera is not None else np.eye(4) for f in frames]
@@ -66,3 +68,15 @@ class RecordingBackend:
         finally:
             with self._lock:
                 self.active -= 1
+
+
+class BallastBackend(RecordingBackend):
+    """A plugin (``core_fakes:BallastBackend``) that loads like a model: it needs its weights file and
+    holds ``ballast_mb`` of torch memory, touched, so the process's resident size shows it."""
+
+    def __init__(self, device: torch.device | str = "cpu", weights: str = "", ballast_mb: int = 300) -> None:
+        super().__init__()
+        if not Path(weights).is_file():
+            raise BackendError(f"no weights at {weights}: put the model file there")
+        self.device = torch.device(device)
+        self.ballast = torch.ones(ballast_mb * 2**20 // 4, dtype=torch.float32, device=self.device)

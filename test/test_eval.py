@@ -19,12 +19,14 @@ from rclpy.serialization import serialize_message
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
+from scipy.spatial.transform import Rotation
 from std_msgs.msg import Header
 
 from mapany_ros.commands import eval as eval_tool
 from mapany_ros.core.alignment import weighted_similarity
 from mapany_ros.core.geometry import invert, make_pose, rotation_angle
 from mapany_ros.ros import conversions as conv
+from mapany_ros.scoring.trajectory import revisit_errors, revisit_pairs
 from mapany_ros.sim.odometry import OdometryErrors
 from mapany_ros.sim.robot_bag import _compressed, write_synthetic_bag
 from mapany_ros.sim.robot_bag import main as synthetic_bag_main
@@ -285,7 +287,11 @@ def test_eval_perfect_result(tmp_path: Path, mcap_bag: Path, keyframes, capsys: 
     assert (d["frames"], d["skipped_no_ground_truth"], d["skipped_size_mismatch"]) == (len(depths), 0, 0)
     assert d["abs_rel"] < 1e-7 and d["median_rel"] < 1e-7
     assert d["delta_1_25"] == 1.0 and d["valid_fraction"] == 1.0
-    assert "path poses matched" in capsys.readouterr().out
+    # Two seconds of driving visit no place twice: no revisit pairs, and no made-up figure.
+    for name in ("estimate", "odometry"):
+        assert tr[name]["revisit"] == {"pairs": 0, "median_m": None, "p90_m": None}
+    printed = capsys.readouterr().out
+    assert "path poses matched" in printed and "no place visited twice" in printed
 
 
 def test_eval_reports_injected_errors(tmp_path: Path, mcap_bag: Path, keyframes) -> None:
@@ -339,3 +345,83 @@ def test_eval_missing_topics_and_bags(tmp_path: Path, mcap_bag: Path, keyframes,
             eval_tool.main([str(a) for a in args] + ["--out", str(tmp_path / "eval")])
         assert e.value.code == 2
         assert text in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- revisits
+
+
+def loop_poses(scene: SyntheticScene, loops: float, rate_hz: float = 1.0) -> tuple[list[int], list[np.ndarray]]:
+    """Stamps and true base poses of ``loops`` rounds of the scene's trajectory."""
+    period = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    stamps = [int(round(i / rate_hz * 1e9)) for i in range(int(loops * period * rate_hz))]
+    return stamps, [scene.base_pose(s * 1e-9) for s in stamps]
+
+
+def test_revisit_pairs_and_errors_on_two_passes(scene: SyntheticScene) -> None:
+    period = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    stamps, truth = loop_poses(scene, 1.9)
+    a, b = revisit_pairs(truth, stamps)
+    # Every pose of the second pass lies within 0.25 m (half the 0.5 m spacing) of one of the first.
+    second = [i for i, s in enumerate(stamps) if s * 1e-9 >= period]
+    assert list(b) == second and all(stamps[i] * 1e-9 < period for i in a)
+    # A rigid change of frame changes nothing: the error is the pair's own.
+    G = make_pose(Rotation.from_euler("zyx", [70, 5, -3], degrees=True).as_matrix(), [4.0, -2.0, 1.0])
+    assert np.max(revisit_errors([G @ T for T in truth], truth, stamps)) < 1e-9
+    # The second pass shifted by 10 cm: every pair is off by exactly that, seen from either frame.
+    offset = np.array([0.06, -0.08, 0.0])
+    shifted = [T.copy() for T in truth]
+    for i in second:
+        shifted[i][:3, 3] += offset
+    np.testing.assert_allclose(revisit_errors(shifted, truth, stamps), 0.1, atol=1e-9)
+
+
+def test_revisit_pairs_need_time_and_distance_driven(scene: SyntheticScene) -> None:
+    stamps, truth = loop_poses(scene, 1.9)
+    # Standing still for 60 s: close in space and apart in time, but never driven away.
+    still = [truth[0]] * 60
+    assert revisit_pairs(still, [i * 10**9 for i in range(60)])[0].size == 0
+    # Driven far enough but too soon, or too close, or within a larger radius.
+    assert revisit_pairs(truth, stamps, min_gap_s=60.0)[0].size == 0
+    assert revisit_pairs(truth, stamps, min_travel_m=20.0)[0].size == 0
+    assert revisit_pairs(truth, stamps, radius_m=0.01)[0].size < revisit_pairs(truth, stamps)[0].size
+    assert revisit_errors([], [], []).size == 0
+
+
+@pytest.fixture(scope="module")
+def loops_bag(tmp_path_factory: pytest.TempPathFactory, scene: SyntheticScene) -> Path:
+    """2.5 loops of the robot (a frame a second, tiny images) with a heading-drifting odometry."""
+    period = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    return write_synthetic_bag(tmp_path_factory.mktemp("bags") / "loops", width=32, height=24,
+                               duration_s=2.5 * period, rate_hz=1.0, start_s=START, odom_rate_hz=10.0,
+                               odometry_errors=OdometryErrors(yaw_drift_deg_per_m=YAW_DRIFT), scene=scene)
+
+
+def test_eval_revisit_error_over_several_loops(tmp_path: Path, loops_bag: Path, scene: SyntheticScene,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Each pass of the result put a known offset away: the revisit error is the offset between the
+    two passes of each pair, and the drifting odometry's is far larger."""
+    _, msgs = read_bag(loops_bag)
+    truth, depths = msgs["/ground_truth/odom"], [m for _, m in msgs["/ground_truth/depth"]]
+    period = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    t0 = stamp(truth[0][1])
+    passes = [int((stamp(m) - t0) * 1e-9 // period) for _, m in truth]
+    assert max(passes) == 2
+    pass_offset = {0: np.zeros(3), 1: np.array([0.1, 0.0, 0.0]), 2: np.array([0.1, 0.05, 0.0])}
+    write_result(tmp_path / "result", truth, depths, pose_offsets={k: pass_offset[p] for k, p in enumerate(passes)})
+    report = run_eval(tmp_path / "result", loops_bag, tmp_path / "eval")
+    tr = report["trajectory"]
+    assert "0.3 m" in tr["revisit_pairs"]
+    true_poses = [conv.odometry_to_matrix(m) for _, m in truth]
+    a, b = revisit_pairs(true_poses, [stamp(m) for _, m in truth])
+    assert len(b) > 0.5 * len(truth)  # the later passes pair with earlier ones nearly everywhere
+    expected = [np.linalg.norm(pass_offset[passes[j]] - pass_offset[passes[i]]) for i, j in zip(a, b, strict=True)]
+    assert all(passes[i] < passes[j] for i, j in zip(a, b, strict=True)) and {passes[j] for j in b} == {1, 2}
+    rv = tr["estimate"]["revisit"]
+    assert rv["pairs"] == len(b)
+    assert rv["median_m"] == pytest.approx(np.median(expected), abs=1e-6)
+    assert rv["p90_m"] == pytest.approx(np.percentile(expected, 90), abs=1e-6)
+    # The odometry turns 3 deg per metre driven: after a 14 m loop it is off by metres where it returns.
+    odo = tr["odometry"]["revisit"]
+    assert odo["pairs"] == len(b) and odo["median_m"] > 1.0
+    printed = capsys.readouterr().out
+    assert f"over {len(b)} pairs" in printed and "revisit error, estimate" in printed

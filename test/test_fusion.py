@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
 
 from mapany_ros.bench.fusion import (
     SyntheticKeyframe,
@@ -204,68 +205,171 @@ def test_a_distorted_camera_through_the_pipeline_maps_the_true_surfaces() -> Non
 # ------------------------------------------------------------------------------ pose correction
 
 
-def test_update_pose_equals_integrating_at_the_true_pose(synthetic) -> None:
-    _, K, kfs = synthetic
-    cfg = FusionConfig(pixel_stride=1, min_weight=0.0)
-    wrong = kfs[1].T_map_camera @ make_pose(np.eye(3), [0.06, -0.05, 0.06])  # 9.8 cm off
+def assert_same_surface(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], voxel: float) -> None:
+    """Two maps of the same samples binned differently (a moved submap is binned again): every point of
+    each within a voxel of the other's, the same total evidence."""
+    assert len(a[0]) > 0.7 * len(b[0]) and len(b[0]) > 0.7 * len(a[0]), (len(a[0]), len(b[0]))
+    assert cKDTree(b[0]).query(a[0])[0].max() <= 1.2 * voxel
+    assert cKDTree(a[0]).query(b[0])[0].max() <= 1.2 * voxel
+    np.testing.assert_allclose(a[2].sum(), b[2].sum(), rtol=1e-4)
+
+
+def test_a_correction_moves_a_submap_where_integrating_at_the_corrected_poses_puts_it(synthetic) -> None:
+    """Three keyframes fused 12 cm and 4 degrees off (one submap), then corrected: the submap is
+    re-anchored exactly, its surfaces land where the true poses put them, nothing is integrated again."""
+    scene, K, kfs = synthetic
+    cfg = FusionConfig(pixel_stride=2, min_weight=0.0)
+    off = make_pose(Rotation.from_euler("xyz", [1.0, -2.0, 3.0], degrees=True).as_matrix(), [0.1, -0.07, 0.05])
     truth, corrected = VoxelMap(cfg), VoxelMap(cfg)
     for kf in kfs[:3]:
         integrate(truth, K, kf)
-        integrate(corrected, K, kf, wrong if kf is kfs[1] else None)
-    before = corrected.points()
-    with pytest.raises(AssertionError):
-        assert_same_points(before, truth.points())
-    assert corrected.update_pose(kfs[1].key, kfs[1].T_map_camera)
-    assert_same_points(corrected.points(), truth.points())
-    assert corrected.keyframes_reposed == 1
+        integrate(corrected, K, kf, off @ kf.T_map_camera)
+    assert cKDTree(truth.points()[0]).query(corrected.points()[0])[0].mean() > 0.05
+    assert corrected.update_poses({kf.key: kf.T_map_camera for kf in kfs[:3]}) == 3
+    assert_same_surface(corrected.points(), truth.points(), cfg.voxel_size_m)
+    moved, reference = scene.surface_distance(corrected.points()[0]), scene.surface_distance(truth.points()[0])
+    assert np.median(moved) <= 1.25 * np.median(reference) + 0.001
+    assert corrected.keyframes_reposed == 3 and corrected.keyframes_integrated == 3
 
 
-def test_rotation_correction_is_exact_too(synthetic) -> None:
-    _, K, kfs = synthetic
-    cfg = FusionConfig(pixel_stride=2, min_weight=0.0)
-    yaw = np.deg2rad(3.0)
-    turn = make_pose(np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]]), [0, 0, 0])
-    truth, corrected = VoxelMap(cfg), VoxelMap(cfg)
-    integrate(truth, K, kfs[4])
-    integrate(corrected, K, kfs[4], kfs[4].T_map_camera @ turn)
-    assert corrected.update_pose(kfs[4].key, kfs[4].T_map_camera)
-    assert_same_points(corrected.points(), truth.points())
-
-
-def test_frozen_unknown_and_small_corrections_do_not_move(synthetic) -> None:
-    _, K, kfs = synthetic
-    vmap = VoxelMap(FusionConfig(keep_keyframes=2, repose_translation_m=0.01, repose_rotation_deg=0.5))
-    for kf in kfs[:3]:
-        integrate(vmap, K, kf)
-    assert vmap.num_recent_keyframes == 2
+def test_a_correction_of_an_old_keyframe_moves_its_surfaces() -> None:
+    """Keyframes far older than any window still follow the pose graph: their submap moves with them,
+    the others stay. Unknown keys and corrections below the thresholds change nothing."""
+    cfg = FusionConfig(pixel_stride=1, min_weight=0.0, submap_keyframes=4)
+    vmap = VoxelMap(cfg)
+    depth, rgb = wall(2.0)
+    poses = {("cam", i): look_at(np.array([0.5 * i, 0.0, 0.0]), np.array([0, 1.0, 0])) for i in range(40)}
+    for key, T in poses.items():
+        vmap.integrate(key, depth, K_SMALL, T, rgb)
+    assert vmap.num_submaps == 10
     before = vmap.points()
-    shift = make_pose(np.eye(3), [0.0, 0.0, 0.006])
-    assert not vmap.update_pose(kfs[0].key, kfs[0].T_map_camera @ make_pose(np.eye(3), [0.3, 0, 0]))  # frozen
-    assert not vmap.update_pose(("cam", -1), kfs[2].T_map_camera)  # unknown
-    assert not vmap.update_pose(kfs[2].key, kfs[2].T_map_camera @ shift)  # 6 mm < 1 cm
-    for got, want in zip(vmap.points(), before):
+    up = make_pose(np.eye(3), [0.0, 0.0, 0.3])  # the first four keyframes were 30 cm too low
+    old = {key: up @ poses[key] for key in list(poses)[:4]}
+    assert vmap.update_poses(old) == 4
+    xyz = vmap.points()[0]
+    first = xyz[:, 0] < 0.5 * 3 + 0.3  # what the first four see: x up to 1.8 m (the fifth starts at 2 m - 0.7)
+    assert np.all(xyz[:, 1] > 1.99) and np.all(xyz[:, 1] < 2.01)  # still on the wall
+    top = before[0][:, 2].max()
+    assert abs(xyz[first][:, 2].max() - (top + 0.3)) < 0.05  # its surfaces rose by 30 cm
+    assert abs(xyz[xyz[:, 0] > 6.0][:, 2].max() - top) < 0.05  # newer ones did not
+    assert vmap.keyframes_integrated == 40 and vmap.keyframes_reposed == 4
+
+    snapshot = vmap.points()
+    key = ("cam", 20)
+    assert not vmap.update_pose(("cam", -1), poses[key])  # unknown
+    nudge = make_pose(np.eye(3), [0.006, 0.0, 0.0])
+    assert not vmap.update_pose(key, poses[key] @ nudge)  # 6 mm < 1 cm
+    for got, want in zip(vmap.points(), snapshot, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert vmap.update_pose(kfs[2].key, kfs[2].T_map_camera @ shift @ shift)  # 12 mm from the integrated pose
-    assert vmap.keyframes_reposed == 1
+    assert vmap.update_pose(key, poses[key] @ nudge @ nudge)  # 12 mm from the pose last counted
+    assert vmap.keyframes_reposed == 5
 
 
+def test_a_loop_closure_of_2000_keyframes_re_anchors_without_integrating_again() -> None:
+    """Two thousand keyframes corrected at once: every submap is re-anchored from its keyframes, no depth
+    is back-projected or binned again, and the map is where the corrected poses put it."""
+
+    class CountingMap(VoxelMap):
+        reductions = 0
+
+        def _reduce(self, *args, **kwargs):  # the step that bins a keyframe's samples
+            CountingMap.reductions += 1
+            return super()._reduce(*args, **kwargs)
+
+    cfg = FusionConfig(pixel_stride=1, min_weight=0.0, max_voxels=20_000)
+    vmap, reference = CountingMap(cfg), VoxelMap(cfg)
+    depth = np.full((6, 8), 2.0, np.float32)
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    K = make_camera_model(8, 6).K
+    # Two cameras on a robot driving a 100 m square; the poses drift by 1 % in x.
+    truth = {}
+    for i in range(1000):
+        s = 0.1 * i
+        x, y = (s, 0.0) if s < 50 else (50.0, s - 50)
+        for camera, forward in (("front", [0, 1.0, 0]), ("side", [1.0, 0, 0])):
+            truth[(camera, i)] = look_at(np.array([x, y, 0.0]), np.array(forward))
+    drift = make_pose(np.eye(3), [0.0, 0.0, 0.0])
+    for key, T in truth.items():
+        drift[0, 3] = 0.01 * T[0, 3]
+        vmap.integrate(key, depth, K, drift @ T, rgb)
+        reference.integrate(key, depth, K, T, rgb)
+    assert CountingMap.reductions == 2000 and vmap.num_voxels <= cfg.max_voxels
+    vmap.points()
+    known = {key: T for key, T in truth.items() if key in vmap._keyframes.rows}
+    assert len(known) > 100  # the budget evicted the oldest submaps, with their keyframes
+    assert cKDTree(reference.points()[0]).query(vmap.points()[0])[0].max() > 0.3  # 50 cm of drift at the end
+    assert vmap.update_poses(known) > 0.5 * len(known)
+    xyz = vmap.points()[0]
+    assert CountingMap.reductions == 2000 and vmap.keyframes_integrated == 2000
+    # Where the same depth fused at the true poses is (the same budget evicted the same old submaps).
+    true_xyz = reference.points()[0]
+    assert cKDTree(true_xyz).query(xyz)[0].max() <= 1.2 * cfg.voxel_size_m
+    assert np.mean(cKDTree(xyz).query(true_xyz)[0] <= 1.2 * cfg.voxel_size_m) > 0.95
+
+
+# ------------------------------------------------------------------------------ revisits
+
+
+def test_a_revisit_after_drift_is_one_surface_once_corrected() -> None:
+    """Two cameras drive 1.5 loops on poses that drift (1 % scale, 0.3 deg/m: over 30 cm where the
+    loop closes), then the pose graph corrects every keyframe view: the map is as close to the true
+    surfaces as the same depth fused at the true poses (median and p90 within 1.25x), no double walls."""
+    scene = SyntheticScene(0)
+    cam = make_camera_model(128, 96)
+    yaw = make_pose(Rotation.from_euler("y", -90.0, degrees=True).as_matrix(), [0.0, 0.0, 0.0])
+    extrinsics = {"front": scene.T_base_camera, "left": scene.T_base_camera @ yaw}
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors(scale_error=0.01, yaw_drift_deg_per_m=0.3, seed=1))
+    loop_s = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    rng = np.random.default_rng(0)
+    cfg = FusionConfig(pixel_stride=1)  # 128x96 at stride 1 fuses as densely as 512x384 at the default 4
+    truth, vmap = VoxelMap(cfg), VoxelMap(cfg)
+    true_poses, seen = {}, []
+    for t in np.arange(0.0, 1.5 * loop_s, 0.5):
+        for camera, T_base_camera in extrinsics.items():
+            key = (camera, int(round(t * 1e9)))
+            T = scene.base_pose(t) @ T_base_camera
+            rgb, depth = scene.render(T, cam, supersample=1)
+            depth = depth * (1 + 0.005 * rng.standard_normal(depth.shape)).astype(np.float32)
+            truth.integrate(key, depth, cam.K, T, rgb)
+            vmap.integrate(key, depth, cam.K, odometry.pose(t) @ T_base_camera, rgb)
+            true_poses[key] = T
+            seen.append(SyntheticKeyframe(key, depth, rgb, np.ones_like(depth), T, depth))
+    end = np.linalg.norm(odometry.pose(t)[:3, 3] - scene.base_pose(t)[:3, 3])
+    assert end > 0.3, end
+
+    def quality(m: VoxelMap) -> tuple[float, float]:
+        distance = scene.surface_distance(m.points()[0])
+        return float(np.median(distance)), float(np.percentile(distance, 90))
+
+    reference, drifted = quality(truth), quality(vmap)
+    assert drifted[1] > 3 * reference[1], (drifted, reference)  # double walls before the correction
+    vmap.update_poses(true_poses)
+    corrected = quality(vmap)
+    assert corrected[0] <= 1.25 * reference[0] and corrected[1] <= 1.25 * reference[1], (corrected, reference)
+    xyz = vmap.points()[0]
+    surface = true_surface_samples(cam.K, seen[::4], cfg.max_depth_m)[::5]
+    assert map_quality(scene.surface_distance(xyz), xyz, surface)["completeness"] > 0.95
 # ------------------------------------------------------------------------------ budget
 
 
 def test_long_path_stays_within_budget_and_keeps_the_near_map() -> None:
-    cfg = FusionConfig(max_voxels=3000, keep_keyframes=4, pixel_stride=1, evict_radius_m=3.0)
+    cfg = FusionConfig(max_voxels=3000, pixel_stride=1, evict_radius_m=3.0)
     vmap = VoxelMap(cfg)
     depth, rgb = wall(2.0)
-    n_pixels = W * H
-    grid_bytes = (cfg.max_voxels + n_pixels) * (8 + 28 + 4 + 4 + 16)  # slot arrays (may hold one keyframe over) + index
-    keyframe_bytes = n_pixels * (12 + 4 + 3) + n_pixels * (8 + 28 + 4)  # samples + their voxel sums
-    bound = grid_bytes + cfg.keep_keyframes * keyframe_bytes
     n = 320
+    memory = []
     for i in range(n):
         vmap.integrate(("cam", i), depth, K_SMALL, look_at(np.array([0.25 * i, 0.0, 0.0]), np.array([0, 1.0, 0])), rgb)
         assert vmap.num_voxels <= cfg.max_voxels
-        assert vmap.memory_bytes <= bound
+        if i % 10 == 0:  # published now and then, so the union of the submaps is kept too
+            vmap.points()
+            memory.append(vmap.memory_bytes)
     assert vmap.voxels_evicted >= n * 100  # the path adds ~170 voxels per keyframe
+    assert max(memory[8:]) <= 1.2 * max(memory[:8])  # memory does not grow with the path
+    # Submaps (60 B a voxel; the open one may hold twice what it uses) and their union hold at most
+    # a few budgets; submaps evicted entirely take their keyframes with them.
+    assert max(memory) <= 4 * (cfg.max_voxels + cfg.submap_keyframes * W * H) * 60 + 64 * 1024
+    assert vmap.num_keyframes <= 64
     x_last = 0.25 * (n - 1)
     xyz, _, _ = vmap.points()
     assert xyz[:, 0].min() > x_last - 6.0  # far voxels went first
@@ -290,22 +394,38 @@ def test_eviction_drops_far_voxels_or_stale_ones(radius: float, kept_wall_y: flo
     assert np.mean(np.abs(xyz[:, 1] - kept_wall_y) < 0.1) > 0.95
 
 
-def test_correcting_a_keyframe_leaves_voxels_rebuilt_after_its_eviction_alone() -> None:
-    """A keyframe's evicted voxels, seen again by a later keyframe, are not subtracted by its correction."""
-    cfg = FusionConfig(max_voxels=4000, pixel_stride=1, evict_radius_m=5.0, min_weight=0.0)
-    here, there = look_at(np.zeros(3), np.array([0, 1.0, 0])), look_at(np.array([20.0, 0, 0]), np.array([0, 1.0, 0]))
-    moved = here @ make_pose(np.eye(3), [0.03, 0.0, 0.0])
-    (depth, rgb_a), (_, rgb_c) = wall(2.0, seed=1), wall(2.0, seed=2)
+def test_evicted_and_moved_voxels_leave_no_trace_in_the_published_map() -> None:
+    """Eviction and corrections, interleaved with publishing: the union of the submaps holds exactly
+    what the submaps hold where they are now, never a voxel where one was."""
+    cfg = FusionConfig(max_voxels=30_000, pixel_stride=1, evict_radius_m=4.0, min_weight=0.0, submap_keyframes=2)
     vmap = VoxelMap(cfg)
-    vmap.integrate("a", depth, K_SMALL, here, rgb_a)
-    vmap.integrate("b", depth, K_SMALL, there, rgb_a)  # over budget: a's voxels are far now
-    vmap.integrate("c", depth, K_SMALL, here, rgb_c)  # over budget: b's are; a's voxels come back
-    assert vmap.voxels_evicted >= 2 * 2000
-    assert vmap.update_pose("a", moved)
-    reference = VoxelMap(cfg)
-    reference.integrate("c", depth, K_SMALL, here, rgb_c)
-    reference.integrate("a", depth, K_SMALL, moved, rgb_a)
-    assert_same_points(vmap.points(), reference.points())
+    depth, rgb = wall(2.0)  # a wall 2 m ahead fills a submap with about 2500 voxels: a dozen fit
+    poses: dict[tuple[str, int], np.ndarray] = {}
+    lift = make_pose(np.eye(3), [0.0, 0.5, 0.0])
+
+    def drive(first: int, last: int, offset: np.ndarray) -> None:
+        for i in range(first, last):
+            poses[("cam", i)] = offset @ look_at(np.array([0.25 * i, 0.0, 0.0]), np.array([0, 1.0, 0]))
+            vmap.integrate(("cam", i), depth, K_SMALL, poses[("cam", i)], rgb)
+            if i % 5 == 0:
+                vmap.points()
+
+    drive(0, 40, np.eye(4))
+    assert vmap.voxels_evicted > 0
+    known = [k for k in poses if k in vmap._keyframes.rows]
+    vmap.update_poses({k: lift @ poses[k] for k in known})  # everything the map still holds moves
+    xyz = vmap.points()[0]
+    assert np.all(np.abs(xyz[:, 1] - 2.5) < 0.02), np.unique(np.round(xyz[:, 1], 2))
+    drive(40, 80, lift)
+    newest = [k for k in poses if k in vmap._keyframes.rows][-4:]
+    # Only the newest two submaps move on (one closed: the union moves it alone, the others stay).
+    assert vmap.num_submaps >= 10 and newest[0] == ("cam", 76)
+    vmap.update_poses({k: lift @ poses[k] for k in newest})
+    xyz = vmap.points()[0]
+    back = np.abs(xyz[:, 1] - 2.5) < 0.02
+    front = np.abs(xyz[:, 1] - 3.0) < 0.02
+    assert np.all(back | front) and front.any() and back.any()
+    assert xyz[front][:, 0].min() > 0.25 * 76 - 1.5  # what moved is what the newest keyframes see
 
 
 # ------------------------------------------------------------------------------ confidence and validity
@@ -376,7 +496,7 @@ def test_reset_empties_the_map(synthetic) -> None:
     vmap.reset()
     xyz, rgb, conf = vmap.points()
     assert xyz.shape == (0, 3) and rgb.shape == (0, 3) and conf.shape == (0,)
-    assert vmap.num_voxels == vmap.keyframes_integrated == vmap.num_recent_keyframes == 0
+    assert vmap.num_voxels == vmap.keyframes_integrated == vmap.num_keyframes == vmap.num_submaps == 0
     assert vmap.memory_bytes < full_bytes
     integrate(vmap, K, kfs[0])  # the same key is new again
     assert vmap.num_voxels > 0
@@ -452,15 +572,16 @@ def test_duplicate_key_and_bad_corrected_pose_are_refused() -> None:
 
 def test_points_from_another_thread_while_integrating(synthetic) -> None:
     _, K, kfs = synthetic
-    cfg = FusionConfig(pixel_stride=2)
+    cfg = FusionConfig(pixel_stride=2, submap_keyframes=3, min_weight=0.0)
     vmap = VoxelMap(cfg)
     errors: list[BaseException] = []
+    shift = make_pose(np.eye(3), [0.02, 0, 0])  # after the first keyframe the pose graph moves the map 2 cm
 
     def worker() -> None:
         try:
-            for kf in kfs[:8]:
-                integrate(vmap, K, kf)
-                vmap.update_pose(kf.key, kf.T_map_camera @ make_pose(np.eye(3), [0.02, 0, 0]))
+            for i, kf in enumerate(kfs[:8]):
+                integrate(vmap, K, kf, kf.T_map_camera if i == 0 else shift @ kf.T_map_camera)
+                vmap.update_poses({k.key: shift @ k.T_map_camera for k in kfs[: i + 1]})
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -475,8 +596,8 @@ def test_points_from_another_thread_while_integrating(synthetic) -> None:
     assert not errors
     reference = VoxelMap(cfg)
     for kf in kfs[:8]:
-        integrate(reference, K, kf, kf.T_map_camera @ make_pose(np.eye(3), [0.02, 0, 0]))
-    assert_same_points(vmap.points(), reference.points(), atol=1e-4)
+        integrate(reference, K, kf, shift @ kf.T_map_camera)
+    assert_same_surface(vmap.points(), reference.points(), cfg.voxel_size_m)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -490,4 +611,7 @@ def test_cuda_map_matches_cpu_map(synthetic) -> None:
                       torch.as_tensor(kf.rgb, device="cuda"), torch.as_tensor(kf.confidence, device="cuda"))
     assert gpu.update_pose(kfs[4].key, kfs[4].T_map_camera @ make_pose(np.eye(3), [0.05, 0, 0]))
     assert cpu.update_pose(kfs[4].key, kfs[4].T_map_camera @ make_pose(np.eye(3), [0.05, 0, 0]))
+    assert_same_points(gpu.points(), cpu.points(), atol=1e-4)
+    corrections = {kf.key: make_pose(np.eye(3), [0.0, 0.1, 0.0]) @ kf.T_map_camera for kf in kfs[:5]}
+    assert gpu.update_poses(corrections) == cpu.update_poses(corrections) == 5
     assert_same_points(gpu.points(), cpu.points(), atol=1e-4)

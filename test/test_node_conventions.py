@@ -109,16 +109,18 @@ def test_ctrl_c_between_two_waits_is_a_clean_exit_and_other_rcl_errors_are_not(m
     destroyed = []
 
     class StandIn:
+        finished = None
+
         def destroy_node(self) -> None:
             destroyed.append(True)
 
-    def spin(node) -> None:
+    def spin(node, future) -> None:
         if shut_down_first:  # what rclpy's SIGINT handler does while the executor is between waits
             rclpy.shutdown()
         raise node_module.RCLError("failed to initialize wait set: the given context is not valid")
 
     monkeypatch.setattr(node_module, "MapanyNode", StandIn)
-    monkeypatch.setattr(node_module.rclpy, "spin", spin)
+    monkeypatch.setattr(node_module.rclpy, "spin_until_future_complete", spin)
     if shut_down_first:
         assert node_module.main([]) == 0
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from mapany_ros.core.geometry import invert, rotation_angle
 from mapany_ros.ros import conversions as conv
 from mapany_ros.scoring.trajectory import ate
 from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
@@ -123,6 +124,8 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     ({"backend": "mapany_ros.sim.model_simulator:ModelSimulator", "backend_options": "{seeed: 1}"},
      "does not take these options"),
     ({"backend": "planesweep", "use_odometry": False}, "use_odometry: true"),
+    ({"backend": "mapany_ros.sim.model_simulator:ModelSimulator", "map": {"load_path": "/nonexistent/mapany_map"}},
+     "map.load_path = '/nonexistent/mapany_map': /nonexistent/mapany_map is not a saved map"),
 ])
 def test_a_start_up_failure_exits_with_one_clear_message(tmp_path, ros_subprocess_env, overrides, message):
     params = tmp_path / "params.yaml"
@@ -134,3 +137,119 @@ def test_a_start_up_failure_exits_with_one_clear_message(tmp_path, ros_subproces
     assert proc.returncode == 2, text
     assert message in text and "Traceback" not in text, text
     assert sum("FATAL" in line for line in text.splitlines()) == 1, text
+
+
+def test_without_odometry_the_node_publishes_its_own_odom_to_base_and_map_to_odom_over_dds(
+        tmp_path, ros_subprocess_env, rclpy_context):
+    """REP 105 without odometry: the chained estimate goes out as odom -> base_link at each keyframe's
+    image stamp, map -> odom at tf.rate_hz stamped ahead of now (with the newest odom -> base_link at
+    the same stamp), so map -> base_link resolves at "now" from what /tf carried."""
+    from rclpy.executors import MultiThreadedExecutor
+    from tf2_msgs.msg import TFMessage
+
+    from mapany_ros.scoring.collector import QOS, OutputCollector
+    from mapany_ros.sim.robot_publisher import SyntheticSource
+
+    scene = SyntheticScene(0)
+    seq = blank_sequence(scene, duration_s=16.0, rate_hz=10.0, width=64, height=48)
+    stamp_offset = time.time_ns() + 10**10
+    rate_hz = 20.0  # the default tf.rate_hz
+    params = {"/**": {"ros__parameters": {
+        "backend": "mapany_ros.sim.model_simulator:ModelSimulator",
+        "backend_options": yaml.safe_dump({"seed": 0, "stamp_offset_ns": stamp_offset, "noise_seed": 4},
+                                          default_flow_style=True),
+        "device": "cpu", "qos": {"reliability": "reliable", "depth": 100}, "stats_period_s": 1.0,
+        "use_odometry": False,
+        # blank images show no motion: keyframes come by time
+        "keyframe": {"max_interval_s": 0.3},
+    }}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
+                             str(params_path)], env=ros_subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    source = SyntheticSource(seq, stamp_offset_ns=stamp_offset, context=rclpy_context)
+    collector = OutputCollector(context=rclpy_context)
+    #: Every /tf message as it arrived: (wall clock ns at arrival, [(parent, child, stamp ns, T)]).
+    received: list[tuple[int, list[tuple[str, str, int, np.ndarray]]]] = []
+    lock = threading.Lock()
+
+    def on_tf(msg: TFMessage) -> None:
+        arrived = time.time_ns()
+        transforms = [(t.header.frame_id, t.child_frame_id, conv.stamp_to_ns(t.header.stamp),
+                       conv.transform_to_matrix(t.transform)) for t in msg.transforms]
+        with lock:
+            received.append((arrived, transforms))
+
+    collector.create_subscription(TFMessage, "/tf", on_tf, QOS)
+    executor = MultiThreadedExecutor(num_threads=2, context=rclpy_context)
+    for n in (source, collector):
+        executor.add_node(n)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+
+    def newest(pair: tuple[str, str], since_ns: int) -> tuple[int, np.ndarray] | None:
+        with lock:
+            found = [(s, T) for _, ts in received for p, c, s, T in ts if (p, c) == pair and s >= since_ns]
+        return max(found, key=lambda x: x[0]) if found else None
+
+    try:
+        deadline = time.monotonic() + 60
+        while source.image_pub.get_subscription_count() == 0 or collector.count_publishers("/path") == 0:
+            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the node did not come up"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        source.play(speed=2.0)
+        t_end = time.monotonic()
+        while not collector.node_idle_since(t_end + 1.5):
+            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+            assert time.monotonic() < t_end + 120, "the node did not finish"
+            time.sleep(0.2)
+        time.sleep(2.0)  # map -> odom has glided to the last estimate (tf.smoothing_s 0.5 s)
+        # "now" on the node's clock (the wall clock: no sim time): a lookup of map -> base_link there.
+        now = time.time_ns()
+        deadline = time.monotonic() + 10
+        while newest(("map", "odom"), now) is None or newest(("odom", "base_link"), now) is None:
+            assert node.poll() is None and time.monotonic() < deadline, "no map -> odom stamped after now"
+            time.sleep(0.05)
+    finally:
+        node.terminate()
+        node.wait(15)
+        executor.shutdown()
+        spin.join(10)
+        log.close()
+    text = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+    image_stamps = {f.stamp_ns + stamp_offset for f in seq.frames}
+    # The chained estimate: messages of odom -> base_link alone, one transform per new keyframe at its image stamp.
+    chained = {s: T for _, ts in received if all(p != "map" for p, _, _, _ in ts)
+               for p, c, s, T in ts if (p, c) == ("odom", "base_link")}
+    assert len(chained) > 20 and set(chained) <= image_stamps, (len(chained), sorted(set(chained) - image_stamps)[:5])
+    # map -> odom on the timer, stamped ahead of its arrival, with the newest chained odom -> base_link beside it.
+    timed = [(arrived, dict(((p, c), (s, T)) for p, c, s, T in ts)) for arrived, ts in received
+             if any((p, c) == ("map", "odom") for p, c, _, _ in ts)]
+    stamps = np.array([tf[("map", "odom")][0] for _, tf in timed]) * 1e-9
+    span = stamps[-1] - stamps[0]
+    print(f"{len(chained)} keyframes' odom -> base_link; map -> odom at {len(stamps) / span:.1f} Hz over {span:.1f} s")
+    assert span > 5 and len(stamps) / span >= 0.5 * rate_hz, f"{len(stamps)} map -> odom in {span:.1f} s"
+    ahead = np.array([tf[("map", "odom")][0] - arrived for arrived, tf in timed]) * 1e-9
+    print(f"map -> odom stamped {np.median(ahead) * 1e3:.0f} ms (median) ahead of its arrival")
+    assert np.median(ahead) > 0, "map -> odom is not stamped ahead of now"
+    assert all(("odom", "base_link") in tf and tf[("odom", "base_link")][0] == tf[("map", "odom")][0]
+               for _, tf in timed if tf[("map", "odom")][0] * 1e-9 > stamps[0] + 0.5 * span), \
+        "map -> odom without the chained odom -> base_link at its stamp"
+
+    # The lookup at "now": the newest map -> odom and odom -> base_link stamped at or after it.
+    _, T_map_odom = newest(("map", "odom"), now)
+    _, T_odom_base = newest(("odom", "base_link"), now)
+    last = max(chained)
+    np.testing.assert_allclose(T_odom_base, chained[last], atol=1e-6)  # the newest keyframe's chained pose
+    path = collector.out.path
+    assert path is not None and conv.stamp_to_ns(path.poses[-1].header.stamp) == last
+    T_map_base = T_map_odom @ T_odom_base
+    off = invert(conv.pose_to_matrix(path.poses[-1].pose)) @ T_map_base
+    print(f"map -> base_link at now against the path's newest pose: {np.linalg.norm(off[:3, 3]) * 100:.2f} cm, "
+          f"{np.degrees(rotation_angle(off)):.3f} deg")
+    assert np.linalg.norm(off[:3, 3]) < 0.01 and np.degrees(rotation_angle(off)) < 0.5

@@ -79,12 +79,15 @@ def launched_node(module, **arguments):
 def test_launch_file_lets_the_params_file_win_unless_an_argument_is_given(monkeypatch):
     module = launch_module(monkeypatch)
     declared = {a.args[0] for a in module.generate_launch_description().args[0] if a.kind == "Declare"}
-    assert {"params_file", "namespace", "backend", "cameras", "camera", "odom", "use_sim_time", "rviz"} <= declared
+    assert {"params_file", "namespace", "backend", "cameras", "camera", "odom", "use_sim_time", "autostart",
+            "rviz"} <= declared
     plain = launched_node(module)
     assert plain["parameters"] == [str(ROOT / "config" / "mapany.yaml")] and plain["remappings"] == []
     given = launched_node(module, backend="planesweep", use_sim_time="true", namespace="robot1")
     assert given["parameters"][1] == {"backend": "planesweep", "use_sim_time": True}
     assert given["namespace"] == "robot1"
+    managed = launched_node(module, autostart="false")
+    assert managed["parameters"][1] == {"autostart": False}
 
 
 def test_launch_file_remaps_every_camera_and_odometry(monkeypatch):

@@ -9,6 +9,8 @@ from core_fakes import RecordingBackend, base_pose, frame
 
 from mapany_ros.core.geometry import invert, make_pose, rotation_angle
 from mapany_ros.core.pipeline import FrameStatus, Pipeline, PipelineConfig
+from mapany_ros.core.placement import PlacementConfig
+from mapany_ros.core.placement.loops import LoopConfig
 
 T_BASE_CAM = make_pose(np.eye(3), [0.1, 0.0, 0.5])
 
@@ -164,15 +166,91 @@ def test_slow_backend_never_blocks_callers_and_thins_keyframes_instead_of_droppi
 def test_backend_failure_is_counted_and_the_worker_survives():
     errors = []
     backend = RecordingBackend(fail_on=1)
-    p, results = make(backend, use_odometry=False, window_size=2, window_overlap=0, max_interval_s=0.001)
+    p, results = make(backend, use_odometry=False, window_size=2, window_overlap=1, max_interval_s=0.001)
     p._on_error = errors.append
     p.start()
-    for i in range(4):
+    for i in range(5):
         p.add_frame(frame(i * 0.1))
         p.wait_idle(5)
     p.stop()
-    assert len(errors) == 1 and p.stats.windows_failed == 1
-    assert len(results) == 1
+    assert len(errors) == 1 and "on purpose" in str(errors[0]) and p.stats.windows_failed == 1
+    # The failed window's keyframes went into the next one: every frame is output once.
+    assert len(results) == 4 and p.stats.keyframes_lost == 0
+    assert sorted(outputs(results)) == [frame(i * 0.1).key for i in range(5)]
+
+
+def outputs(results) -> list[tuple[str, int]]:
+    return [f.key for r in results for f, o in zip(r.frames, r.output_mask, strict=True) if o]
+
+
+def test_a_failed_windows_keyframes_are_sent_again_once_then_dropped_and_counted():
+    keys = [frame(i * 0.1).key for i in range(9)]
+    # The second window fails once: its keyframes come in the next call, behind fresh context.
+    backend = RecordingBackend(fail_on=2)
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
+                      queue_size=8)
+    p.start()
+    for i in range(9):
+        p.add_frame(frame(i * 0.1))
+        assert p.wait_idle(5)
+    p.stop()
+    calls = [[f.key for f in c] for c in backend.calls]
+    assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
+    assert sorted(outputs(results)) == keys
+    assert p.stats.windows_failed == 1 and p.stats.keyframes_lost == 0
+    # It fails again: its keyframes are dropped and counted; the next window anchors on the last placed one.
+    backend = RecordingBackend(fail_on=(2, 3))
+    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
+                      queue_size=8)
+    p.start()
+    for i in range(9):
+        p.add_frame(frame(i * 0.1))
+        assert p.wait_idle(5)
+    p.stop()
+    calls = [[f.key for f in c] for c in backend.calls]
+    assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
+    assert calls[3] == [keys[2], keys[5], keys[6]]
+    assert sorted(outputs(results)) == keys[:3] + keys[5:]
+    assert p.stats.windows_failed == 2 and p.stats.keyframes_lost == 2
+
+
+def test_callbacks_run_without_the_pipeline_lock_so_a_reset_during_a_result_cannot_deadlock():
+    """The consumer's on_result holds its own lock and asks the pipeline something; a reset from
+    another thread announces itself through on_reset, which takes that same lock. Announced while
+    the pipeline's lock is held, the two threads would wait for each other forever (and with them
+    every caller of the pipeline: no more input, no more output)."""
+    consumer = threading.Lock()
+    in_result, reset_announced = threading.Event(), threading.Event()
+    seen_resets: list[int] = []
+
+    def on_result(result) -> None:
+        with consumer:
+            in_result.set()
+            reset_announced.wait(5)  # the reset is being announced right now
+            seen_resets.append(p.status()["resets"])
+
+    def on_reset(reason: str) -> None:
+        reset_announced.set()
+        with consumer:
+            pass
+
+    cfg = PipelineConfig(use_odometry=False, window_size=2, window_overlap=0, max_interval_s=0.001)
+    p = Pipeline(cfg, RecordingBackend(), on_result, on_reset=on_reset)
+    p.start()
+    p.add_frame(frame(0.0))
+    p.add_frame(frame(0.1))
+    assert in_result.wait(10)
+    resetter = threading.Thread(target=p.reset, args=("~/reset",), daemon=True)
+    resetter.start()
+    resetter.join(10)
+    assert not resetter.is_alive(), "reset and on_result deadlocked"
+    assert p.wait_idle(10) and seen_resets == [1]
+    # The pipeline goes on after the reset: a new window is placed and handed on.
+    in_result.clear()
+    p.add_frame(frame(0.2))
+    p.add_frame(frame(0.3))
+    assert in_result.wait(10)
+    p.stop()
 
 
 def test_after_a_failed_window_the_next_reattaches_to_the_last_placed_keyframes():
@@ -226,8 +304,10 @@ def test_in_message_time_the_same_stream_gives_the_same_windows_at_any_pace():
         # keyframes' flush deadlines, which must not change how the stream is cut.
         backend = RecordingBackend(delay_s=0.0 if pace is None else 0.15)
         clock = [0]
+        # No loop closure: its verifications run whenever the backend is idle, which depends on the pace.
         cfg = PipelineConfig(use_odometry=False, window_size=4, window_overlap=1, max_interval_s=0.01,
-                             max_window_latency_s=0.35, queue_size=8, thin_keyframes=pace is not None)
+                             max_window_latency_s=0.35, queue_size=8, thin_keyframes=pace is not None,
+                             placement=PlacementConfig(loops=LoopConfig(enabled=False)))
         p = Pipeline(cfg, backend, lambda r: None, clock=lambda: clock[0])
         if pace is not None:
             p.start()
@@ -364,7 +444,8 @@ def test_a_pose_graph_correction_moves_each_fused_camera_with_its_own_stamp_and_
     assert p.map.keyframes_reposed == 2
     for f in group:  # the right camera: 3 ms of motion after the group's stamp, then its own head pose
         expected = corrected @ invert(T_odom_ref) @ f.T_world_base @ extrinsics[f.camera]
-        np.testing.assert_allclose(p.map._recent[f.key].T_map_camera, expected, atol=1e-9)
+        table = p.map._keyframes  # the fused map's latest pose of each keyframe's camera
+        np.testing.assert_allclose(table.T_now[table.rows[f.key]], expected, atol=1e-9)
 
 
 def test_a_frame_whose_moving_extrinsic_stops_is_dropped_while_odometry_still_flows():
@@ -385,3 +466,176 @@ def test_a_frame_whose_moving_extrinsic_stops_is_dropped_while_odometry_still_fl
     p.add_extrinsic("camera", int(0.3e9), T_BASE_CAM)  # the joint states come back
     assert p.add_frame(frame(0.35))[0] is FrameStatus.WAITING
     assert p.add_extrinsic("camera", int(0.4e9), T_BASE_CAM) == [FrameStatus.ACCEPTED]
+
+
+class OwnedLock:
+    """threading.Lock that knows its holder, so a test can tell whether the calling thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        ok = self._lock.acquire(blocking, timeout)
+        if ok:
+            self.owner = threading.get_ident()
+        return ok
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _is_owned(self) -> bool:  # threading.Condition asks this
+        return self.owner == threading.get_ident()
+
+
+class ScriptedLoops:
+    """The real placer, with loop candidates scripted: ``queue`` jobs are proposed once the first
+    window is placed, and each verification closes its loop unless ``during_close`` says otherwise.
+    Every call the pipeline makes to it must come without the pipeline lock held by the caller."""
+
+    def __init__(self, pipeline: Pipeline, n_loops: int) -> None:
+        self._placer, self._pipeline = pipeline.placer, pipeline
+        self.queue: list[int] = []
+        self._n_loops = n_loops
+        self.during_close = lambda: None
+        self.calls: list[str] = []
+        self.loops = self  # the pipeline asks placer.loops.pending
+
+    def _check(self, name: str) -> None:
+        assert not self._pipeline._lock._is_owned(), f"placer.{name} called under the pipeline lock"
+        self.calls.append(name)
+
+    @property
+    def pending(self) -> bool:
+        self._check("loops.pending")
+        return bool(self.queue)
+
+    def place(self, *args, **kwargs):
+        self._check("place")
+        placed = self._placer.place(*args, **kwargs)
+        if self._n_loops:
+            self.queue, self._n_loops = list(range(self._n_loops)), 0
+        return placed
+
+    def loop_job(self):
+        from mapany_ros.core.placement.loops.closer import LoopJob
+
+        self._check("loop_job")
+        n = self.queue.pop()
+        ctx = self._placer.context(1)[0]
+        return LoopJob(None, [dataclasses.replace(f, image=f.image) for f in ctx], [(n, 0)] * len(ctx), {})
+
+    def close_loop(self, job, prediction):
+        from mapany_ros.core.placement import PlacedWindow, PlacementStatus
+
+        self._check("close_loop")
+        self.during_close()
+        return PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOOP_CLOSED, 1.0, None,
+                            None, {}, {}, message=f"loop {job.owners[0][0]} closed")
+
+    def __getattr__(self, name: str):
+        self._check(name)
+        return getattr(self._placer, name)
+
+
+def scripted(backend, n_loops: int, **kw):
+    """A pipeline whose lock knows its holder, with scripted loops; its results, with the lock state
+    and the generation each was announced in."""
+    results, errors = [], []
+    cfg = PipelineConfig(**{"use_odometry": False, "window_size": 3, "window_overlap": 1, "max_interval_s": 0.001,
+                            "queue_size": 8, **kw})
+
+    def on_result(result) -> None:
+        assert not p._lock._is_owned(), "on_result called under the pipeline lock"
+        results.append((result, p.generation))  # asking the pipeline back must not deadlock
+
+    p = Pipeline(cfg, backend, on_result, errors.append)
+    p._lock = OwnedLock()
+    p._cv = threading.Condition(p._lock)
+    p.placer = ScriptedLoops(p, n_loops)
+    infer = backend.infer
+
+    def checked_infer(frames):
+        assert not p._lock._is_owned(), "backend called under the pipeline lock"
+        return infer(frames)
+
+    backend.infer = checked_infer
+    return p, results, errors
+
+
+def test_loop_jobs_run_only_when_no_window_waits_a_retried_one_included_and_go_out_with_their_generation():
+    backend = RecordingBackend(fail_on=2)  # the second window fails once and is sent again
+    p, results, errors = scripted(backend, n_loops=2)
+    for i in range(7):  # windows of 3 new keyframes (the first), then 2 behind one of context
+        p.add_frame(frame(i * 0.1))
+    p.flush()
+    assert p.process_ready() == 4  # three windows, one of them twice
+    kinds = ["loop" if not r.frames else "window" for r, _ in results]
+    # The loops were proposed by the first window, yet the failed window's retry and the third window ran first.
+    assert kinds == ["window", "window", "window", "loop", "loop"], kinds
+    assert [c for c in p.placer.calls if c in ("place", "loop_job")] == ["place"] * 3 + ["loop_job"] * 2
+    assert len(backend.calls) == 6 and p.stats.windows_failed == 1 and p.stats.keyframes_lost == 0
+    assert len(errors) == 1 and "on purpose" in str(errors[0])
+    for result, generation in results[3:]:
+        assert result.window.index == -1 and result.frames == [] and result.output_mask == []
+        assert result.placement.status.name == "LOOP_CLOSED" and result.generation == generation == 0
+    assert p.status()["keyframes_pending"] == 0 and not p.status()["backend_busy"]
+
+
+def test_a_loop_closed_across_a_reset_is_dropped_and_the_worker_restarts_placement():
+    backend = RecordingBackend()
+    p, results, errors = scripted(backend, n_loops=1)
+    p.placer.during_close = lambda: p.reset("~/reset")  # arrives while the loop is being verified
+    p.start()
+    for i in range(3):
+        p.add_frame(frame(i * 0.1))
+    p.flush()
+    assert p.wait_idle(10)
+    assert [r.window.index for r, _ in results] == [0], "the loop of the old map went out"
+    assert p.generation == 1 and p.stats.resets == 1
+    # The next window starts the new map, and its result carries the new generation.
+    for i in range(3, 6):
+        p.add_frame(frame(i * 0.1))
+    p.flush()
+    assert p.wait_idle(10)
+    p.stop()
+    assert [(r.generation, r.window.n_context) for r, _ in results[1:]] == [(1, 0)]
+    assert "reset" in p.placer.calls and not errors
+
+
+def test_save_map_is_written_by_the_worker_between_two_windows(tmp_path):
+    backend = RecordingBackend(delay_s=0.3)
+    p, results, errors = scripted(backend, n_loops=0)
+    writers: list[tuple[str, int]] = []
+    saved_keyframes = p.placer._placer.saved_keyframes
+
+    def recording_saved_keyframes(*args):
+        writers.append((threading.current_thread().name, backend.active))
+        return saved_keyframes(*args)
+
+    p.placer._placer.saved_keyframes = recording_saved_keyframes
+    p.start()
+    for i in range(7):
+        p.add_frame(frame(i * 0.1))
+    p.flush()
+    deadline = time.monotonic() + 10
+    while not backend.active:  # the first window is with the backend; two more wait
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wrote = p.save_map(tmp_path / "map")
+    n_windows = len(results)
+    assert p.wait_idle(10)
+    assert writers == [("mapany-backend", 0)], writers  # on the worker, with no backend call under way
+    assert n_windows < 3, "the save waited for every window instead of the next gap"
+    assert "keyframes" in wrote and (tmp_path / "map" / "keyframes.npz").is_file()
+    p.stop()
+    # Without a worker the caller writes it.
+    assert "keyframes" in p.save_map(tmp_path / "again") and writers[-1] == ("MainThread", 0)
+    assert not errors

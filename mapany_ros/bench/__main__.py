@@ -11,6 +11,12 @@ Measured as ratios within one run (these machines are noisy):
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
 5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
    against a real model's errors (:mod:`mapany_ros.bench.placement`).
+6. Image and odometry callback latency while a 2 M voxel map is published (target p99 <= 10 ms,
+   :mod:`mapany_ros.bench.executor`).
+7. Loop closure's global descriptors on synthetic revisits: recall, precision, cost of the search
+   at 2000 keyframes (:mod:`mapany_ros.bench.loops`).
+8. Keyframe selection per frame group in the callbacks, from the images without odometry
+   (target <= 2 ms at 640x480, :mod:`mapany_ros.bench.keyframes`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         "",
     ]
     lines += messages.markdown(results["image"], results["cloud"]) + node.markdown(results["node"])
+    if "executor" in results:
+        from mapany_ros.bench.executor import markdown as executor_markdown
+
+        lines += executor_markdown(results["executor"])
     for extra in results.get("extra_sections", []):
         lines.extend(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,15 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     results["cloud"] = messages.bench_cloud(tmp)
     print("[bench] node overhead at 640x480 ...", flush=True)
     results["node"] = node.bench_node_overhead(tmp)
+    from mapany_ros.bench.executor import bench_executor
+
+    print("[bench] executor latency while a 2 M voxel map is published ...", flush=True)
+    results["executor"] = bench_executor(tmp)
+    from mapany_ros.bench.keyframes import bench_keyframes
     from mapany_ros.bench.mapanything import bench_adapter
     from mapany_ros.bench.placement import bench_placement
 
+    print("[bench] keyframe selection per frame group ...", flush=True)
+    results["extra_sections"] = [bench_keyframes()]
     print("[bench] MapAnything adapter ...", flush=True)
-    results["extra_sections"] = [bench_adapter()]
+    results["extra_sections"].append(bench_adapter())
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
+    from mapany_ros.bench.loops import bench_loop_descriptors
+
+    print("[bench] loop closure: descriptors on synthetic revisits, search at 2000 keyframes ...", flush=True)
+    results["extra_sections"].append(bench_loop_descriptors())
     from mapany_ros.bench.decode import bench_decode
-    from mapany_ros.bench.fusion import bench_fusion
+    from mapany_ros.bench.fusion import bench_fusion, bench_loop_closure, loop_closure_markdown
     from mapany_ros.bench.fusion import markdown as fusion_markdown
     from mapany_ros.bench.long_run import bench_long_run
     from mapany_ros.bench.long_run import markdown as long_run_markdown
@@ -90,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"].append(bench_decode())
     print("[bench] fused map ...", flush=True)
     results["extra_sections"].append(fusion_markdown(bench_fusion()))
+    print("[bench] fused map: a loop closure at 2000 keyframes ...", flush=True)
+    results["extra_sections"].append(loop_closure_markdown(bench_loop_closure()))
     print("[bench] offline processing ...", flush=True)
     results["extra_sections"].append(bench_process())
     print("[bench] long run (2000 keyframes) ...", flush=True)

@@ -25,8 +25,8 @@ def run(out_file: str, topics: list[str]) -> None:
     rclpy.init()
     node = rclpy.create_node("bench_subscriber")
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
-    types = {"cloud": PointCloud2, "points": PointCloud2, "depth": Image, "confidence": Image,
-             "camera_info": CameraInfo}
+    types = {"cloud": PointCloud2, "points": PointCloud2, "map_points": PointCloud2, "depth": Image,
+             "confidence": Image, "camera_info": CameraInfo}
     fh = open(out_file, "w", buffering=1)
 
     def cb(topic):

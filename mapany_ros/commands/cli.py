@@ -8,7 +8,8 @@ import sys
 COMMANDS = {
     "prefetch": ("mapany_ros.commands.prefetch", "fill an offline cache with MapAnything weights and DINOv2 hub code"),
     "demo": ("mapany_ros.commands.demo", "run the node on the synthetic robot and score it against ground truth "
-             "(--bag DIR: write the synthetic robot as a bag with ground truth instead)"),
+             "(--bag DIR: write the synthetic robot as a bag with ground truth instead; --loops N: N loops with "
+             "drifting odometry and a simulated model, with and without loop closure)"),
     "process": ("mapany_ros.commands.process", "reconstruct a recorded bag offline into an output bag "
                 "(+ PLY, TUM, rerun)"),
     "eval": ("mapany_ros.commands.eval", "score a result bag's trajectory and depth against a ground-truth bag"),

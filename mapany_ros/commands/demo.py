@@ -4,6 +4,10 @@ A synthetic robot (camera, odometry - on odom, or as TF only with ``--odom-sourc
 publishes; ``mapany_node`` runs as its own
 process with the weight-free plane-sweep backend; a recorder writes everything to MCAP; the
 outputs are scored against ground truth. Results land in ``out/demo/``.
+
+``--loops N`` runs another demo instead (:mod:`mapany_ros.commands.demo_loops`): N loops with
+drifting odometry and the model simulator as a SIMULATED backend, with and without loop closure,
+in this process without DDS. Results land in ``out/demo_loops/``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ def config_path(name: str) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="synthetic scene seed")
-    ap.add_argument("--width", type=int, default=320, help="camera width in pixels")
-    ap.add_argument("--height", type=int, default=240, help="camera height in pixels")
+    ap.add_argument("--width", type=int, default=None, help="camera width in pixels (default 320; --loops: 128)")
+    ap.add_argument("--height", type=int, default=None, help="camera height in pixels (default 240; --loops: 96)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of robot motion")
-    ap.add_argument("--rate", type=float, default=10.0, help="camera rate in Hz")
+    ap.add_argument("--rate", type=float, default=None, help="camera rate in Hz (default 10; --loops: 5)")
     ap.add_argument("--start", type=float, default=4.0,
                     help="where on the robot's trajectory the recording starts, seconds (the robot is already moving)")
     ap.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
@@ -49,17 +53,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the robot publishes odometry on odom, or only as the odom -> base_link transform on /tf "
                          "(the node then runs with odometry.source: tf)")
     ap.add_argument("--params", type=Path, default=None, help="node parameters file (default config/demo.yaml)")
-    ap.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default out/demo; --loops: out/demo_loops)")
     ap.add_argument("--bag", type=Path, default=None,
                     help="write the synthetic robot with ground truth to this rosbag2 folder and exit (no node)")
     ap.add_argument("--bag-format", choices=("raw", "jpeg", "png"), default="raw", help="image topic of --bag")
     ap.add_argument("--bag-storage", choices=("mcap", "sqlite3"), default="mcap", help="storage of --bag")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
-    return ap.parse_args(argv)
+    ap.add_argument("--loops", type=float, default=None, metavar="N",
+                    help="instead: drive N loops with drifting odometry and the model simulator (a SIMULATED "
+                         "backend), with and without loop closure, in this process without DDS; writes "
+                         "demo_loops.png and metrics.json (the --duration, --start, --speed, --odom-*, --params "
+                         "and --timeout options do not apply)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads of --loops (one: torch's busy-waiting workers slow a shared machine)")
+    args = ap.parse_args(argv)
+    if args.loops is not None and not args.loops > 0:
+        ap.error(f"--loops must be positive, got {args.loops}")
+    if args.loops is not None and args.bag is not None:
+        ap.error("--loops and --bag are two different demos: give one of them")
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    loops = args.loops is not None
+    for key, plain, loop in (("width", 320, 128), ("height", 240, 96), ("rate", 10.0, 5.0),
+                             ("out", Path("out/demo"), Path("out/demo_loops"))):
+        if getattr(args, key) is None:
+            setattr(args, key, loop if loops else plain)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.loops is not None:  # no node, no DDS: the core in this process, with a simulated backend
+        from mapany_ros.commands import demo_loops
+
+        return demo_loops.main(args)
     if args.bag is not None:  # no node, no DDS: the robot's inputs and ground truth as a bag
         from mapany_ros.sim.robot_bag import write_synthetic_bag
 

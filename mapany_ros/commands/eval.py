@@ -10,6 +10,9 @@ optionally the input ``/odom``, scored the same way as the drift the node has to
 Trajectories are scored with evo: ATE is the translation RMSE after an SE(3) fit and after a
 Sim(3) fit (with its scale); RPE is the translation and rotation error between consecutive
 matched poses (keyframes are irregularly spaced, so a per-metre delta would skip most pairs).
+Revisits: for keyframe pairs at the same true place on different passes (true positions within
+30 cm, at least 10 s and 2 m driven apart), the error of the estimated position of one in the
+other's frame - where the robot came back, how far apart the map puts the two visits.
 Depth: AbsRel, median relative error, delta < 1.25 and valid fraction, per image with a
 ground-truth depth of the same stamp and size, then averaged over images (each weighs the same).
 Writes ``eval.json`` and ``eval.png`` and prints a summary.
@@ -37,7 +40,7 @@ from mapany_ros.core.odometry import Lookup, OdometryBuffer
 from mapany_ros.ros import conversions as conv
 from mapany_ros.scoring.metrics import depth_frame_errors
 from mapany_ros.scoring.plots import write_eval_figure
-from mapany_ros.scoring.trajectory import trajectory_errors
+from mapany_ros.scoring.trajectory import revisit_errors, revisit_summary, trajectory_errors
 
 GT_ODOM_TOPIC = "/ground_truth/odom"
 GT_DEPTH_TOPIC = "/ground_truth/depth"
@@ -49,6 +52,10 @@ MATCH_TOLERANCE_NS = 1_000_000
 #: Odometry is interpolated at ground-truth stamps across gaps up to this long.
 ODOM_MAX_GAP_S = 0.5
 RPE_PAIRS = "consecutive matched poses"
+#: Revisit pairs: true positions this close, this far apart in time and in distance driven.
+REVISIT = {"radius_m": 0.3, "min_gap_s": 10.0, "min_travel_m": 2.0}
+REVISIT_PAIRS = (f"each matched pose with its nearest true neighbour within {REVISIT['radius_m']:g} m of an earlier"
+                 f" pass (>= {REVISIT['min_gap_s']:g} s and >= {REVISIT['min_travel_m']:g} m driven before)")
 
 
 class EvalError(Exception):
@@ -252,12 +259,14 @@ def evaluate(result_bag: Path, gt_bag: Path, camera: str = "camera") -> tuple[di
         )
     stamps, truth = gt.stamps[i_gt], gt.poses[i_gt]
     estimate, aligned = trajectory_errors(stamps, est.poses[i_est], truth)
+    estimate["revisit"] = revisit_summary(revisit_errors(est.poses[i_est], truth, stamps, **REVISIT))
     plot = {"truth": truth[:, :3, 3], "estimate": aligned}
     odometry = None
     if gt.odometry is not None:
         ok, T_ob = _odometry_at(gt.odometry, stamps)
         if ok.sum() >= 3:
             odometry, plot["odometry"] = trajectory_errors(stamps[ok], T_ob, truth[ok])
+            odometry["revisit"] = revisit_summary(revisit_errors(T_ob, truth[ok], stamps[ok], **REVISIT))
     report = {
         "result_bag": str(result_bag),
         "gt_bag": str(gt_bag),
@@ -268,6 +277,7 @@ def evaluate(result_bag: Path, gt_bag: Path, camera: str = "camera") -> tuple[di
             "matched_exact": exact,
             "match_tolerance_ms": MATCH_TOLERANCE_NS / 1e6,
             "rpe_pairs": RPE_PAIRS,
+            "revisit_pairs": REVISIT_PAIRS,
             "estimate": estimate,
             "odometry": odometry,
         },
@@ -300,6 +310,14 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
             print(f"  {name:<10}{e['ate_se3_rmse_m'] * 100:9.2f} cm{e['ate_sim3_rmse_m'] * 100:9.2f} cm"
                   f"{e.get('sim3_scale', math.nan):8.3f}{e['rpe_trans_rmse_m'] * 100:9.2f} cm"
                   f"{e['rpe_rot_rmse_deg']:7.2f} deg")
+    for name in ("estimate", "odometry"):
+        e = tr[name]
+        if e is None:
+            continue
+        rv = e["revisit"]
+        text = (f"median {rv['median_m'] * 100:.2f} cm, p90 {rv['p90_m'] * 100:.2f} cm over {rv['pairs']} pairs"
+                if rv["pairs"] else "no place visited twice")
+        print(f"  revisit error, {name:<9} {text}")
     if mo is not None:
         print(f"  map -> odom: estimate {mo['estimate_translation_m'] * 100:.1f} cm / {mo['estimate_rotation_deg']:.2f}"
               f" deg, truth {mo['truth_translation_m'] * 100:.1f} cm / {mo['truth_rotation_deg']:.2f} deg,"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,8 @@ _DEPTH_ENCODINGS: dict[str, str] = {"16UC1": "u2", "32FC1": "f4"}
 
 #: PointCloud2 layout published by :func:`pointcloud2_from_points` (what RViz expects).
 CLOUD_POINT_STEP = 16
+#: Bytes a point of the fused map's cloud: x, y, z, rgb, confidence.
+MAP_POINT_STEP = CLOUD_POINT_STEP + 4
 
 
 class ConversionError(ValueError):
@@ -350,16 +353,23 @@ def _unorganised_cloud(header: Header | None, fields: list, step: int, n: int, d
     return msg
 
 
-def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, header: Header | None = None
-              ) -> PointCloud2:
+def map_cloud(points: np.ndarray, colors: np.ndarray, confidence: np.ndarray, header: Header | None = None,
+              buffer: Callable[[int], np.ndarray] | None = None) -> PointCloud2:
     """The fused map as a PointCloud2: x, y, z, rgb as :func:`pointcloud2_from_points`, plus a
-    float32 ``confidence`` at offset 16 (20 bytes a point), for RViz's intensity colouring."""
+    float32 ``confidence`` at offset 16 (20 bytes a point), for RViz's intensity colouring.
+
+    With ``buffer`` the points are packed into ``buffer(nbytes)`` (a writable uint8 array, e.g.
+    memory shared with another process) and the message's ``data`` stays empty.
+    """
     points = np.asarray(points, dtype=np.float32)
     n = int(points.shape[0])
     if np.asarray(confidence).shape != (n,):
         raise ConversionError(f"confidence must be (N,) like points {points.shape}, got {np.shape(confidence)}")
-    step = CLOUD_POINT_STEP + 4
-    data, view = _message_buffer(n * step)
+    step = MAP_POINT_STEP
+    if buffer is None:
+        data, view = _message_buffer(n * step)
+    else:
+        data, view = array.array("B"), buffer(n * step)
     out = view.reshape(n, step)
     packed = _pack_cloud_numpy(points, np.asarray(colors, dtype=np.uint8))
     out[:, :CLOUD_POINT_STEP] = packed

@@ -4,6 +4,9 @@ Messages may be rclpy's or ones deserialised from a bag with ``rosbags`` (same f
 processed offline goes through exactly the conversions, checks and warnings the live node applies.
 Bad input is reported through ``warn(key, message)`` (the node throttles it per key) and dropped;
 nothing else is lost.
+
+The handler has no lock: the node calls it from its executor's one (mutually exclusive) callback
+group, and it holds nothing while it calls the pipeline, which takes its own lock.
 """
 
 from __future__ import annotations

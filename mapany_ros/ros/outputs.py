@@ -3,6 +3,9 @@
 The node publishes these messages; ``mapany-ros process`` writes the very same ones to a bag, so
 an offline run and a live replay cannot drift apart. Topic names are relative to the node's
 namespace, as the node's publishers use them.
+
+The builder has no lock and calls nothing that locks: the node guards it with its output lock
+(a leaf) and publishes what it returns after releasing that lock.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ class OutputBuilder:
         self.config = config
         #: Path poses by image stamp, so pose-graph corrections can move earlier ones.
         self._path: dict[int, np.ndarray] = {}
+        #: Without odometry: (child frame, T_odom_base) of the newest keyframe's chained estimate.
+        self._latest_vo: tuple[str, np.ndarray] | None = None
 
     def reset(self) -> None:
         self._path.clear()
+        self._latest_vo = None
 
     def window(self, result: WindowResult) -> list[tuple[str, Any]]:
         """(topic, message) for every output of ``result``, in publishing order."""
@@ -67,6 +73,7 @@ class OutputBuilder:
             child = cfg["base_frame"] if first.T_base_camera is not None else first.frame_id
             for stamp, T_odom_base in sorted(result.placement.visual_odometry.items()):
                 transforms.append(conv.matrix_to_transform_stamped(T_odom_base, cfg["odom_frame"], child, stamp))
+            self._latest_vo = (child, T_odom_base)
         # The base of every keyframe group the graph placed or moved, this window's and earlier ones.
         self._path.update(result.placement.corrections)
         while len(self._path) > cfg["path.max_poses"]:
@@ -92,5 +99,11 @@ class OutputBuilder:
         return msg
 
     def map_odom(self, T_map_odom: np.ndarray, stamp_ns: int) -> TFMessage:
-        return TFMessage(transforms=[conv.matrix_to_transform_stamped(
-            T_map_odom, self.config["map_frame"], self.config["odom_frame"], stamp_ns)])
+        """map -> odom at ``stamp_ns``; without odometry also the newest chained odom -> base, so that
+        map -> base_link resolves at that stamp too."""
+        cfg = self.config
+        transforms = [conv.matrix_to_transform_stamped(T_map_odom, cfg["map_frame"], cfg["odom_frame"], stamp_ns)]
+        if self._latest_vo is not None:
+            child, T_odom_base = self._latest_vo
+            transforms.append(conv.matrix_to_transform_stamped(T_odom_base, cfg["odom_frame"], child, stamp_ns))
+        return TFMessage(transforms=transforms)

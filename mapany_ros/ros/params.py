@@ -41,6 +41,8 @@ class Param:
 
 
 PARAMETERS: tuple[Param, ...] = (
+    Param("autostart", True, "Configure and activate at start (lifecycle); false: start unconfigured and wait for "
+          "~/change_state (a lifecycle manager, `ros2 lifecycle set`)."),
     Param("backend", "mapanything", "Reconstruction model: mapanything (GPU, weights), planesweep (classical "
           "multi-view stereo, no weights, needs odometry), a name registered under the entry-point group "
           "mapany_ros.backends, or a plugin class as package.module:ClassName."),
@@ -56,7 +58,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("use_odometry", True, "Use odometry (the odom topic, or /tf with odometry.source: tf) + base -> camera "
           "extrinsics (/tf_static, /tf) as metric pose priors."),
     Param("map_frame", "map", "Fixed frame of points, path and the published TF."),
-    Param("odom_frame", "odom", "Odometry frame (REP 105); map -> odom is published when odometry is used."),
+    Param("odom_frame", "odom", "Odometry frame (REP 105): parent of base_frame in the odometry, or, without "
+          "odometry, of the node's own chained estimate; map -> odom is published in both modes."),
     Param("base_frame", "base_link", "Robot base frame: child of odom in the odometry messages (or on /tf)."),
     Param("window.size", 8, "Keyframe groups per backend call.", 2, 64),
     Param("window.overlap", 2, "Groups carried into the next window as context (not output again).", 0, 63),
@@ -64,8 +67,13 @@ PARAMETERS: tuple[Param, ...] = (
           "oldest keyframe, or, once input stops, when that keyframe has waited this long.", 0.1, 60.0),
     Param("window.queue_size", 2, "Windows that may wait for the backend; beyond, the waiting keyframes are "
           "thinned evenly (never whole windows dropped).", 1, 16),
-    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe.", 0.0, 100.0),
-    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe.", 0.0, 180.0),
+    Param("keyframe.min_translation_m", 0.15, "Motion that makes a new keyframe (odometry's translation).",
+          0.0, 100.0),
+    Param("keyframe.min_rotation_deg", 10.0, "Rotation that makes a new keyframe: odometry's, or without odometry "
+          "the view's rotation measured in the images (any camera of the group).", 0.0, 180.0),
+    Param("keyframe.min_parallax_deg", 1.0, "Without odometry: parallax that makes a new keyframe, the median angle "
+          "by which the last keyframe's image patches moved once the view's rotation is taken out (any camera of "
+          "the group; independent of resolution and lens).", 0.0, 90.0),
     Param("keyframe.max_interval_s", 1.0, "A keyframe at least this often, moving or not.", 0.01, 3600.0),
     Param("keyframe.min_interval_s", 0.0, "Never two keyframes closer than this (rate cap).", 0.0, 60.0),
     Param("sync.tolerance_s", 0.02, "Largest stamp difference between cameras of one group.", 0.0, 1.0),
@@ -128,14 +136,16 @@ PARAMETERS: tuple[Param, ...] = (
           "may correct the map's scale without odometry).", 0.001, 1.0),
     Param("map.enabled", True, "Fuse every placed keyframe into a voxel map (map_points, ~/save_map, ~/reset)."),
     Param("map.voxel_size_m", 0.05, "Voxel edge of the fused map.", 0.005, 10.0),
-    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map, in voxels (about 60 bytes each).",
+    Param("map.max_voxels", 2_000_000, "Memory budget of the fused map: voxels stored in all submaps together, "
+          "a surface once per visit (about 100 bytes each with their published union).",
           1000, 200_000_000),
     Param("map.max_depth_m", 10.0, "Depth beyond this is not fused (its error grows with distance).", 0.1, 1000.0),
     Param("map.min_weight", 2.0, "A voxel is published once its summed confidence reaches this (in median "
           "pixels): one stray sample makes no voxel.", 0.0, 1e6),
     Param("map.pixel_stride", 4, "Fuse every n-th pixel in both directions.", 1, 64),
-    Param("map.keep_keyframes", 16, "Recent keyframes whose contribution moves when the pose graph corrects "
-          "them; older ones are frozen.", 0, 10_000),
+    Param("map.submap_keyframes", 8, "Keyframes per submap: a submap moves as one rigid piece when the pose graph "
+          "corrects its keyframes, however old (fewer follow a bending correction more closely; more store a "
+          "surface seen by consecutive keyframes fewer times).", 1, 10_000),
     Param("map.evict_radius_m", 0.0, "Over budget, drop voxels farther than this from the robot first "
           "(0: the least recently seen first).", 0.0, 1e6),
     Param("map.edge_threshold", 0.05, "Pixels at a depth jump of more than this fraction (or of more than the "
@@ -149,11 +159,11 @@ PARAMETERS: tuple[Param, ...] = (
           "before it publishes, then maps in its frame (empty: a new map)."),
     Param("map.update", True, "With map.load_path: false is localisation only, the loaded map is not changed."),
     Param("loops.enabled", True, "Close loops: recognise revisited places and correct the whole map."),
-    Param("loops.min_gap_keyframes", 30, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
+    Param("loops.min_gap_keyframes", 15, "A loop joins keyframes at least this many keyframes apart.", 2, 100000),
     Param("loops.search_radius_m", 1.0, "Old keyframes within this distance (plus three sigmas of the graph's "
           "drift) of the robot are loop candidates.", 0.0, 1000.0),
-    Param("loops.min_similarity", 0.8, "Old keyframes whose image descriptor is at least this alike (cosine) are "
-          "loop candidates, however far the map drifted.", 0.0, 1.0),
+    Param("loops.min_similarity", 0.3, "Old keyframes whose image descriptor is at least this alike (cosine, centred "
+          "on the map's mean) are loop candidates, however far the map drifted.", -1.0, 1.0),
     Param("loops.min_overlap", 0.5, "Fraction of one place's points that must lie on the other's surfaces when "
           "the backend sees both in one window, for a loop to hold.", 0.05, 1.0),
     Param("loops.every_keyframes", 4, "Look for loop candidates at every n-th keyframe (each costs a backend call "
@@ -162,7 +172,8 @@ PARAMETERS: tuple[Param, ...] = (
           64, 4096),
     Param("tf.buffer_s", 10.0, "How long moving transforms from /tf are kept, per edge, for lookups at image "
           "stamps (a camera on a pan-tilt head; odometry with odometry.source: tf).", 0.1, 3600.0),
-    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (with odometry).", 1.0, 1000.0),
+    Param("tf.rate_hz", 20.0, "Rate of the map -> odom transform (without odometry with the newest chained "
+          "odom -> base at the same stamp).", 1.0, 1000.0),
     Param("tf.future_tolerance_s", 0.1, "map -> odom is stamped now plus this, so lookups at 'now' never "
           "extrapolate (as amcl's transform_tolerance).", 0.0, 10.0),
     Param("tf.smoothing_s", 0.5, "Time constant with which map -> odom glides to each new drift estimate.",
@@ -249,7 +260,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             fusion = FusionConfig(
                 voxel_size_m=values["map.voxel_size_m"], max_voxels=values["map.max_voxels"],
                 max_depth_m=values["map.max_depth_m"], min_weight=values["map.min_weight"],
-                pixel_stride=values["map.pixel_stride"], keep_keyframes=values["map.keep_keyframes"],
+                pixel_stride=values["map.pixel_stride"], submap_keyframes=values["map.submap_keyframes"],
                 evict_radius_m=values["map.evict_radius_m"], edge_threshold=values["map.edge_threshold"])
         except ValueError as exc:
             raise ParameterError(str(exc).replace("FusionConfig.", "map.")) from exc
@@ -262,6 +273,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
         min_rotation_deg=values["keyframe.min_rotation_deg"],
         max_interval_s=values["keyframe.max_interval_s"],
         min_interval_s=values["keyframe.min_interval_s"],
+        min_parallax_deg=values["keyframe.min_parallax_deg"],
         sync_tolerance_s=values["sync.tolerance_s"],
         camera_timeout_s=values["sync.camera_timeout_s"],
         odom_max_gap_s=values["odometry.max_gap_s"],

@@ -1,4 +1,5 @@
-"""Trajectory accuracy against ground truth: evo's ATE after an SE(3) or Sim(3) fit, path length, step errors."""
+"""Trajectory accuracy against ground truth: evo's ATE after an SE(3) or Sim(3) fit, path length, step errors,
+and the error where the robot came back to a place it had seen (revisits)."""
 
 from __future__ import annotations
 
@@ -75,27 +76,60 @@ def trajectory_errors(stamps: np.ndarray, estimate: np.ndarray, truth: np.ndarra
     return out, aligned
 
 
-def revisit_errors(estimate: list[np.ndarray], truth: list[np.ndarray], stamps: list[int], *,
-                   radius_m: float = 0.3, min_gap_s: float = 10.0) -> np.ndarray:
-    """Error (m) of the estimated relative position of keyframe pairs at the same true place on
-    different passes: true positions within ``radius_m``, stamps at least ``min_gap_s`` apart.
+def revisit_pairs(truth: list[np.ndarray], stamps: list[int], *, radius_m: float = 0.3, min_gap_s: float = 10.0,
+                  min_travel_m: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (earlier a, later b) of keyframe pairs at the same true place on different passes.
 
-    The estimate is first SE(3)-aligned to the truth (evo), so the error is that of the map where
-    the robot came back: a double wall shows as the pair's offset, whatever the frame. Each keyframe
-    is paired with its nearest true neighbour of an earlier pass.
+    Each keyframe b is paired with its nearest true neighbour a among the keyframes stamped at least
+    ``min_gap_s`` earlier with at least ``min_travel_m`` driven (along the true path) in between, when
+    that neighbour lies within ``radius_m``. Time alone would pair a robot that stood still with
+    itself; distance driven alone, a robot that shuffled on the spot: together they mean it left and
+    came back.
     """
+    if len(truth) != len(stamps):
+        raise ValueError(f"{len(truth)} true poses for {len(stamps)} stamps")
     ts = np.asarray(stamps, dtype=np.float64) * 1e-9
-    est = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in estimate], timestamps=ts)
-    ref = PoseTrajectory3D(poses_se3=[np.asarray(T) for T in truth], timestamps=ts)
-    est.align(ref, correct_scale=False)
-    p_est, p_ref = est.positions_xyz, ref.positions_xyz
-    errors = []
+    p = np.stack([np.asarray(T)[:3, 3] for T in truth]) if len(truth) else np.zeros((0, 3))
+    driven = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
+    a_idx, b_idx = [], []
     for b in range(len(ts)):
-        earlier = np.flatnonzero(ts < ts[b] - min_gap_s)
+        earlier = np.flatnonzero((ts <= ts[b] - min_gap_s) & (driven <= driven[b] - min_travel_m))
         if earlier.size == 0:
             continue
-        d = np.linalg.norm(p_ref[earlier] - p_ref[b], axis=1)
-        a = earlier[int(np.argmin(d))]
-        if d.min() <= radius_m:
-            errors.append(np.linalg.norm((p_est[b] - p_est[a]) - (p_ref[b] - p_ref[a])))
-    return np.asarray(errors)
+        d = np.linalg.norm(p[earlier] - p[b], axis=1)
+        i = int(np.argmin(d))
+        if d[i] <= radius_m:
+            a_idx.append(int(earlier[i]))
+            b_idx.append(b)
+    return np.asarray(a_idx, dtype=np.int64), np.asarray(b_idx, dtype=np.int64)
+
+
+def revisit_errors(estimate: list[np.ndarray], truth: list[np.ndarray], stamps: list[int], *,
+                   radius_m: float = 0.3, min_gap_s: float = 10.0, min_travel_m: float = 2.0) -> np.ndarray:
+    """Error (m) of the estimated relative position of keyframe pairs at the same true place on
+    different passes (:func:`revisit_pairs`): where the robot came back, how far apart the map puts
+    the two visits - a double wall shows as this offset.
+
+    The relative position of b is taken in a's frame, for the estimate and the truth (the
+    translation part of evo's relative pose error, RPE, for these pairs): no global fit, so the
+    error is the pair's own, whatever the rest of the trajectory does and whatever its frame.
+    """
+    if len(estimate) != len(truth):
+        raise ValueError(f"{len(estimate)} estimated poses for {len(truth)} true ones")
+    a, b = revisit_pairs(truth, stamps, radius_m=radius_m, min_gap_s=min_gap_s, min_travel_m=min_travel_m)
+    if a.size == 0:
+        return np.zeros(0)
+    P, Q = np.stack([np.asarray(T) for T in estimate]), np.stack([np.asarray(T) for T in truth])
+
+    def relative(T: np.ndarray) -> np.ndarray:  # position of b in a's frame
+        return np.einsum("nji,nj->ni", T[a, :3, :3], T[b, :3, 3] - T[a, :3, 3])
+
+    return np.linalg.norm(relative(P) - relative(Q), axis=1)
+
+
+def revisit_summary(errors: np.ndarray) -> dict[str, float | int]:
+    """Pairs, median and 90th percentile of :func:`revisit_errors` (NaN without pairs)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.size == 0:
+        return {"pairs": 0, "median_m": math.nan, "p90_m": math.nan}
+    return {"pairs": int(errors.size), "median_m": float(np.median(errors)), "p90_m": float(np.percentile(errors, 90))}

@@ -39,6 +39,8 @@ class Run:
     odometry: DriftingOdometry | None = None
     #: The rig the robot drove with (name -> extrinsic and stamp offset).
     cameras: dict[str, RigCamera] = field(default_factory=dict)
+    #: What the pipeline reported failing (backend or placement), in order.
+    errors: list[Exception] = field(default_factory=list)
     #: stamp -> the camera whose image it is, for output keyframes.
     camera_of: dict[int, str] = field(default_factory=dict)
 
@@ -54,7 +56,7 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
           height: int = 96, odometry: DriftingOdometry | None = None, pace: float | None = None,
           cameras: Mapping[str, RigCamera] | None = None, every_frame_keyframe: bool = False,
           camera: CameraModel | None = None, start_s: float = 0.0, map_folder: str | None = None,
-          render: bool = False, **config) -> Run:
+          render: bool = False, raise_errors: bool = True, **config) -> Run:
     """Play ``loops`` of the scene's trajectory into a pipeline running ``backend``.
 
     ``cameras``: the rig, name -> :class:`RigCamera` (e.g. ``scene.rig("front", "left")``); each
@@ -71,6 +73,7 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     ``start_s``: scene time of the first frame (the robot starts elsewhere on its loop; odometry
     must then start there too, e.g. ``DriftingOdometry(..., t0_s=start_s)``).
     ``map_folder``: start in that saved map (:meth:`Pipeline.load_map`).
+    ``raise_errors``: raise the first error the pipeline reported (else they are in ``Run.errors``).
     ``render``: every frame carries its rendered image (appearance, visual keyframes); else blank
     images, all the model simulator needs.
     ``every_frame_keyframe``: every frame a keyframe, whatever the motion (keyframe thresholds off,
@@ -117,9 +120,9 @@ def drive(scene: SyntheticScene, backend, *, loops: float = 2.0, rate_hz: float 
     else:
         assert p.wait_idle(600), "the pipeline did not finish"
         p.stop()
-    if errors:
+    if errors and raise_errors:
         raise errors[0]
-    run = Run(scene, p, results, odometry=odometry, cameras=rig)
+    run = Run(scene, p, results, odometry=odometry, cameras=rig, errors=errors)
     T_cam_base = {name: invert(camera.T_base_camera) for name, camera in rig.items()}
     for r in results:
         for f, view, out in zip(r.frames, r.prediction.views, r.output_mask, strict=True):

@@ -18,13 +18,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "min_confidence": (0.0, MAX_PIXEL_WEIGHT),
     "min_weight": (0.0, 1e9),
     "pixel_stride": (1, 64),
-    "keep_keyframes": (0, 10_000),
+    "submap_keyframes": (1, 10_000),
     "repose_translation_m": (0.0, 100.0),
     "repose_rotation_deg": (0.0, 180.0),
     "evict_radius_m": (0.0, 1e6),
     "edge_threshold": (0.0, 1.0),
 }
-_INT_FIELDS = ("max_voxels", "pixel_stride", "keep_keyframes")
+_INT_FIELDS = ("max_voxels", "pixel_stride", "submap_keyframes")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FusionConfig:
     """How the map fuses keyframes; a value out of range is a ValueError naming the field."""
 
     voxel_size_m: float = 0.05
-    #: Memory budget: the map holds at most this many voxels after each integrate or update_pose.
+    #: Memory budget: the submaps hold at most this many voxels together after each integrate.
     max_voxels: int = 2_000_000
     #: Farther pixels are ignored: depth error grows with distance, and so would the map's.
     max_depth_m: float = 10.0
@@ -43,9 +43,11 @@ class FusionConfig:
     min_weight: float = 2.0
     #: Integrate every n-th pixel in both directions; 4 keeps 5 cm voxels filled out to ~5 m at 640x480.
     pixel_stride: int = 4
-    #: Recent keyframes whose contribution update_pose can still move; older ones are frozen.
-    keep_keyframes: int = 16
-    #: update_pose ignores a change smaller than both of these.
+    #: Keyframes per submap: a submap moves as one rigid piece when the pose graph corrects its keyframes.
+    #: Fewer follow a bending correction more closely; more store a surface seen by consecutive
+    #: keyframes fewer times.
+    submap_keyframes: int = 8
+    #: update_pose counts a keyframe as moved, and the union moves a submap, from these changes on.
     repose_translation_m: float = 0.01
     repose_rotation_deg: float = 0.5
     #: Over budget, drop the voxels farther than this from the newest camera, then the farthest;

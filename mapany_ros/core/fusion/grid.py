@@ -30,8 +30,12 @@ def nbytes(*tensors: torch.Tensor) -> int:
 
 def pack(idx: torch.Tensor) -> torch.Tensor:
     """(n, 3) int64 voxel coordinates -> (n,) non-negative int64 keys, ordered like (x, y, z)."""
-    u = idx + COORD_OFFSET
-    return (u[:, 0] << (2 * COORD_BITS)) | (u[:, 1] << COORD_BITS) | u[:, 2]
+    return pack_columns(idx.T.contiguous())
+
+
+def pack_columns(c: torch.Tensor) -> torch.Tensor:
+    """:func:`pack` of coordinates given as (3, n) rows (contiguous rows: several times faster)."""
+    return ((c[0] + COORD_OFFSET) << (2 * COORD_BITS)) | ((c[1] + COORD_OFFSET) << COORD_BITS) | (c[2] + COORD_OFFSET)
 
 
 def unpack(keys: torch.Tensor) -> torch.Tensor:
@@ -52,25 +56,35 @@ class Contribution:
     def nbytes(self) -> int:
         return nbytes(self.keys, self.sums, self.counts)
 
-    def without(self, removed: torch.Tensor) -> Contribution:
-        """The contribution less the voxels whose keys are in ``removed`` (sorted)."""
-        if removed.numel() == 0:
-            return self
-        pos = torch.searchsorted(removed, self.keys).clamp_(max=removed.numel() - 1)
-        keep = removed[pos] != self.keys
-        return Contribution(self.keys[keep], self.sums[keep], self.counts[keep])
-
 
 def reduce_samples(points: torch.Tensor, weights: torch.Tensor, rgb: torch.Tensor, voxel_size: float) -> Contribution:
-    """Sum weighted samples (map-frame points in metres, weights, uint8 RGB) per voxel."""
-    p = points.float() / voxel_size
+    """Sum weighted samples (points in metres, weights, RGB: uint8, or float means) per voxel.
+
+    ``counts`` are the samples per voxel. Deterministic on a CPU: the same samples give the same
+    sums bit for bit, so a contribution can be computed again to be taken out of a grid.
+    """
+    # Coordinates as rows, one contiguous row per axis: on a CPU the packing, offsets and sums then
+    # stream through memory, several times faster than (n, 3) columns for millions of samples.
+    p = (points.float() / voxel_size).T.contiguous()
     idx = torch.floor(p)
-    keys, inverse, counts = torch.unique(pack(idx.long()), return_inverse=True, return_counts=True)
-    w = weights.float()[:, None]
-    values = torch.cat([w, w * (p - idx - 0.5), w * rgb.float()], dim=1)
-    sums = torch.zeros((keys.numel(), NUM_SUMS), dtype=torch.float32, device=points.device)
-    sums.index_add_(0, inverse, values)
+    keys, inverse, counts = torch.unique(pack_columns(idx.long()), return_inverse=True, return_counts=True)
+    w = weights.float()
+    offset, colour = p.sub_(idx).sub_(0.5), rgb.float().T
+    # One weighted bincount per row: faster than index_add_ of (n, 7) rows.
+    columns = [w, *(w * offset[k] for k in range(3)), *(w * colour[k] for k in range(3))]
+    sums = torch.stack([torch.bincount(inverse, c, keys.numel()) for c in columns], dim=1).float()
     return Contribution(keys, sums, counts.to(torch.int32))
+
+
+def voxel_means(keys: torch.Tensor, sums: torch.Tensor, voxel_size: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted mean position (metres, float32), summed weight and mean colour (float) of voxels."""
+    w = sums[:, 0]
+    safe = w.clamp_min(1e-20)[:, None]
+    # float32: voxel coordinates are integers below 2^20, so a mean is off by at most 1/8 voxel at
+    # 50 km from the origin and by 1/1000 within a kilometre.
+    xyz = (unpack(keys).float() + 0.5 + sums[:, 1:4] / safe) * voxel_size
+    return xyz, w, sums[:, 4:7] / safe
 
 
 def _merge_sorted(
@@ -116,9 +130,31 @@ class VoxelGrid:
         self.counts = torch.zeros(capacity, dtype=torch.int32, device=dev)
         self.stamps = torch.zeros(capacity, dtype=torch.int32, device=dev)
 
+    @classmethod
+    def from_contribution(cls, c: Contribution, capacity_limit: int) -> VoxelGrid:
+        """A grid holding exactly ``c`` (sorted unique keys), built without a search."""
+        grid = cls(c.keys.device, capacity_limit)
+        n = c.keys.numel()
+        grid._slot_arrays(max(n, 1))
+        grid.size = n
+        grid.keys[:n], grid.sums[:n], grid.counts[:n] = c.keys, c.sums, c.counts
+        grid._main = (c.keys.clone(), torch.arange(n, device=c.keys.device))
+        return grid
+
     @property
     def nbytes(self) -> int:
         return nbytes(self.keys, self.sums, self.counts, self.stamps, *self._main, *self._delta)
+
+    def compact(self) -> None:
+        """Shrink the slot arrays to the voxels in use and fold the recent run into the main one
+        (a grid that will not grow any more: a closed submap)."""
+        n = self.size
+        old = (self.keys[:n], self.sums[:n], self.counts[:n], self.stamps[:n])
+        self._slot_arrays(max(n, 1))
+        for fresh, used in zip((self.keys, self.sums, self.counts, self.stamps), old):
+            fresh[:n] = used
+        self._main = _merge_sorted(*self._main, *self._delta)
+        self._delta = (self._delta[0][:0], self._delta[1][:0])
 
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Slot of each key, -1 where absent."""
@@ -150,10 +186,9 @@ class VoxelGrid:
         self.sums[emptied] = 0.0
         self.counts[emptied] = 0
 
-    def remove(self, keep: torch.Tensor) -> torch.Tensor:
-        """Drop the voxels of used slots where ``keep`` (size,) is False; returns their keys, sorted."""
+    def remove(self, keep: torch.Tensor) -> None:
+        """Drop the voxels of used slots where ``keep`` (size,) is False."""
         n = self.size
-        removed = torch.sort(self.keys[:n][~keep]).values
         new_slot = torch.cumsum(keep, 0) - 1
         old = (self.keys[:n], self.sums[:n], self.counts[:n], self.stamps[:n])
         self._slot_arrays(self.keys.numel())
@@ -165,7 +200,6 @@ class VoxelGrid:
             kept = keep[run_slots]
             runs.append((run_keys[kept], new_slot[run_slots[kept]]))
         self._main, self._delta = runs
-        return removed
 
     def _allocate(self, keys: torch.Tensor) -> torch.Tensor:
         """Slots for new sorted keys at the end of the arrays, entered in the recent-insertions run."""

@@ -51,6 +51,8 @@ class OverlapChainPlacement:
         self.last_pose: np.ndarray | None = None
         #: Scale of the newest placed window (map units per window unit).
         self.scale = 1.0
+        #: Window -> map of the first window when the map is not new (relocalised in a loaded one).
+        self.start_at: Sim3 | None = None
         #: Variance of the map's log-scale error where the chain ends.
         self._scale_var = config.metric_scale_sigma**2
         self._pending_scale_var = self._scale_var
@@ -87,7 +89,9 @@ class OverlapChainPlacement:
             return rejected(prediction, "no view of the window is usable")
         if self.last_pose is None:
             first = ok[0]
-            S = self._initial_frame(frames[first], rigidify(views[first].T_world_camera))
+            S = self.start_at if self.start_at is not None else self._initial_frame(
+                frames[first], rigidify(views[first].T_world_camera))
+            self.start_at = None
             return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None, owed=owed)
         n_ctx_frames = sum(len(g) for g in groups[:n_context])
         shared = [i for i in ok if i < n_ctx_frames and frames[i].key in self._anchors]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mapany_ros.core.alignment import rigidify
+from mapany_ros.core.alignment import Sim3, rigidify
 from mapany_ros.core.backends.base import WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, is_rigid, rotation_angle
@@ -36,14 +36,7 @@ from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
-from mapany_ros.core.placement.placed import (
-    PlacedWindow,
-    PlacementStats,
-    PlacementStatus,
-    move_view,
-    rejected,
-    settle,
-)
+from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected, settle
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
 from mapany_ros.core.placement.stage_clock import StageClock
@@ -66,6 +59,8 @@ PRIOR_LEANING_SIGMA_FACTOR = 4.0
 RELOCALISE_NEIGHBOURS = 3
 RELOCALISE_M = 0.3
 RELOCALISE_DEG = 10.0
+#: Keyframes whose windows are kept while relocalising (each window's prediction is kept once per keyframe).
+MAX_WAITING_KEYFRAMES = 32
 #: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
 RECENT_KEYFRAMES = 48
 
@@ -118,7 +113,8 @@ class WindowPlacer:
         #: With a loaded map: its keyframes (negative ids) in loop closure's memory, and until the
         #: robot is localised in it nothing is placed. New keyframes' groups wait to start the map.
         self.localised = True
-        self._waiting_groups: dict[int, list[Frame]] = {}
+        #: While relocalising: new keyframe id -> the window (groups, prediction) that saw it.
+        self._waiting_windows: dict[int, tuple[list[list[Frame]], WindowPrediction]] = {}
         self._matches: list[tuple[int, np.ndarray]] = []  # verified (new keyframe, T_map_base) while relocalising
         if self._loaded is not None:
             order = sorted(self._loaded.poses)
@@ -165,8 +161,9 @@ class WindowPlacer:
             usable = [i for i, v in enumerate(views)
                       if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
             accepted = [i in usable for i in range(len(views))]
-            if not self.localised:
-                return self._relocalise(groups, n_context, frames, prediction, accepted)
+        if not self.localised:  # relocalising: its own work (a search per keyframe), timed as no stage
+            return self._relocalise(groups, n_context, frames, prediction, accepted)
+        with clock.stage("view checks"):
             mode = self._mode
             if isinstance(mode, OdometryGraphPlacement):
                 mode.register(groups)
@@ -219,7 +216,9 @@ class WindowPlacer:
             if self.index.get(g) is not None or (newest is not None and g[0].stamp_ns <= newest.stamp_ns):
                 continue
             kf = self.index.add(g)
-            self._waiting_groups[kf.kid] = g
+            self._waiting_windows[kf.kid] = (groups, prediction)
+            while len(self._waiting_windows) > MAX_WAITING_KEYFRAMES:
+                self._waiting_windows.pop(next(iter(self._waiting_windows)))
             idx = [i for i in range(len(frames)) if group_of[i] == gi and accepted[i] and frames[i].key in kf.cameras]
             if idx:
                 self.loops.remember(kf.kid, kf.stamp_ns, [(frames[i], kf.cameras[frames[i].key],
@@ -247,38 +246,39 @@ class WindowPlacer:
         if not agree:
             return None
         kf = self.index.by_kid[loop.new_kid]
-        group = self._waiting_groups[loop.new_kid]
+        window = self._waiting_windows.get(loop.new_kid)
+        if window is None:
+            return None  # its window is gone from memory: a later match will do
+        groups, prediction_w = window
+        frames_w = [f for g in groups for f in g]
+        k_views = [i for i, f in enumerate(frames_w) if f.key in kf.cameras]
+        group = next(g for g in groups if g[0].stamp_ns == kf.stamp_ns)
+        # The window that saw the matched keyframe starts the map, placed so that keyframe lands where
+        # the loaded map has it: the next window then continues from the newest keyframes, as usual.
+        self.localised = True
         if self.config.use_odometry:
             self.graph.set_origin(T_map_new @ invert(group[0].T_world_base))
-            self.graph.add_keyframe(kf.kid, group[0].T_world_base)
-        else:
-            self.graph.add_origin(kf.kid, T_map_new)
-        # The keyframe's views as the verification window saw them, at their place in the map: the
-        # next window attaches to them as to any placed context.
-        for i, (k, _) in enumerate(job.owners):
-            if k != kf.kid:
-                continue
-            key = job.frames[i].key
-            T_base_cam = kf.cameras.get(key)
-            if T_base_cam is None:
-                continue
-            view = move_view(prediction.views[i], rigidify(prediction.views[i].T_world_camera), T_map_new @ T_base_cam,
-                             loop.scale)
-            self._anchors[key] = make_anchor(key, view, self.config.anchor_samples)
-            if isinstance(self._mode, OverlapChainPlacement):
-                self._mode.last_pose = view.T_world_camera
-        self._placed_groups.append(group)
-        self._waiting_groups.clear()
-        self.localised = True
-        self._poses[kf.kid] = T_map_new
-        corrections, view_corrections = self.index.changed({kf.kid: T_map_new})
+        elif k_views:
+            i = k_views[0]
+            T_map_cam = T_map_new @ kf.cameras[frames_w[i].key]
+            self._mode.start_at = Sim3.from_pose(T_map_cam) @ Sim3.from_pose(
+                invert(rigidify(prediction_w.views[i].T_world_camera)))
+        self._waiting_windows.clear()
+        placed = self.place(groups, 0, prediction_w)
+        if placed.status is PlacementStatus.REJECTED:  # the window itself would not place: wait for another match
+            self.reset_localisation()
+            return None
         message = (f"localised in the loaded map at the keyframe of {kf.stamp_ns * 1e-9:.2f} s "
                    f"({len(self._matches)} matches verified)")
         log.info(message)
-        placed = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOCALISED, 1.0, None,
-                              None, corrections, view_corrections, message=message)
-        placed.T_map_odom = self._T_map_odom()
-        return placed
+        out = PlacedWindow(dataclasses.replace(prediction, views=[]), [], PlacementStatus.LOCALISED, 1.0, None,
+                           None, placed.corrections, placed.view_corrections, message=message)
+        out.T_map_odom = self._T_map_odom()
+        return out
+
+    def reset_localisation(self) -> None:
+        """Back to relocalising (the window a match started the map with could not be placed)."""
+        self.reset()
 
     def _depth_disagreement(self, groups: list[list[Frame]], n_context: int, frames: list[Frame],
                             prediction: WindowPrediction, accepted: list[bool], scale: float) -> float | None:

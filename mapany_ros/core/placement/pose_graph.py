@@ -185,20 +185,26 @@ class PoseGraph:
             self._pending.append(kid)
             self._known.append(kid)
 
-    def _predicted(self, kid: int) -> np.ndarray:
-        """A waiting keyframe's pose: the newest committed one's, moved by the odometry since."""
+    def _predicted(self, kid: int, queued: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """A waiting keyframe's pose: the newest committed one's, moved by the odometry since.
+
+        ``queued``: poses of keyframes committed but not yet handed to iSAM2 (it knows none of them).
+        """
         if self._newest is None:
             return self._origin @ self.odom[kid]  # map = odom at the first keyframe (or the origin set)
         base = self._newest
-        return self.T_map_base(base) @ invert(self.odom[base]) @ self.odom[kid]
+        T_base = queued[base] if queued and base in queued else self.T_map_base(base)
+        return T_base @ invert(self.odom[base]) @ self.odom[kid]
 
     def _commit_pending(self, upto: int, poses: dict[int, np.ndarray]) -> None:
         """Queue the waiting keyframes up to ``upto`` with their odometry factors (at ``poses`` where given)."""
+        queued: dict[int, np.ndarray] = {}
         while self._pending and self._pending[0] <= upto:
             kid = self._pending.pop(0)
             T = poses.get(kid)
             if T is None:
-                T = self._predicted(kid)
+                T = self._predicted(kid, queued)
+            queued[kid] = T
             if self._newest is None:  # the map's first keyframe: map = odom there (or the origin set)
                 origin = self._origin @ self.odom[kid]
                 self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(origin), _origin_noise()))

@@ -53,7 +53,7 @@ class LoopConfig:
 
     enabled: bool = True
     #: An old keyframe must be at least this many keyframes older than the new one.
-    min_gap_keyframes: int = 30
+    min_gap_keyframes: int = 15
     #: Old keyframes within this distance (plus three sigmas of drift) are position candidates.
     search_radius_m: float = 1.0
     #: Cameras whose optical axes differ by more than this see different things: not a candidate.
@@ -61,7 +61,7 @@ class LoopConfig:
     position_candidates: int = 1
     appearance_candidates: int = 1
     #: Appearance candidates need at least this cosine similarity of their descriptors.
-    min_similarity: float = 0.8
+    min_similarity: float = 0.3
     #: Fraction of one place's points that must lie on the other's surfaces for a verified loop.
     min_overlap: float = 0.5
     #: Two loops confirm each other when their corrections of the map agree this well.
@@ -136,12 +136,15 @@ class LoopCloser:
         self._waiting: list[tuple[LoopMeasurement, np.ndarray]] = []  # verified, unconfirmed (with correction)
         self.view_sigmas = np.array([view_sigma_rad] * 3 + [view_sigma_m] * 3)
         #: Searches to run while the backend is idle: (keyframe, the poses then, position sigma), oldest first.
-        self._searches: deque[tuple[int, dict[int, np.ndarray], float]] = deque()
+        #: Each with the loop memory's row count then (the descriptors its appearance search sees).
+        self._searches: deque[tuple[int, dict[int, np.ndarray], float, int]] = deque()
+        #: While a waiting search runs: the memory's row count when its window asked (None: all rows).
+        self._as_of_rows: int | None = None
 
     # ------------------------------------------------------------------ memory
     def remember(self, kid: int, stamp_ns: int, views: list[tuple[Frame, np.ndarray, object, object]],
                  descriptors: np.ndarray | None = None) -> None:
-        if self.config.enabled:
+        if self.config.enabled and kid not in self.memory.keyframes:
             self.memory.add(kid, stamp_ns, views, descriptors)
 
     # ------------------------------------------------------------------ candidates
@@ -152,16 +155,21 @@ class LoopCloser:
 
     def search_later(self, kid: int, poses: dict[int, np.ndarray], position_sigma_m: float) -> None:
         """:meth:`propose` for ``kid`` as of now, run by :meth:`idle_work` (``poses`` is copied:
-        its entries are replaced, never changed in place, so a shallow copy is a snapshot)."""
-        self._searches.append((kid, dict(poses), position_sigma_m))
+        its entries are replaced, never changed in place, so a shallow copy is a snapshot; the memory's
+        descriptors are seen as they are now, stored later ones left out of the search and its mean)."""
+        self._searches.append((kid, dict(poses), position_sigma_m, self.memory.rows))
         if len(self._searches) > MAX_WAITING_SEARCHES:  # a backend never idle: the oldest runs now, as it would have
             self._run_searches(len(self._searches) - MAX_WAITING_SEARCHES)
 
     def _run_searches(self, limit: int | None = None) -> None:
         n = len(self._searches) if limit is None else min(limit, len(self._searches))
         for _ in range(n):
-            kid, poses, sigma = self._searches.popleft()
-            self.propose(kid, poses, sigma)
+            kid, poses, sigma, rows = self._searches.popleft()
+            self._as_of_rows = rows
+            try:
+                self.propose(kid, poses, sigma)
+            finally:
+                self._as_of_rows = None
 
     def idle_work(self) -> None:
         """What windows left for when the backend is idle: the candidate searches, in order, then the
@@ -195,7 +203,7 @@ class LoopCloser:
                     best = max(float(a @ b) for a in axes_new for b in axes_old)
                     if best >= np.cos(np.radians(cfg.max_view_angle_deg)):
                         found.append(LoopCandidate(k, kid, "position", float(dist[i])))
-        for k, sim in self.memory.similar(new.descriptors, before, cfg.appearance_candidates):
+        for k, sim in self.memory.similar(new.descriptors, before, cfg.appearance_candidates, self._as_of_rows):
             if sim >= cfg.min_similarity:
                 found.append(LoopCandidate(k, kid, "appearance", sim))
         for c in found:

@@ -9,8 +9,10 @@ Two classical descriptors, measured against each other on the synthetic revisits
 * ``thumbnail``: the 16 x 12 grey image, zero mean, unit norm (normalised cross-correlation).
 
 A backend may offer its own (its encoder's features) with an optional method
-``describe(frames) -> (n, d) array``; placement then uses those instead. Similarity is the cosine
-of two descriptors (1 = identical).
+``describe(frames) -> (n, d) array``; placement then uses those instead. Similarity
+(:func:`similarities`) is the cosine of two descriptors after subtracting the mean of the stored
+ones: images of one building share most of their edge statistics (raw cosines of any two lie
+within 0.96-0.99), and only what sets a place apart from the rest of the map should count.
 """
 
 from __future__ import annotations
@@ -61,3 +63,15 @@ def describe(image: np.ndarray, kind: str = "gradients") -> np.ndarray:
     if kind == "thumbnail":
         return thumbnail_descriptor(image)
     raise ValueError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {kind!r}")
+
+
+def similarities(queries: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """(q, n) cosines of ``queries`` (q, d) and ``stored`` (n, d), both centred on the stored mean."""
+    stored = np.asarray(stored, dtype=np.float32)
+    mean = stored.mean(axis=0, keepdims=True) if len(stored) > 1 else np.zeros((1, stored.shape[1]), np.float32)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32) - mean
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return unit(queries) @ unit(stored).T

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mapany_ros.core.frames import CameraModel, Frame
-from mapany_ros.core.placement.loops.descriptors import describe
+from mapany_ros.core.placement.loops.descriptors import describe, similarities
 
 try:  # libjpeg-turbo when installed (it is a requirement of the node); Pillow otherwise
     import simplejpeg as _simplejpeg
@@ -259,19 +259,30 @@ class KeyframeMemory:
             self._matrix[r] = d
             self._filled[r] = True
 
-    def similar(self, descriptors: np.ndarray, before_kid: int, top: int) -> list[tuple[int, float]]:
+    @property
+    def rows(self) -> int:
+        """Descriptor rows stored so far (one per view, in the order stored)."""
+        return len(self._rows)
+
+    def similar(self, descriptors: np.ndarray, before_kid: int, top: int, rows: int | None = None
+                ) -> list[tuple[int, float]]:
         """Stored keyframes older than ``before_kid`` most alike any of ``descriptors``: (kid, cosine),
-        best first (ties: the older first), one entry per keyframe."""
-        if top <= 0:
+        best first (ties: the older first), one entry per keyframe.
+
+        Cosines are centred on the mean of the stored descriptors (:func:`.descriptors.similarities`).
+        ``rows``: only the first that many rows count, for that mean too (a search made later sees the
+        memory as it was when its window asked; None: all)."""
+        n = len(self._rows) if rows is None else min(rows, len(self._rows))
+        if top <= 0 or n == 0:
             return []
-        kids = self._row_kid[: len(self._rows)]
+        kids = self._row_kid[:n]
         order = np.argsort(kids, kind="stable")
         keep = order[kids[order] < before_kid]
         if len(keep) == 0:
             return []
-        self._fill(keep)
+        self._fill(np.arange(n))  # the mean is over every stored row, not only the older ones
         assert self._matrix is not None
-        sims = (self._matrix[keep] @ np.asarray(descriptors, np.float32).T).max(axis=1)
+        sims = similarities(np.asarray(descriptors, np.float32), self._matrix[:n])[:, keep].max(axis=0)
         # Rows best first, ties in row order (that is, the older keyframe first); a keyframe's first
         # row is its best.
         best: list[tuple[int, float]] = []
