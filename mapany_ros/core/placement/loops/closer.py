@@ -135,8 +135,8 @@ class LoopCloser:
         self._tried: set[tuple[int, int]] = set()
         self._waiting: list[tuple[LoopMeasurement, np.ndarray]] = []  # verified, unconfirmed (with correction)
         self.view_sigmas = np.array([view_sigma_rad] * 3 + [view_sigma_m] * 3)
-        #: Searches to run while the backend is idle: (keyframe, the poses then, position sigma), oldest first.
-        #: Each with the loop memory's row count then (the descriptors its appearance search sees).
+        #: Searches to run while the backend is idle, oldest first: (keyframe, the poses then, position
+        #: sigma, the loop memory's row count then: the descriptors its appearance search sees).
         self._searches: deque[tuple[int, dict[int, np.ndarray], float, int]] = deque()
         #: While a waiting search runs: the memory's row count when its window asked (None: all rows).
         self._as_of_rows: int | None = None
