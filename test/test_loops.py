@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from mapany_ros.core.geometry import invert
-from mapany_ros.core.placement.loops.closer import LoopCandidate, LoopCloser
+from mapany_ros.core.frames import Frame
+from mapany_ros.core.geometry import invert, make_pose
+from mapany_ros.core.placement.loops.closer import LoopCandidate, LoopCloser, LoopConfig
+from mapany_ros.core.placement.loops.memory import MAX_UNSETTLED_VIEWS
 from mapany_ros.scoring.trajectory import ate, path_length, revisit_errors
 from mapany_ros.sim.drive import drive
 from mapany_ros.sim.model_simulator import ModelSimulator
 from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
-from mapany_ros.sim.scene import SyntheticScene
+from mapany_ros.sim.scene import SyntheticScene, make_camera_model
 
 #: A model whose errors do not cancel: 3 % too large, bending 0.3 deg and 5 mm more with every view.
 DRIFTING_MODEL = dict(metric=True, scale_bias=0.03, drift_deg_per_view=0.3, drift_m_per_view=0.005)
@@ -91,6 +94,49 @@ def test_a_false_loop_candidate_per_loop_does_not_bend_the_map(scene, monkeypatc
     assert len(false) >= 3
     assert run.pipeline.stats.loops_closed >= 3
     assert abs(noisy["ate"] - clean["ate"]) <= 0.1 * clean["ate"] + 0.005, (clean, noisy)
+
+
+def test_loop_work_left_for_an_idle_backend_finds_what_it_would_have_found_at_once(scene):
+    """A window only keeps its keyframes' images and the poses of the moment; the candidate searches,
+    descriptors and JPEGs made later, while the backend is idle (here only now and then), are the
+    ones made at once - though the graph's poses have moved since - and what waits stays bounded."""
+    cam = make_camera_model(128, 96)
+    config = LoopConfig(min_gap_keyframes=6, every_keyframes=2, position_candidates=2, appearance_candidates=2)
+    now, later = LoopCloser(config, 0.05, 0.01), LoopCloser(config, 0.05, 0.01)
+    depth, valid = torch.full((96, 128), 2.0), torch.ones(96, 128, dtype=torch.bool)
+    poses: dict[int, np.ndarray] = {}
+    for kid in range(48):
+        t = 1.0 + 0.4 * kid
+        frame = Frame(scene.render(scene.camera_pose(t), cam)[0], int(t * 1e9), "camera", "camera_optical_frame", cam)
+        poses[kid] = scene.base_pose(t)
+        for closer in (now, later):
+            closer.remember(kid, frame.stamp_ns, [(frame, scene.T_base_camera, depth, valid)])
+        now.propose(kid, poses, 0.1)
+        if later.searches(kid):
+            later.search_later(kid, poses, 0.1)
+        assert later.memory.unsettled <= MAX_UNSETTLED_VIEWS
+        for k in poses:  # the graph moves every keyframe after each window (new arrays, as the placer does)
+            poses[k] = poses[k] @ make_pose(np.eye(3), [0.03, 0.0, 0.0])
+        if kid % 9 == 8:
+            later.idle_work()
+    assert later.pending and later.memory.unsettled > 0
+    later.idle_work()
+    assert later.memory.unsettled == 0
+    assert now.stats.candidates == later.stats.candidates > 0
+
+    def jobs(closer):
+        out = []
+        while (job := closer.next_job()) is not None:
+            c = job.candidate
+            out.append((c.old_kid, c.new_kid, c.source, c.score))
+        return out
+
+    assert jobs(now) == jobs(later)
+    for kid, kf in now.memory.keyframes.items():
+        other = later.memory.keyframes[kid]
+        assert kf.views[0].jpeg == other.views[0].jpeg
+        assert np.array_equal(kf.views[0].descriptor, other.views[0].descriptor)
+        assert np.array_equal(kf.views[0].depth, other.views[0].depth, equal_nan=True)
 
 
 class StartsAtIdentity:

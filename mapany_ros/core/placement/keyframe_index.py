@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import invert, rotation_angle
+from mapany_ros.core.geometry import invert
 
 #: A keyframe whose pose moved by less than this since it was last reported is not reported again.
 REPORT_TRANSLATION_M = 0.002
@@ -82,15 +82,25 @@ class KeyframeIndex:
 
     def changed(self, poses: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[FrameKey, np.ndarray]]:
         """Of keyframe id -> T_map_base, those that moved since last reported (marked reported now):
-        (group stamp -> T_map_base, frame key -> T_map_camera for each of their cameras)."""
+        (group stamp -> T_map_base, frame key -> T_map_camera for each of their cameras).
+
+        Compared all at once (after a loop closure every keyframe of the map is asked about)."""
+        kids = list(poses)
+        kfs = [self.by_kid[k] for k in kids]
+        moved = np.ones(len(kids), dtype=bool)
+        seen = [n for n, kf in enumerate(kfs) if kf.reported is not None]
+        if seen:
+            T = np.stack([poses[kids[n]] for n in seen])
+            R0 = np.stack([kfs[n].reported for n in seen])
+            # T_reported^-1 T: its translation R0^T (t - t0), its angle from the trace of R0^T R.
+            shift = np.linalg.norm(np.einsum("nji,nj->ni", R0[:, :3, :3], T[:, :3, 3] - R0[:, :3, 3]), axis=1)
+            cos = (np.einsum("nij,nij->n", R0[:, :3, :3], T[:, :3, :3]) - 1.0) / 2.0
+            angle = np.arccos(np.clip(cos, -1.0, 1.0))
+            moved[seen] = ~((shift < REPORT_TRANSLATION_M) & (angle < REPORT_ROTATION_RAD))
         bases: dict[int, np.ndarray] = {}
         views: dict[FrameKey, np.ndarray] = {}
-        for kid, T in poses.items():
-            kf = self.by_kid[kid]
-            if kf.reported is not None:
-                d = invert(kf.reported) @ T
-                if np.linalg.norm(d[:3, 3]) < REPORT_TRANSLATION_M and rotation_angle(d) < REPORT_ROTATION_RAD:
-                    continue
+        for n in np.flatnonzero(moved):
+            kf, T = kfs[n], poses[kids[n]]
             kf.reported = T
             bases[kf.stamp_ns] = T
             for key, T_base_cam in kf.cameras.items():

@@ -25,11 +25,21 @@ from mapany_ros.core.depth_edges import depth_edges
 from mapany_ros.core.frames import CameraModel
 
 
+def grid_stride(shape: tuple[int, ...], samples: int) -> int:
+    """Pixel stride of a regular grid of about ``samples`` pixels over an image of ``shape`` (h, w)."""
+    h, w = shape[-2:]
+    return max(1, int(np.sqrt(h * w / max(samples, 1))))
+
+
 def sample_grid(valid: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of valid pixels on a regular grid of about ``samples`` pixels."""
-    h, w = valid.shape
-    stride = max(1, int(np.sqrt(h * w / max(samples, 1))))
-    sub = valid[stride // 2 :: stride, stride // 2 :: stride]
+    stride = grid_stride(valid.shape, samples)
+    return sample_subgrid(valid[stride // 2 :: stride, stride // 2 :: stride], stride)
+
+
+def sample_subgrid(sub: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_grid` from the grid's pixels already taken (``valid[s // 2 :: s, s // 2 :: s]``),
+    so that a mask built from several images is only built there."""
     rows, cols = torch.nonzero(sub, as_tuple=True)
     return rows * stride + stride // 2, cols * stride + stride // 2
 
@@ -118,15 +128,22 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
         cams = [views[i].grid_camera for i in idx]
         grids = [plane_rays(cam, device) for cam in cams]
         depth = torch.stack([views[i].depth for i in idx]).float()
-        ok = torch.stack([views[i].valid & ray_ok for i, (_, ray_ok) in zip(idx, grids, strict=True)])
-        ok &= torch.isfinite(depth) & (depth > 0)
-        rays = torch.stack([rays for rays, _ in grids])
-        P = torch.where(ok[..., None], rays * depth[..., None], torch.zeros(3, device=device))
+        ok = torch.stack([views[i].valid for i in idx])
+        if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
+            ok &= torch.stack([ray_ok for _, ray_ok in grids])
+        ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
+        D = torch.where(ok, depth, 0.0)
+        # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
+        # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
+        rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
+        planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
         f = max(1, -(-width // max_width))
         if f > 1:
-            count = _block_sum(ok.float(), f)
-            P = _block_sum(P, f) / count[..., None].clamp_min(1e-6)
+            count = _block_sum(ok.float(), f).clamp_min(1e-6)
+            P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
             ok = count > f * f - 0.5
+        else:
+            P = torch.stack(planes, -1)
         # A block across a depth edge averages foreground and background, as a flying pixel does:
         # neither is a surface to sample or to compare against.
         ok &= ~depth_edges(P[..., 2], valid=ok)
@@ -150,6 +167,13 @@ class Association:
     normal: torch.Tensor  # (P, S, 3) camera-j normal there
     seen: torch.Tensor  # (P, S) inside view j, on a valid pixel of both views
     planar: torch.Tensor  # (P, S) seen, and view j's normal there is trustworthy
+    p: torch.Tensor  # (P, S, 3) the samples of view i in camera i
+    R_ji: torch.Tensor  # (P, 3, 3) camera i -> camera j rotation
+
+    def select(self, keep: torch.Tensor) -> Association:
+        """The same association for the pairs in ``keep`` only (every pair is computed on its own)."""
+        return Association(self.Y[keep], self.Q[keep], self.normal[keep], self.seen[keep], self.planar[keep],
+                           self.p[keep], self.R_ji[keep])
 
 
 class ViewStack:
@@ -200,23 +224,45 @@ class ViewStack:
             self.src[a, : len(s)] = s
             self.src_ok[a, : len(s)] = True
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
-        self.I = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=self.device)
-        self.J = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=self.device)
+        self._pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.I = torch.as_tensor(self._pairs[:, 0], device=self.device)
+        self.J = torch.as_tensor(self._pairs[:, 1], device=self.device)
+        # What a pair reads at the pixel its samples fall on, one row per pixel of every view (one
+        # gather instead of four): point, normal, valid, normal trustworthy.
+        self._lookup = torch.cat([self.P, self.N, self.ok[..., None].float(), self.N_ok[..., None].float()],
+                                 -1).reshape(-1, 8)
+        #: Associations already computed, by the poses' bytes: the view checks and the first step of
+        #: the refinement (twice, when a view is dropped) ask at the model's own poses.
+        self._cache: dict[bytes, Association] = {}
 
     def keep_pairs(self, keep: torch.Tensor) -> None:
         """Drop the pairs not in ``keep`` (e.g. views that never see each other) from later calls."""
         self.I, self.J = self.I[keep], self.J[keep]
+        self._pairs = self._pairs[keep.cpu().numpy()]
+        self._cache = {k: a.select(keep) for k, a in self._cache.items()}
 
     def associate(self, T: np.ndarray) -> Association:
         """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4)."""
-        # float32 is plenty once the window is centred (odometry coordinates can be kilometres).
-        T = np.array(T, dtype=np.float64)
-        T[:, :3, 3] -= T[:, :3, 3].mean(axis=0)
-        Tt = torch.as_tensor(T, dtype=torch.float32, device=self.device)
-        R, t = Tt[:, :3, :3], Tt[:, :3, 3]
-        X = self.src @ R.transpose(1, 2) + t[:, None]  # (n, S, 3) window frame
+        T = np.asarray(T, dtype=np.float64)
+        key = T.tobytes()
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._associate(T)
+            keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
+            self._cache = {key: hit} if keep is None else {self.T0.tobytes(): keep, key: hit}
+        return hit
+
+    def _associate(self, T: np.ndarray) -> Association:
+        # Each pair's camera i -> camera j in float64, then float32: no large coordinates are left
+        # (odometry coordinates can be kilometres).
+        Ti, Tj = T[self._pairs[:, 0]], T[self._pairs[:, 1]]
+        Rj_t = Tj[:, :3, :3].transpose(0, 2, 1)
+        R = torch.as_tensor(Rj_t @ Ti[:, :3, :3], dtype=torch.float32, device=self.device)
+        t = torch.as_tensor(np.einsum("pij,pj->pi", Rj_t, Ti[:, :3, 3] - Tj[:, :3, 3]), dtype=torch.float32,
+                            device=self.device)
         I, J = self.I, self.J
-        Y = (X[I] - t[J][:, None]) @ R[J]  # (P, S, 3) camera j
+        p = self.src[I]
+        Y = torch.baddbmm(t[:, None, :], p, R.transpose(1, 2))  # (P, S, 3) camera j
         z = Y[..., 2]
         front = z > 1e-6
         x, y = Y[..., 0] / z.clamp_min(1e-6), Y[..., 1] / z.clamp_min(1e-6)
@@ -235,8 +281,7 @@ class ViewStack:
         inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
         u, v = u.clamp(0, self.W - 1), v.clamp(0, self.H - 1)
         flat = (J[:, None] * self.H + v) * self.W + u
-        seen = inside & self.src_ok[I] & self.ok.reshape(-1)[flat]
-        Q = self.P.reshape(-1, 3)[flat]
-        normal = self.N.reshape(-1, 3)[flat]
-        planar = seen & self.N_ok.reshape(-1)[flat]
-        return Association(Y, Q, normal, seen, planar)
+        at = self._lookup.index_select(0, flat.reshape(-1)).reshape(*flat.shape, 8)
+        seen = inside & self.src_ok[I] & (at[..., 6] > 0.5)
+        planar = seen & (at[..., 7] > 0.5)
+        return Association(Y, at[..., 0:3], at[..., 3:6], seen, planar, p, R)

@@ -22,6 +22,7 @@ from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, moved, rejected
 from mapany_ros.core.placement.pose_graph import Observation, PoseGraph
 from mapany_ros.core.placement.scale import ScaleFilter, ScaleMeasurement
+from mapany_ros.core.placement.stage_clock import StageClock
 
 #: Consecutive views closer than this (by odometry) say nothing about the window's scale.
 MIN_STEP_M = 0.05
@@ -35,8 +36,10 @@ MAX_METRIC_SCALE_ERROR = 1.25
 class OdometryGraphPlacement:
     """Windows into the pose graph with the odometry."""
 
-    def __init__(self, config: PlacementConfig, graph: PoseGraph, index: KeyframeIndex) -> None:
+    def __init__(self, config: PlacementConfig, graph: PoseGraph, index: KeyframeIndex,
+                 clock: StageClock | None = None) -> None:
         self.config = config
+        self.clock = clock if clock is not None else StageClock()
         self.graph = graph
         self.index = index
         self._scale = ScaleFilter(config.metric_scale_sigma)
@@ -90,8 +93,9 @@ class OdometryGraphPlacement:
         return ScaleMeasurement(median, (np.pi / 2) * max(spread, MIN_STEP_LOG_SIGMA) ** 2 / len(logs))
 
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
-              accepted: list[bool]) -> PlacedWindow:
-        """Place window ``j``; ``accepted`` is narrowed to the views the graph keeps."""
+              accepted: list[bool], owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
+        """Place window ``j``; ``accepted`` is narrowed to the views the graph keeps. ``owed``: view
+        index -> the transform its points still owe (refinement's, see :func:`.placed.settle`)."""
         graph, cfg = self.graph, self.config
         group_of = [g for g, grp in enumerate(groups) for _ in grp]
         kf = [self.index.get(groups[group_of[i]]) for i in range(len(frames))]
@@ -111,22 +115,27 @@ class OdometryGraphPlacement:
             T = rigidify(prediction.views[i].T_world_camera)
             T[:3, 3] *= scale
             obs.append(Observation(kf[i].kid, T @ invert(kf[i].cameras[frames[i].key])))
-        check = graph.check_window(obs)
+        with self.clock.stage("local check"):
+            check = graph.check_window(obs)
         limit = cfg.max_residual_m
         if limit > 0 and check.residual_m > limit:
-            graph.commit_odometry()  # its keyframes keep their odometry estimates
+            with self.clock.stage("graph commit"):
+                graph.commit_odometry()  # its keyframes keep their odometry estimates
             return rejected(prediction, f"window disagrees with odometry by {check.residual_m:.3f} m RMS "
                             f"(placement.max_residual_m = {limit})", graph.T_map_odom)
         for i, ok in zip(idx, check.accepted, strict=True):
             accepted[i] = accepted[i] and ok
-        graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
-                            check.poses)
-        self._scale.update(self._measurement, prediction.metric, scale)
-        poses: list[np.ndarray | None] = [None] * len(frames)
-        for i in idx:
-            if accepted[i]:
-                poses[i] = graph.T_map_base(kf[i].kid) @ kf[i].cameras[frames[i].key]
+        with self.clock.stage("graph commit"):
+            graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
+                                check.poses)
+            self._scale.update(self._measurement, prediction.metric, scale)
+            poses: list[np.ndarray | None] = [None] * len(frames)
+            for i in idx:
+                if accepted[i]:
+                    poses[i] = graph.T_map_base(kf[i].kid) @ kf[i].cameras[frames[i].key]
         placed = [poses[i] is not None for i in range(len(frames))]
         slips = [(self.index.by_kid[a].stamp_ns, self.index.by_kid[b].stamp_ns, m) for a, b, m in check.slips]
-        return PlacedWindow(moved(prediction, placed, poses, scale), placed, PlacementStatus.PLACED, scale,
-                            check.residual_m, graph.T_map_odom, slips=slips)
+        with self.clock.stage("views out"):
+            out = moved(prediction, placed, poses, scale, owed)
+        return PlacedWindow(out, placed, PlacementStatus.PLACED, scale, check.residual_m, graph.T_map_odom,
+                            slips=slips)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mapany_ros.core.backends.base import ViewPrediction
-from mapany_ros.core.placement.multiview import sample_grid
+from mapany_ros.core.placement.multiview import grid_stride, sample_subgrid
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ def normalised_confidence(view: ViewPrediction, rows: torch.Tensor, cols: torch.
 def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000, window: int | None = None,
                 scale: float = 1.0) -> Anchor:
     """An anchor from a view in the map frame, or in window ``window``'s frame times ``scale`` (metres)."""
-    rows, cols = sample_grid(view.valid & torch.isfinite(view.depth), samples)
+    s = grid_stride(view.depth.shape, samples)
+    grid = (slice(s // 2, None, s), slice(s // 2, None, s))  # the mask only where the grid samples it
+    rows, cols = sample_subgrid(view.valid[grid] & torch.isfinite(view.depth[grid]), s)
     uv = torch.stack([(cols.float() + 0.5) / view.width, (rows.float() + 0.5) / view.height], dim=1)
     return Anchor(
         key=key,
@@ -59,14 +61,18 @@ def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000,
     )
 
 
-def correspondences(anchor: Anchor, view: ViewPrediction) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(window points, map points, map depth, weights) at the anchor's pixels where ``view`` is valid."""
+def correspondences(anchor: Anchor, view: ViewPrediction, owed: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(window points, map points, map depth, weights) at the anchor's pixels where ``view`` is valid;
+    ``owed``: a transform the view's points still owe (refinement's), applied to those pixels only."""
     u = np.clip((anchor.uv[:, 0] * view.width).astype(np.int64), 0, view.width - 1)
     v = np.clip((anchor.uv[:, 1] * view.height).astype(np.int64), 0, view.height - 1)
     rows = torch.as_tensor(v, device=view.depth.device)
     cols = torch.as_tensor(u, device=view.depth.device)
     ok = (view.valid[rows, cols] & torch.isfinite(view.depth[rows, cols])).cpu().numpy()
     src = view.points_world[rows, cols].double().cpu().numpy()[ok]
+    if owed is not None:
+        src = src @ owed[:3, :3].T + owed[:3, 3]
     weight = np.minimum(anchor.weight[ok], normalised_confidence(view, rows, cols).double().cpu().numpy()[ok])
     return src, anchor.points[ok], anchor.depth[ok], weight
 

@@ -24,6 +24,7 @@ from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.overlap import Anchor, correspondences, depth_ratio
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, moved, rejected
 from mapany_ros.core.placement.pose_graph import Observation, PoseGraph
+from mapany_ros.core.placement.stage_clock import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ class OverlapChainPlacement:
     """Windows chained through their shared frames' anchors (map-frame points of placed views)."""
 
     def __init__(self, config: PlacementConfig, anchors: collections.OrderedDict[tuple[str, int], Anchor],
-                 extrinsic: Callable[[str], np.ndarray | None], graph: PoseGraph, index: KeyframeIndex) -> None:
+                 extrinsic: Callable[[str], np.ndarray | None], graph: PoseGraph, index: KeyframeIndex,
+                 clock: StageClock | None = None) -> None:
         self.config = config
+        self.clock = clock if clock is not None else StageClock()
         self._anchors = anchors
         self._extrinsic = extrinsic
         self.graph = graph
@@ -73,8 +76,13 @@ class OverlapChainPlacement:
         return Sim3.from_pose(T_map_cam @ invert(T_window_camera))
 
     def place(self, j: int, groups: list[list[Frame]], n_context: int, frames: list[Frame],
-              prediction: WindowPrediction, accepted: list[bool]) -> PlacedWindow:
-        """Place window ``j`` by its shared frames (``groups[:n_context]`` are placed context)."""
+              prediction: WindowPrediction, accepted: list[bool], owed: dict[int, np.ndarray] | None = None
+              ) -> PlacedWindow:
+        """Place window ``j`` by its shared frames (``groups[:n_context]`` are placed context).
+
+        ``owed``: view index -> the transform its points still owe (refinement's, see :func:`.placed.settle`).
+        """
+        owed = owed or {}
         views = prediction.views
         ok = [i for i in range(len(frames)) if accepted[i]]
         if not ok:
@@ -84,15 +92,17 @@ class OverlapChainPlacement:
             S = self.start_at if self.start_at is not None else self._initial_frame(
                 frames[first], rigidify(views[first].T_world_camera))
             self.start_at = None
-            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None)
+            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.STARTED, None, owed=owed)
         n_ctx_frames = sum(len(g) for g in groups[:n_context])
         shared = [i for i in ok if i < n_ctx_frames and frames[i].key in self._anchors]
-        fit, message = self._fit_overlap(frames, views, shared, prediction.metric)
+        with self.clock.stage("local check"):
+            fit, message = self._fit_overlap(frames, views, shared, prediction.metric, owed)
         if fit is not None:
             self._failures = 0
             self._scale_var = self._pending_scale_var
             S, residual = fit
-            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.PLACED, residual)
+            return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.PLACED, residual,
+                                owed=owed)
         self._failures += 1
         if self._failures < self.config.max_attach_failures:
             return rejected(prediction, message)
@@ -104,14 +114,15 @@ class OverlapChainPlacement:
         S = Sim3.from_pose(T_map_ref) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(
             invert(rigidify(views[ref].T_world_camera)))
         log.warning("placement: %s; continuing from the last placed pose", message)
-        return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.RELOCALISED, None, message)
+        return self._finish(j, groups, frames, prediction, accepted, S, PlacementStatus.RELOCALISED, None, message,
+                            owed)
 
-    def _fit_overlap(self, frames: list[Frame], views: list[ViewPrediction], shared: list[int], metric: bool
-                     ) -> tuple[tuple[Sim3, float] | None, str]:
+    def _fit_overlap(self, frames: list[Frame], views: list[ViewPrediction], shared: list[int], metric: bool,
+                     owed: dict[int, np.ndarray]) -> tuple[tuple[Sim3, float] | None, str]:
         """Window -> map from the shared frames' dense correspondences, or why it failed."""
         if not shared:
             return None, "the window shares no placed frame with the map"
-        parts = [correspondences(self._anchors[frames[i].key], views[i]) for i in shared]
+        parts = [correspondences(self._anchors[frames[i].key], views[i], owed.get(i)) for i in shared]
         src = np.concatenate([p[0] for p in parts])
         dst = np.concatenate([p[1] for p in parts])
         depth = np.concatenate([p[2] for p in parts])
@@ -157,8 +168,8 @@ class OverlapChainPlacement:
         return max(spread, MIN_CHAIN_SCALE_SIGMA**2)
 
     def _finish(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
-                accepted: list[bool], S: Sim3, status: PlacementStatus, residual: float | None, message: str = ""
-                ) -> PlacedWindow:
+                accepted: list[bool], S: Sim3, status: PlacementStatus, residual: float | None, message: str = "",
+                owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
         """Commit the window, placed by ``S``, to the pose graph, and read its views' poses back."""
         self.scale = S.scale
         graph, index = self.graph, self.index
@@ -185,16 +196,18 @@ class OverlapChainPlacement:
             # Nothing shared with the graph (a break): continue from the newest keyframe, loosely.
             last, first = graph.keyframes[-1], min(new_poses)
             bridge = (last, first, invert(graph.T_map_base(last)) @ new_poses[first])
-        if obs:
-            graph.commit_window(j, obs, make_pose(S.R, S.t), new_poses, bridge=bridge)
-        poses: list[np.ndarray | None] = []
-        for i in range(len(frames)):
-            kf = kfs[i]
-            if not accepted[i]:
-                poses.append(None)
-            elif kf is not None and frames[i].key in kf.cameras and graph.has(kf.kid):
-                poses.append(graph.T_map_base(kf.kid) @ kf.cameras[frames[i].key])
-            else:
-                poses.append(chained[i])
-        return PlacedWindow(moved(prediction, accepted, poses, S.scale), accepted, status, S.scale, residual,
-                            None, message=message)
+        with self.clock.stage("graph commit"):
+            if obs:
+                graph.commit_window(j, obs, make_pose(S.R, S.t), new_poses, bridge=bridge)
+            poses: list[np.ndarray | None] = []
+            for i in range(len(frames)):
+                kf = kfs[i]
+                if not accepted[i]:
+                    poses.append(None)
+                elif kf is not None and frames[i].key in kf.cameras and graph.has(kf.kid):
+                    poses.append(graph.T_map_base(kf.kid) @ kf.cameras[frames[i].key])
+                else:
+                    poses.append(chained[i])
+        with self.clock.stage("views out"):
+            out = moved(prediction, accepted, poses, S.scale, owed)
+        return PlacedWindow(out, accepted, status, S.scale, residual, None, message=message)

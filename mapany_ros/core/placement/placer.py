@@ -36,9 +36,10 @@ from mapany_ros.core.placement.multiview import ViewStack
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
-from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected
+from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected, settle
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses
+from mapany_ros.core.placement.stage_clock import StageClock
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
 
 #: A view whose refinement moved it beyond this (chi-square of the model's pose noise, 6 dof,
@@ -66,6 +67,14 @@ RECENT_KEYFRAMES = 48
 log = logging.getLogger(__name__)
 
 
+def _median_beyond(depth: torch.Tensor, valid: torch.Tensor, limit: float) -> bool:
+    """Whether the (lower) median of the valid, finite depth exceeds ``limit``: exactly when at most
+    (n - 1) // 2 of its n values are within it. Two counts instead of a selection over every pixel."""
+    ok = valid & torch.isfinite(depth)
+    n = int(ok.sum())
+    return n > 0 and int((ok & (depth <= limit)).sum()) <= (n - 1) // 2
+
+
 class WindowPlacer:
     """Places windows in the map (see module docstring). Called from the pipeline's worker thread.
 
@@ -78,6 +87,9 @@ class WindowPlacer:
         self.config = config
         self._extrinsic = extrinsic
         self.stats = PlacementStats()
+        #: Time per stage of the newest window, and of the newest loop job (``loop_job`` + ``close_loop``).
+        self.clock = StageClock()
+        self.loop_clock = StageClock()
         self._loaded: SavedKeyframes | None = None
         self.reset()
 
@@ -88,8 +100,8 @@ class WindowPlacer:
         self.graph = PoseGraph(self.config.graph())
         self.index = KeyframeIndex()
         self._mode: OdometryGraphPlacement | OverlapChainPlacement = (
-            OdometryGraphPlacement(self.config, self.graph, self.index) if self.config.use_odometry
-            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index))
+            OdometryGraphPlacement(self.config, self.graph, self.index, self.clock) if self.config.use_odometry
+            else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index, self.clock))
         self._windows = 0
         #: Without odometry: the node's own chained estimate (visual odometry) per keyframe id, and
         #: the newest one's id. Continuous: only the graph's relative motion enters it.
@@ -139,44 +151,55 @@ class WindowPlacer:
         computes depth from the given poses). Refining them against that depth can then only add
         the depth's noise to exact poses: it is skipped.
         """
+        self.clock.reset()
         frames = [f for g in groups for f in g]
         views = prediction.views
         if len(views) != len(frames):
             raise ValueError(f"backend returned {len(views)} views for {len(frames)} frames")
-        usable = [i for i, v in enumerate(views) if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
-        accepted = [i in usable for i in range(len(views))]
-        if not self.localised:
+        clock = self.clock
+        with clock.stage("view checks"):
+            usable = [i for i, v in enumerate(views)
+                      if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
+            accepted = [i in usable for i in range(len(views))]
+        if not self.localised:  # relocalising: its own work (a search per keyframe), timed as no stage
             return self._relocalise(groups, n_context, frames, prediction, accepted)
-        mode = self._mode
-        if isinstance(mode, OdometryGraphPlacement):
-            mode.register(groups)
-            scale = mode.scale_guess(frames, prediction, usable)
-        else:
-            scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
-        units = 1.0 / scale  # metres -> window units, for the checks' sigmas
-        stack = self._reject_outliers(frames, prediction, accepted, units)
+        with clock.stage("view checks"):
+            mode = self._mode
+            if isinstance(mode, OdometryGraphPlacement):
+                mode.register(groups)
+                scale = mode.scale_guess(frames, prediction, usable)
+            else:
+                scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
+            units = 1.0 / scale  # metres -> window units, for the checks' sigmas
+            stack = self._reject_outliers(frames, prediction, accepted, units)
+        owed: dict[int, np.ndarray] = {}  # view -> what its points owe after refinement (moved in one pass)
         if not poses_are_priors and self.config.refine_poses and stack is not None:
-            prediction = self._refine(prediction, stack, accepted, units)
+            with clock.stage("refinement"):
+                prediction, owed = self._refine(prediction, stack, accepted, units)
         depth_ok = list(accepted)
         self._windows += 1
         # With odometry the window's depth is checked against the map's; without, the overlap fit is that check.
-        off = self._depth_disagreement(groups, n_context, frames, prediction, accepted, scale) \
-            if isinstance(mode, OdometryGraphPlacement) else None
+        with clock.stage("local check"):
+            off = self._depth_disagreement(groups, n_context, frames, prediction, accepted, scale) \
+                if isinstance(mode, OdometryGraphPlacement) else None
         if off is not None:
             placed = rejected(prediction, f"depth disagrees with the previous window's on the frames both "
                               f"predicted by a factor {off:.3g}", self._T_map_odom())
         elif isinstance(mode, OdometryGraphPlacement):
-            placed = mode.place(self._windows, groups, frames, prediction, accepted)
+            placed = mode.place(self._windows, groups, frames, prediction, accepted, owed)
         else:
-            placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted)
+            placed = mode.place(self._windows, groups, n_context, frames, prediction, accepted, owed)
         placed.rejected_views = [i for i, a in enumerate(depth_ok) if not a]
         placed.depth_ok = depth_ok
-        if placed.status is PlacementStatus.REJECTED and scale != 1.0:  # depth that still goes out is in metres
-            placed.prediction = dataclasses.replace(placed.prediction, views=[
-                dataclasses.replace(v, depth=v.depth * scale) if ok else v
-                for v, ok in zip(placed.prediction.views, depth_ok, strict=True)])
+        if placed.status is PlacementStatus.REJECTED:  # its views stay in the window frame, as refined
+            with clock.stage("views out"):
+                # Depth that still goes out is in metres.
+                placed.prediction = dataclasses.replace(placed.prediction, views=[
+                    settle(dataclasses.replace(v, depth=v.depth * scale) if ok and scale != 1.0 else v, owed.get(i))
+                    for i, (v, ok) in enumerate(zip(placed.prediction.views, depth_ok, strict=True))])
         if placed.status is not PlacementStatus.REJECTED:
-            self._report(groups, placed)
+            with clock.stage("report"):
+                self._report(groups, placed)
         self._bookkeep(groups, n_context, frames, placed)
         return placed
 
@@ -307,8 +330,7 @@ class WindowPlacer:
         views = prediction.views
         if prediction.metric and cfg.max_depth_m > 0:  # a unit slip (mm as m) keeps views self-consistent
             for i, a in enumerate(accepted):
-                d = views[i].depth[views[i].valid & torch.isfinite(views[i].depth)]
-                if a and d.numel() and float(d.median()) > cfg.max_depth_m:
+                if a and _median_beyond(views[i].depth, views[i].valid, cfg.max_depth_m):
                     accepted[i] = False
         candidates = [i for i, a in enumerate(accepted) if a]
         if len(candidates) < 2:
@@ -327,16 +349,17 @@ class WindowPlacer:
         return stack
 
     def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool], units: float
-                ) -> WindowPrediction:
+                ) -> tuple[WindowPrediction, dict[int, np.ndarray]]:
         """Refine the accepted views' poses; a view that had to move far more than the model's
-        noise to agree with its neighbours is rejected, and the rest refined again without it."""
+        noise to agree with its neighbours is rejected, and the rest refined again without it.
+        Returns the prediction with the refined poses and what each refined view's points owe."""
         cfg = self.config
         # Poses that lean towards the odometry they were given are not the model's own evidence: its
         # depth is. Held only loosely to them, the views move wherever the geometry observes them.
         loose = PRIOR_LEANING_SIGMA_FACTOR if prediction.pose_priors_used else 1.0
         kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units * loose,
                       prior_sigma_rad=np.radians(cfg.view_sigma_deg) * loose, depth_sigma=cfg.overlap_sigma / 2,
-                      kernel_threshold=cfg.robust_threshold)
+                      kernel_threshold=cfg.robust_threshold, move_points=False)
         active = [i for i, a in enumerate(accepted) if a]
         ref = refine_window_poses(prediction.views, stack, active, **kwargs)
         # Relative to the window's typical correction: a common shift of all views is no verdict.
@@ -346,7 +369,7 @@ class WindowPlacer:
             for i in bad:
                 accepted[i] = False
             ref = refine_window_poses(prediction.views, stack, [i for i in active if i not in bad], **kwargs)
-        return dataclasses.replace(prediction, views=ref.views)
+        return dataclasses.replace(prediction, views=ref.views), ref.point_transforms
 
     def _bookkeep(self, groups: list[list[Frame]], n_context: int, frames: list[Frame], placed: PlacedWindow) -> None:
         s = self.stats
@@ -369,18 +392,22 @@ class WindowPlacer:
             if not idx:
                 continue
             self._placed_groups.append(groups[gi])
-            for i in idx:  # later windows measure their scale and attach through these
-                view = placed.prediction.views[i]
-                self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
-                if isinstance(self._mode, OverlapChainPlacement):
-                    self._mode.last_pose = view.T_world_camera
+            with self.clock.stage("anchors"):
+                for i in idx:  # later windows measure their scale and attach through these
+                    view = placed.prediction.views[i]
+                    self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
+                    if isinstance(self._mode, OverlapChainPlacement):
+                        self._mode.last_pose = view.T_world_camera
             kf = self.index.get(groups[gi])
             if kf is not None and self.loops.config.enabled:
                 views = [(frames[i], kf.cameras[frames[i].key], placed.prediction.views[i].depth,
                           placed.prediction.views[i].valid) for i in idx if frames[i].key in kf.cameras]
                 if views:
-                    self.loops.remember(kf.kid, kf.stamp_ns, views)
-                    self.loops.propose(kf.kid, self._poses, self._position_sigma(kf.kid))
+                    with self.clock.stage("loop memory"):
+                        self.loops.remember(kf.kid, kf.stamp_ns, views)
+                    if self.loops.searches(kf.kid):  # the search runs while the backend is idle, as of now
+                        with self.clock.stage("loop search"):
+                            self.loops.search_later(kf.kid, self._poses, self._position_sigma(kf.kid))
         while len(self._anchors) > MAX_ANCHORS:
             self._anchors.popitem(last=False)
         s.loop_candidates = self.loops.stats.candidates
@@ -397,14 +424,22 @@ class WindowPlacer:
 
     # ------------------------------------------------------------------ loop closure
     def loop_job(self) -> LoopJob | None:
-        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do)."""
-        return self.loops.next_job() if self.loops.pending else None
+        """The next loop candidate to verify, with the frames the backend must see (None: nothing to do).
+        Called while the backend is idle: first what the windows left for then (candidate searches,
+        the loop memory's descriptors and JPEGs)."""
+        self.loop_clock.reset()
+        with self.loop_clock.stage("idle work"):
+            self.loops.idle_work()
+        self.stats.loop_candidates = self.loops.stats.candidates
+        with self.loop_clock.stage("job frames"):
+            return self.loops.next_job() if self.loops.has_candidates else None
 
     def close_loop(self, job: LoopJob, prediction: WindowPrediction) -> PlacedWindow | None:
         """Verify ``job`` with the backend's ``prediction``; when it closes a loop, the corrections of
         every keyframe it moved (no views), else None."""
         s = self.stats
-        loop = self.loops.verify(job, prediction)
+        with self.loop_clock.stage("verification"):
+            loop = self.loops.verify(job, prediction)
         if isinstance(loop, str):
             s.loops_rejected += 1
             self.loops.stats.last_message = loop
@@ -421,12 +456,13 @@ class WindowPlacer:
         ready = self.loops.confirm(loop, g.T_map_base(loop.old_kid), g.T_map_base(loop.new_kid))
         if not ready:
             return None
-        for m in ready:
-            g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
-        s.loops_closed += len(ready)
-        poses = {k: g.T_map_base(k) for k in g.keyframes}
-        self._poses.update(poses)
-        corrections, view_corrections = self.index.changed(poses)
+        with self.loop_clock.stage("loop in graph"):
+            for m in ready:
+                g.add_loop(m.old_kid, m.new_kid, m.T_old_new, self.loops.sigmas())
+            s.loops_closed += len(ready)
+            poses = {k: g.T_map_base(k) for k in g.keyframes}
+            self._poses.update(poses)
+            corrections, view_corrections = self.index.changed(poses)
         stamps = {k: self.loops.memory.keyframes[k].stamp_ns * 1e-9 for k in (loop.old_kid, loop.new_kid)}
         message = (f"loop closed between the keyframes at {stamps[loop.old_kid]:.2f} s and "
                    f"{stamps[loop.new_kid]:.2f} s ({loop.source}, {loop.overlap:.0%} overlap, {len(ready)} "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,28 +39,35 @@ class Refinement:
 
     views: list[ViewPrediction]
     correction_chi2: dict[int, float]
+    #: With ``move_points=False``: per refined view, the 4x4 its ``points_world`` still owe
+    #: (refined = transform @ as given), for whoever moves them anyway to apply in the same pass.
+    point_transforms: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``."""
     a = stack.associate(T)
-    Tt = torch.as_tensor(T, dtype=torch.float32, device=stack.device)
-    I, J = stack.I, stack.J
-    p = stack.src[I]  # (P, S, 3) camera i
+    p = a.p  # (P, S, 3) camera i
     r = ((a.Y - a.Q) * a.normal).sum(-1)
     sigma = depth_sigma * a.Q[..., 2].abs() + 1e-3
     w = torch.where(a.planar, 1.0 / (1.0 + (r / (kernel_threshold * sigma)) ** 2) / sigma**2, torch.zeros_like(r))
-    R_ji = Tt[J, :3, :3].transpose(1, 2) @ Tt[I, :3, :3]  # (P, 3, 3)
-    nR = a.normal @ R_ji  # n^T R_ji
+    nR = torch.bmm(a.normal, a.R_ji)  # n^T R_ji
     # r = n . (R_ji (p + w_i x p + v_i) + ... - Q), camera-local perturbations of both poses.
-    Jc = torch.cat([torch.cross(p, nR, dim=-1), nR, -torch.cross(a.Y, a.normal, dim=-1), -a.normal], dim=-1)
+    Jc = torch.cat([_cross(p, nR), nR, _cross(a.normal, a.Y), -a.normal], dim=-1)
     count = a.planar.sum(1)
     use = (count >= MIN_PAIR_POINTS).float()[:, None]
     Jw = Jc * w[..., None]
     Hb = (torch.bmm(Jw.transpose(1, 2), Jc) * use[..., None]).double()
     gb = (torch.bmm(Jw.transpose(1, 2), r[..., None])[..., 0] * use).double()
     return Hb, gb, count
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a x b over the last dimension, written out (on a CPU faster than ``torch.cross``)."""
+    ax, ay, az = a.unbind(-1)
+    bx, by, bz = b.unbind(-1)
+    return torch.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], -1)
 
 
 def _assemble(stack: ViewStack, Hb: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +108,15 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray
 def refine_window_poses(
     views: Sequence[ViewPrediction], stack: ViewStack, active: Sequence[int], *, prior_sigma_m: float,
     prior_sigma_rad: float, depth_sigma: float = 0.01, kernel_threshold: float = 2.0, iterations: int = 5,
+    move_points: bool = True,
 ) -> Refinement:
     """Refine the ``active`` views' poses (points move with them); other views are returned as they are.
 
     ``stack`` holds the window's views (built with normals; its pairs are pruned to those that see
     each other). ``depth_sigma`` is the relative depth noise that whitens residuals before the
-    kernel; ``prior_sigma_*`` is how far the model's own poses are trusted.
+    kernel; ``prior_sigma_*`` is how far the model's own poses are trusted. ``move_points=False``
+    leaves every view's full-resolution points where they were and returns what they owe in
+    :attr:`Refinement.point_transforms` (placement moves them into the map in one pass).
     """
     out = list(views)
     slots = [a for a, i in enumerate(stack.candidates) if i in set(active)]
@@ -133,18 +143,26 @@ def refine_window_poses(
         y = np.linalg.solve(B.T @ (H + np.diag(P)) @ B, -(B.T @ g)) if B.shape[1] else np.zeros(0)
         step = B @ y
         xi += step
-        for a in slots:
-            s = step[6 * a : 6 * a + 6]
-            T[a] = T[a] @ make_pose(Rotation.from_rotvec(s[:3]).as_matrix(), s[3:])
+        steps = step.reshape(n, 6)[slots]
+        turns = Rotation.from_rotvec(steps[:, :3]).as_matrix()  # one call for every view
+        for a, s, R in zip(slots, steps, turns, strict=True):
+            T[a] = T[a] @ make_pose(R, s[3:])
         if np.abs(step).max() < 1e-4:
             break
     chi2 = {}
-    for a in slots:
+    owed = {}
+    deltas = [invert(stack.T0[a]) @ T[a] for a in slots]
+    turned = Rotation.from_matrix(np.stack([d[:3, :3] for d in deltas])).as_rotvec()
+    for a, delta, rotvec in zip(slots, deltas, turned, strict=True):
         i = stack.candidates[a]
-        delta = invert(stack.T0[a]) @ T[a]
-        e = np.concatenate([Rotation.from_matrix(delta[:3, :3]).as_rotvec(), delta[:3, 3]])
+        e = np.concatenate([rotvec, delta[:3, 3]])
         chi2[i] = float(np.sum(e**2 * prior))
         view = views[i]
-        out[i] = dataclasses.replace(view, points_world=transform_points(view.points_world, T[a] @ invert(stack.T0[a])),
-                                     T_world_camera=T[a])
-    return Refinement(out, chi2)
+        move = T[a] @ invert(stack.T0[a])
+        if move_points:
+            out[i] = dataclasses.replace(view, points_world=transform_points(view.points_world, move),
+                                         T_world_camera=T[a])
+        else:
+            out[i] = dataclasses.replace(view, T_world_camera=T[a])
+            owed[i] = move
+    return Refinement(out, chi2, owed)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from mapany_ros.core.geometry import invert, make_pose, rotation_angle
 from mapany_ros.core.placement.multiview import ViewStack
 
 
@@ -71,31 +70,45 @@ def pose_outliers(T: Sequence[np.ndarray], stamps: Sequence[int], *, sigma_m: fl
     keep = list(order)
     rejected: list[int] = []
     limit = max_rejections if max_rejections is not None else len(T) // 4
+    poses = np.asarray(T, dtype=np.float64).reshape(-1, 4, 4)
+    times = np.asarray(stamps, dtype=np.int64)
     while len(keep) >= 4 and len(rejected) < limit:
-        worst, worst_ratio = None, 1.0
-        for k, i in enumerate(keep):
-            a, b = (keep[k - 1], keep[k + 1]) if 0 < k < len(keep) - 1 else (
-                (keep[1], keep[2]) if k == 0 else (keep[-2], keep[-3]))
-            ta, tb = stamps[a], stamps[b]
-            alpha = (stamps[i] - ta) / (tb - ta) if tb != ta else 0.5
-            pred = _lerp_pose(T[a], T[b], alpha)
-            d_t = float(np.linalg.norm(T[i][:3, 3] - pred[:3, 3]))
-            d_r = rotation_angle(invert(pred) @ T[i])
-            spread_t = float(np.linalg.norm(T[a][:3, 3] - T[b][:3, 3]))
-            spread_r = rotation_angle(invert(T[a]) @ T[b])
-            ratio = max(d_t / (3 * np.sqrt(2) * sigma_m + 0.25 * spread_t),
-                        d_r / (3 * np.sqrt(2) * sigma_rad + 0.25 * spread_r))
-            if ratio > worst_ratio:
-                worst, worst_ratio = i, ratio
-        if worst is None:
+        # Every kept view against what its neighbours predict, all at once.
+        m = len(keep)
+        pos = np.arange(m)
+        a = np.where(pos == 0, 1, np.where(pos == m - 1, m - 2, pos - 1))
+        b = np.where(pos == 0, 2, np.where(pos == m - 1, m - 3, pos + 1))
+        idx, ia, ib = np.asarray(keep), np.asarray(keep)[a], np.asarray(keep)[b]
+        ta, tb = times[ia], times[ib]
+        span = tb - ta  # nanoseconds, exact
+        alpha = np.where(span != 0, (times[idx] - ta) / np.where(span != 0, span, 1), 0.5)
+        pred = _lerp_poses(poses[ia], poses[ib], alpha)
+        d_t = np.linalg.norm(poses[idx, :3, 3] - pred[:, :3, 3], axis=1)
+        d_r = _angles(pred[:, :3, :3], poses[idx, :3, :3])
+        spread_t = np.linalg.norm(poses[ia, :3, 3] - poses[ib, :3, 3], axis=1)
+        spread_r = _angles(poses[ia, :3, :3], poses[ib, :3, :3])
+        ratio = np.maximum(d_t / (3 * np.sqrt(2) * sigma_m + 0.25 * spread_t),
+                           d_r / (3 * np.sqrt(2) * sigma_rad + 0.25 * spread_r))
+        ratio = np.where(np.isnan(ratio), -np.inf, ratio)
+        k = int(np.argmax(ratio))  # the first of equal worst ones, as a scan in time order would find
+        if not ratio[k] > 1.0:
             break
+        worst = keep[k]
         rejected.append(worst)
         keep.remove(worst)
     return rejected
 
 
-def _lerp_pose(Ta: np.ndarray, Tb: np.ndarray, alpha: float) -> np.ndarray:
-    """SE(3) interpolation that also extrapolates (alpha outside [0, 1])."""
-    rel = Rotation.from_matrix(Ta[:3, :3].T @ Tb[:3, :3]).as_rotvec()
-    R = Ta[:3, :3] @ Rotation.from_rotvec(alpha * rel).as_matrix()
-    return make_pose(R, (1 - alpha) * Ta[:3, 3] + alpha * Tb[:3, 3])
+def _angles(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
+    """Rotation angle (radians) of Ra^T Rb for stacks of rotation matrices."""
+    c = (np.einsum("nij,nij->n", Ra, Rb) - 1.0) / 2.0
+    return np.arccos(np.clip(c, -1.0, 1.0))
+
+
+def _lerp_poses(Ta: np.ndarray, Tb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """SE(3) interpolation that also extrapolates (alpha outside [0, 1]), for stacks of poses."""
+    rel = Rotation.from_matrix(np.transpose(Ta[:, :3, :3], (0, 2, 1)) @ Tb[:, :3, :3]).as_rotvec()
+    out = np.tile(np.eye(4), (len(Ta), 1, 1))
+    out[:, :3, :3] = Ta[:, :3, :3] @ Rotation.from_rotvec(alpha[:, None] * rel).as_matrix()
+    out[:, :3, 3] = (1 - alpha)[:, None] * Ta[:, :3, 3] + alpha[:, None] * Tb[:, :3, 3]
+    return out

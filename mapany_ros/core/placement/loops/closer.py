@@ -17,7 +17,11 @@
    keyframe, closes after its second match.
 
 Candidates and verification run only when the backend is idle (the pipeline asks for a job between
-windows), so loop closure never delays a live window.
+windows), so loop closure never delays a live window: a window only remembers its keyframes and,
+for those that look for candidates, what the search needs from that moment (the graph's poses,
+the position's uncertainty); the search itself, the keyframes' descriptors and JPEGs are made
+while the backend is idle (:meth:`LoopCloser.idle_work`), in the same order and on the same data,
+so they find what a search during the window would have found.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from mapany_ros.core.placement.view_check import agreement_matrix
 #: A view that refinement had to move beyond this (chi-square, 6 dof, 99.9 %) to agree makes the
 #: verification window untrustworthy.
 REJECT_CHI2 = 22.46
+#: Candidate searches that may wait for an idle backend (each holds a copy of the pose table).
+MAX_WAITING_SEARCHES = 8
 
 
 @dataclass
@@ -129,6 +135,11 @@ class LoopCloser:
         self._tried: set[tuple[int, int]] = set()
         self._waiting: list[tuple[LoopMeasurement, np.ndarray]] = []  # verified, unconfirmed (with correction)
         self.view_sigmas = np.array([view_sigma_rad] * 3 + [view_sigma_m] * 3)
+        #: Searches to run while the backend is idle, oldest first: (keyframe, the poses then, position
+        #: sigma, the loop memory's row count then: the descriptors its appearance search sees).
+        self._searches: deque[tuple[int, dict[int, np.ndarray], float, int]] = deque()
+        #: While a waiting search runs: the memory's row count when its window asked (None: all rows).
+        self._as_of_rows: int | None = None
 
     # ------------------------------------------------------------------ memory
     def remember(self, kid: int, stamp_ns: int, views: list[tuple[Frame, np.ndarray, object, object]],
@@ -137,6 +148,35 @@ class LoopCloser:
             self.memory.add(kid, stamp_ns, views, descriptors)
 
     # ------------------------------------------------------------------ candidates
+    def searches(self, kid: int) -> bool:
+        """Whether keyframe ``kid`` (remembered) looks for candidates (every ``every_keyframes``-th)."""
+        cfg = self.config
+        return cfg.enabled and kid in self.memory.keyframes and not kid % max(1, cfg.every_keyframes)
+
+    def search_later(self, kid: int, poses: dict[int, np.ndarray], position_sigma_m: float) -> None:
+        """:meth:`propose` for ``kid`` as of now, run by :meth:`idle_work` (``poses`` is copied:
+        its entries are replaced, never changed in place, so a shallow copy is a snapshot; the memory's
+        descriptors are seen as they are now, stored later ones left out of the search and its mean)."""
+        self._searches.append((kid, dict(poses), position_sigma_m, self.memory.rows))
+        if len(self._searches) > MAX_WAITING_SEARCHES:  # a backend never idle: the oldest runs now, as it would have
+            self._run_searches(len(self._searches) - MAX_WAITING_SEARCHES)
+
+    def _run_searches(self, limit: int | None = None) -> None:
+        n = len(self._searches) if limit is None else min(limit, len(self._searches))
+        for _ in range(n):
+            kid, poses, sigma, rows = self._searches.popleft()
+            self._as_of_rows = rows
+            try:
+                self.propose(kid, poses, sigma)
+            finally:
+                self._as_of_rows = None
+
+    def idle_work(self) -> None:
+        """What windows left for when the backend is idle: the candidate searches, in order, then the
+        remaining keyframes' descriptors and JPEGs."""
+        self._run_searches()
+        self.memory.settle()
+
     def propose(self, kid: int, poses: dict[int, np.ndarray], position_sigma_m: float, every: bool = False) -> None:
         """Queue the candidates of a new keyframe: by position (``poses``: keyframe id -> T_map_base,
         the graph's latest) and by appearance. Keyframes of a loaded map (negative ids) are always
@@ -163,7 +203,7 @@ class LoopCloser:
                     best = max(float(a @ b) for a in axes_new for b in axes_old)
                     if best >= np.cos(np.radians(cfg.max_view_angle_deg)):
                         found.append(LoopCandidate(k, kid, "position", float(dist[i])))
-        for k, sim in self.memory.similar(new.descriptors, before, cfg.appearance_candidates):
+        for k, sim in self.memory.similar(new.descriptors, before, cfg.appearance_candidates, self._as_of_rows):
             if sim >= cfg.min_similarity:
                 found.append(LoopCandidate(k, kid, "appearance", sim))
         for c in found:
@@ -180,6 +220,11 @@ class LoopCloser:
 
     @property
     def pending(self) -> bool:
+        """Work for an idle backend: candidates to verify, or searches and images left by windows."""
+        return bool(self._queue) or bool(self._searches) or self.memory.unsettled > 0
+
+    @property
+    def has_candidates(self) -> bool:
         return bool(self._queue)
 
     def next_job(self) -> LoopJob | None:
@@ -226,7 +271,7 @@ class LoopCloser:
         scale = float(np.median(ratios))
         stack = ViewStack(views, usable, 1000, normals=True)
         refined = refine_window_poses(views, stack, usable, prior_sigma_m=self.view_sigmas[3] / scale,
-                                      prior_sigma_rad=self.view_sigmas[0], depth_sigma=0.01)
+                                      prior_sigma_rad=self.view_sigmas[0], depth_sigma=0.01, move_points=False)
         moved = max(refined.correction_chi2.values(), default=0.0)
         if moved > REJECT_CHI2:  # a view had to move far to agree: one of the four is wrong, trust none
             return f"a view disagrees with the others (moved {np.sqrt(moved):.1f} sigmas to agree)"

@@ -1,10 +1,16 @@
 """What loop closure keeps of every placed keyframe: enough to show it to the model again.
 
 Verifying a loop means running the backend on an old keyframe and a new one together, so each
-keyframe keeps, per camera, its image (JPEG, at most ``image_width`` wide: ~30 kB instead of
-~1 MB of raw pixels), the camera model of that image, the camera's place on the base, a global
+keyframe keeps, per camera, its image (JPEG, at most ``image_width`` wide: ~30-90 kB instead of
+~0.6-1 MB of raw pixels), the camera model of that image, the camera's place on the base, a global
 descriptor for appearance search, and a small depth image (metres) to measure the verification
 window's scale against. Positions come from the pose graph's latest report.
+
+The window that places a keyframe only keeps a reference to its frame's image (and computes the
+small depth, from tensors that are not kept): resizing, the descriptor and the JPEG are made when
+first needed - while the backend is idle (:meth:`KeyframeMemory.settle`), by a loop search or a
+verification, or once more than ``MAX_UNSETTLED_VIEWS`` views wait - from the same pixels, so they
+come out exactly as if made at once.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ except ImportError:  # pragma: no cover - Pillow is the fallback
 JPEG_QUALITY = 90
 #: Size of the depth kept per view, to measure scale against.
 DEPTH_SIZE = (24, 32)
+#: Views whose image waits to be resized, described and encoded (a reference to the frame's image
+#: each, 0.6 MB at 518x392): beyond, the oldest are settled at once (a backend that is never idle).
+MAX_UNSETTLED_VIEWS = 24
 
 
 def encode_jpeg(rgb: np.ndarray) -> bytes:
@@ -48,29 +57,70 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def small_depth(depth: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
     """(24, 32) float32 depth, the mean of each cell's valid pixels (NaN where none)."""
-    d = depth.detach().float().clone()
-    ok = torch.isfinite(d) & (d > 0)
+    d = depth.detach().float()
+    ok = (d > 0) & (d < float("inf"))  # NaN fails both
     if valid is not None:
         ok &= valid
-    d[~ok] = 0.0
-    total = F.adaptive_avg_pool2d(d[None, None], DEPTH_SIZE)[0, 0]
-    count = F.adaptive_avg_pool2d(ok.float()[None, None], DEPTH_SIZE)[0, 0]
+    # Depth and coverage pooled in one call (one plane each).
+    pooled = F.adaptive_avg_pool2d(torch.stack([torch.where(ok, d, 0.0), ok.float()])[None], DEPTH_SIZE)[0]
+    total, count = pooled[0], pooled[1]
     return torch.where(count > 0.25, total / count.clamp_min(1e-6), torch.nan).cpu().numpy()
 
 
-@dataclass
 class StoredView:
-    """One camera frame of a stored keyframe."""
+    """One camera frame of a stored keyframe.
 
-    camera: str
-    stamp_ns: int
-    frame_id: str
-    camera_model: CameraModel
-    jpeg: bytes
-    #: T_base_camera at the keyframe's reference stamp (the pose graph node's frame).
-    T_base_camera: np.ndarray
-    descriptor: np.ndarray
-    depth: np.ndarray  # (24, 32) metres, NaN where unknown
+    ``jpeg`` and ``descriptor`` may be made later from ``raw``, the frame's image as it came
+    (``camera_model`` is already the stored image's): see the module docstring.
+    """
+
+    __slots__ = ("camera", "stamp_ns", "frame_id", "camera_model", "T_base_camera", "depth", "_jpeg", "_descriptor",
+                 "_raw", "_kind")
+
+    def __init__(self, camera: str, stamp_ns: int, frame_id: str, camera_model: CameraModel, jpeg: bytes | None,
+                 T_base_camera: np.ndarray, descriptor: np.ndarray | None, depth: np.ndarray, *,
+                 raw: np.ndarray | None = None, kind: str = "gradients") -> None:
+        if jpeg is None and raw is None:
+            raise ValueError("a stored view needs its JPEG or the image to make it from")
+        self.camera = camera
+        self.stamp_ns = stamp_ns
+        self.frame_id = frame_id
+        self.camera_model = camera_model
+        #: T_base_camera at the keyframe's reference stamp (the pose graph node's frame).
+        self.T_base_camera = T_base_camera
+        self.depth = depth  # (24, 32) metres, NaN where unknown
+        self._jpeg = jpeg
+        self._descriptor = descriptor
+        self._raw = None if jpeg is not None else raw
+        self._kind = kind
+
+    @property
+    def settled(self) -> bool:
+        """JPEG and descriptor are made (the frame's image is no longer held)."""
+        return self._raw is None
+
+    def settle(self) -> None:
+        """Make the JPEG and the descriptor from the held image, and let the image go."""
+        if self._raw is None:
+            return
+        image = _resize(self._raw, self.camera_model.width, self.camera_model.height)
+        self._jpeg = encode_jpeg(image)
+        if self._descriptor is None:
+            self._descriptor = describe(image, self._kind)
+        self._raw = None
+
+    @property
+    def jpeg(self) -> bytes:
+        self.settle()
+        assert self._jpeg is not None
+        return self._jpeg
+
+    @property
+    def descriptor(self) -> np.ndarray:
+        if self._descriptor is None:
+            self.settle()
+        assert self._descriptor is not None
+        return self._descriptor
 
     def frame(self) -> Frame:
         """The frame again, without any prior: a loop is verified on the model's own evidence."""
@@ -80,7 +130,9 @@ class StoredView:
 
     @property
     def nbytes(self) -> int:
-        return len(self.jpeg) + self.descriptor.nbytes + self.depth.nbytes
+        """Bytes held: JPEG (or, until it is made, the frame's image), descriptor and depth."""
+        image = len(self._jpeg) if self._jpeg is not None else int(self._raw.nbytes)  # type: ignore[union-attr]
+        return image + (self._descriptor.nbytes if self._descriptor is not None else 0) + self.depth.nbytes
 
 
 @dataclass
@@ -103,25 +155,37 @@ class SavedKeyframes:
     map_frame: str = "map"
 
 
+def stored_size(frame: Frame, width: int) -> tuple[int, int]:
+    """(width, height) of the frame's image once at most ``width`` wide."""
+    if frame.width <= width:
+        return frame.width, frame.height
+    return width, max(1, round(frame.height * width / frame.width))
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR))
+
+
 def resized(frame: Frame, width: int) -> tuple[np.ndarray, CameraModel]:
     """The frame's image at most ``width`` wide and its camera model at that size."""
-    if frame.width <= width:
-        return frame.image, frame.camera_model.scaled(frame.width, frame.height)
-    height = max(1, round(frame.height * width / frame.width))
-    image = np.asarray(Image.fromarray(np.ascontiguousarray(frame.image)).resize((width, height), Image.BILINEAR))
-    return image, frame.camera_model.scaled(width, height)
+    w, h = stored_size(frame, width)
+    return _resize(frame.image, w, h), frame.camera_model.scaled(w, h)
 
 
 class KeyframeMemory:
-    """Stored keyframes by id, with their descriptors stacked for search."""
+    """Stored keyframes by id, with their descriptors stacked for search (one row per view)."""
 
     def __init__(self, image_width: int = 512, descriptor: str = "gradients") -> None:
         self.image_width = image_width
         self.descriptor = descriptor
         self.keyframes: dict[int, StoredKeyframe] = {}
-        self._desc: list[np.ndarray] = []  # per stored view
-        self._desc_kid: list[int] = []
-        self._stack: np.ndarray | None = None
+        self._rows: list[StoredView] = []  # per row: its view
+        self._row_kid = np.zeros(0, dtype=np.int64)
+        self._matrix: np.ndarray | None = None  # (capacity, d) descriptors; row r valid once _filled[r]
+        self._filled = np.zeros(0, dtype=bool)
+        self._unsettled: list[StoredView] = []  # oldest first (some may have settled since)
 
     def __len__(self) -> int:
         return len(self.keyframes)
@@ -134,43 +198,100 @@ class KeyframeMemory:
             descriptors: np.ndarray | None = None) -> StoredKeyframe:
         """Keep a keyframe: per camera (frame, T_base_camera, placed depth in metres, valid).
 
-        ``descriptors`` (one row per view) are the backend's own, when it offers them."""
+        ``descriptors`` (one row per view) are the backend's own, when it offers them. The image's
+        JPEG and descriptor are made later (see the module docstring)."""
         kf = self.keyframes.get(kid) or StoredKeyframe(kid, stamp_ns)
         for n, (frame, T_base_camera, depth, valid) in enumerate(views):
-            image, model = resized(frame, self.image_width)
-            d = descriptors[n] if descriptors is not None else describe(image, self.descriptor)
-            kf.views.append(StoredView(frame.camera, frame.stamp_ns, frame.frame_id, model, encode_jpeg(image),
-                                       np.asarray(T_base_camera, dtype=np.float64), np.asarray(d, np.float32),
-                                       small_depth(depth, valid)))
-            self._desc.append(np.asarray(d, np.float32))
-            self._desc_kid.append(kid)
-            self._stack = None
+            w, h = stored_size(frame, self.image_width)
+            d = None if descriptors is None else np.asarray(descriptors[n], np.float32)
+            view = StoredView(frame.camera, frame.stamp_ns, frame.frame_id, frame.camera_model.scaled(w, h), None,
+                              np.asarray(T_base_camera, dtype=np.float64), d, small_depth(depth, valid),
+                              raw=frame.image, kind=self.descriptor)
+            kf.views.append(view)
+            self._append_row(kid, view)
+            self._unsettled.append(view)
         self.keyframes[kid] = kf
+        if len(self._unsettled) > MAX_UNSETTLED_VIEWS:
+            self.settle(len(self._unsettled) - MAX_UNSETTLED_VIEWS)
         return kf
 
     def insert(self, kf: StoredKeyframe) -> None:
         """Keep an already stored keyframe (a loaded map's), with its descriptors."""
         self.keyframes[kf.kid] = kf
         for v in kf.views:
-            self._desc.append(np.asarray(v.descriptor, np.float32))
-            self._desc_kid.append(kf.kid)
-        self._stack = None
+            self._append_row(kf.kid, v)
 
-    def similar(self, descriptors: np.ndarray, before_kid: int, top: int) -> list[tuple[int, float]]:
+    @property
+    def unsettled(self) -> int:
+        """Views whose JPEG and descriptor are still to be made."""
+        self._unsettled = [v for v in self._unsettled if not v.settled]
+        return len(self._unsettled)
+
+    def settle(self, limit: int | None = None) -> int:
+        """Make the JPEG and descriptor of the oldest ``limit`` waiting views (all: None); how many."""
+        todo = [v for v in self._unsettled if not v.settled]
+        todo = todo if limit is None else todo[:limit]
+        for v in todo:
+            v.settle()
+        self._unsettled = [v for v in self._unsettled if not v.settled]
+        return len(todo)
+
+    def _append_row(self, kid: int, view: StoredView) -> None:
+        n = len(self._rows)
+        if n == len(self._row_kid):  # grow by doubling: appending stays O(1) however many keyframes
+            cap = max(64, 2 * n)
+            self._row_kid = np.resize(self._row_kid, cap)
+            self._filled = np.concatenate([self._filled[:n], np.zeros(cap - n, dtype=bool)])
+            if self._matrix is not None:
+                grown = np.zeros((cap, self._matrix.shape[1]), np.float32)
+                grown[:n] = self._matrix[:n]
+                self._matrix = grown
+        self._rows.append(view)
+        self._row_kid[n] = kid
+        self._filled[n] = False
+
+    def _fill(self, rows: np.ndarray) -> None:
+        """Descriptors of the given rows into the search matrix (made now where still missing)."""
+        for r in rows[~self._filled[rows]]:
+            d = np.asarray(self._rows[r].descriptor, np.float32)
+            if self._matrix is None:
+                self._matrix = np.zeros((len(self._row_kid), d.size), np.float32)
+            self._matrix[r] = d
+            self._filled[r] = True
+
+    @property
+    def rows(self) -> int:
+        """Descriptor rows stored so far (one per view, in the order stored)."""
+        return len(self._rows)
+
+    def similar(self, descriptors: np.ndarray, before_kid: int, top: int, rows: int | None = None
+                ) -> list[tuple[int, float]]:
         """Stored keyframes older than ``before_kid`` most alike any of ``descriptors``: (kid, cosine),
-        best first, one entry per keyframe."""
-        n = sum(1 for k in self._desc_kid if k < before_kid)
-        if n == 0:
+        best first (ties: the older first), one entry per keyframe.
+
+        Cosines are centred on the mean of the stored descriptors (:func:`.descriptors.similarities`).
+        ``rows``: only the first that many rows count, for that mean too (a search made later sees the
+        memory as it was when its window asked; None: all)."""
+        n = len(self._rows) if rows is None else min(rows, len(self._rows))
+        if top <= 0 or n == 0:
             return []
-        if self._stack is None:
-            self._stack = np.stack(self._desc)
-        order = np.argsort(self._desc_kid, kind="stable")
-        kids = np.asarray(self._desc_kid)[order]
-        keep = order[kids < before_kid]
-        sims = similarities(np.asarray(descriptors, np.float32), self._stack)[:, keep].max(axis=0)
-        best: dict[int, float] = {}
-        for i, s in zip(keep, sims, strict=True):
-            k = self._desc_kid[i]
-            if s > best.get(k, -2.0):
-                best[k] = float(s)
-        return sorted(best.items(), key=lambda kv: -kv[1])[:top]
+        kids = self._row_kid[:n]
+        order = np.argsort(kids, kind="stable")
+        keep = order[kids[order] < before_kid]
+        if len(keep) == 0:
+            return []
+        self._fill(np.arange(n))  # the mean is over every stored row, not only the older ones
+        assert self._matrix is not None
+        sims = similarities(np.asarray(descriptors, np.float32), self._matrix[:n])[:, keep].max(axis=0)
+        # Rows best first, ties in row order (that is, the older keyframe first); a keyframe's first
+        # row is its best.
+        best: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for r in np.lexsort((np.arange(len(keep)), -sims)):
+            k = int(kids[keep[r]])
+            if k not in seen:
+                seen.add(k)
+                best.append((k, float(sims[r])))
+                if len(best) == top:
+                    break
+        return best
