@@ -7,6 +7,7 @@ threads would wait forever and the node would publish nothing again, TF included
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -15,10 +16,11 @@ from core_fakes import RecordingBackend
 
 pytestmark = pytest.mark.ros
 
-STORM_S = 20.0
-RESET_PERIOD_S = 0.1
+#: 20 s in the suite; MAPANY_STORM_S=60 for the minute-long storm.
+STORM_S = float(os.environ.get("MAPANY_STORM_S", "20"))
+RESET_PERIOD_S = 0.05
 #: Looped input: stamps run over LOOP frames 0.1 s apart, then jump back 2 s (> time.reset_jump_s).
-LOOP = 50
+LOOP = 20
 
 
 def first_answer(h, client) -> None:
@@ -121,8 +123,7 @@ def test_reset_storm_with_looped_input_never_blocks_a_thread_or_tf(harness_facto
     gaps = [b - a for a, b in zip([start, *during], [*during, storm_end], strict=True)]
     print(f"{len(calls)} resets, {loops} input loops, {during_storm} depth images published during the storm, "
           f"map -> odom: {len(during)} in {storm_end - start:.0f} s, largest gap {max(gaps):.2f} s")
-    # A blocked thread stops it for good; 10 resets a second on two loaded cores delay it by up to ~1 s.
-    assert max(gaps) < 2.0, f"map -> odom paused for {max(gaps):.2f} s"
+    assert max(gaps) < 1.0, f"map -> odom paused for {max(gaps):.2f} s"
 
 
 def test_reset_and_save_map_wait_for_the_voxel_map_off_the_executor(harness_factory, tmp_path):
