@@ -76,3 +76,19 @@ def harness_factory(rclpy_context: Any) -> Iterator[Any]:
     yield make
     for h in made:
         h.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module of small tensors (maps, grids, tracking, tiny images).
+
+    One thread is faster there, and immune to a busy second core: torch's busy-waiting OpenMP
+    workers made such runs 5-10x slower on a 2-core machine shared with other work. Modules take
+    it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,13 +39,7 @@ def distorted_camera(name: str, width: int = 160, height: int = 120) -> CameraMo
     return CameraModel(width, height, make_camera_model(width, height, 90.0).K, model, D)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The map's tensors are small: one torch thread is faster, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

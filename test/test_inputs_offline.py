@@ -8,13 +8,11 @@ process`` must make the same path of all three (the same accuracy against ground
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
@@ -34,12 +32,7 @@ TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 ERRORS = OdometryErrors(scale_error=0.04, yaw_drift_deg_per_m=3.0, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

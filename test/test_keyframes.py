@@ -34,13 +34,7 @@ RATE_HZ = 10.0
 DEFAULTS = KeyframeSelector()  # the node's defaults, checked against params.py below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Rendering and tracking are small ops: on a busy 2-core machine a second torch thread makes them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

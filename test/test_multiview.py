@@ -19,14 +19,7 @@ from mapany_ros.core.placement.refine import refine_window_poses
 from mapany_ros.core.placement.view_check import agreement_matrix, inconsistent_views
 from mapany_ros.sim.scene import SyntheticScene, render_depth
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Small tensors: one torch thread is faster, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def plane_view(width: int, height: int, T_world_camera: np.ndarray, normal_cam: np.ndarray, distance: float,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from mapany_ros.core.occupancy import FREE, OCCUPIED, UNKNOWN, GridSnapshot, OccupancyGrid, grid_paths, write_nav2_map
@@ -23,12 +22,7 @@ from mapany_ros.core.occupancy.nav2_map import PIXEL_UNKNOWN
 KEYS = {"image", "mode", "resolution", "origin", "negate", "occupied_thresh", "free_thresh"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_pgm(path: Path) -> np.ndarray:

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from mapany_ros.core.geometry import make_pose
 from mapany_ros.core.occupancy import FREE, OCCUPIED, UNKNOWN, GridSnapshot, OccupancyConfig, OccupancyGrid
@@ -24,13 +23,7 @@ FRONT = make_T_base_camera(0.3, 0.5, 5.0)
 LEFT = make_pose(np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), [0.0, 0.2, 0.0]) @ FRONT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The grid's tensors are small: one torch thread is faster, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base(x: float, y: float = 0.0, yaw_deg: float = 0.0, z: float = 0.0) -> np.ndarray:

@@ -18,7 +18,7 @@ import shutil
 import struct
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,17 +152,7 @@ def depth_errors(depths: dict[int, np.ndarray], truth: Truth) -> tuple[float, fl
 # --------------------------------------------------------------------------- bags and runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread for this module's tiny images.
-
-    On a machine shared with other jobs, torch's two busy-waiting OpenMP workers made these runs
-    5-8x slower than one thread; on an idle machine one thread costs little at 96x72.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
