@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from mapany_ros.core.config_ranges import check_ranges
 from mapany_ros.core.depth_edges import EDGE_THRESHOLD
 
 #: A pixel weighs at most this many median-confidence pixels, so one overconfident view cannot own a voxel.
@@ -59,11 +59,4 @@ class FusionConfig:
     edge_threshold: float = EDGE_THRESHOLD
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            lo, hi = _RANGES[f.name]
-            is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if f.name in _INT_FIELDS and not is_int:
-                raise ValueError(f"FusionConfig.{f.name} must be an integer in [{lo}, {hi}], got {value!r}")
-            if not (is_int or isinstance(value, numbers.Real)) or not lo <= value <= hi:
-                raise ValueError(f"FusionConfig.{f.name} must be a number in [{lo}, {hi}], got {value!r}")
+        check_ranges(self, _RANGES, _INT_FIELDS)

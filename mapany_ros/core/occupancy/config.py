@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from mapany_ros.core.config_ranges import check_ranges
 
 # name: (lowest, highest) allowed value, both inclusive
 _RANGES: dict[str, tuple[float, float]] = {
@@ -47,14 +48,7 @@ class OccupancyConfig:
     min_confidence: float = 0.25
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            lo, hi = _RANGES[f.name]
-            is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if f.name in _INT_FIELDS and not is_int:
-                raise ValueError(f"OccupancyConfig.{f.name} must be an integer in [{lo}, {hi}], got {value!r}")
-            if not (is_int or isinstance(value, numbers.Real)) or not lo <= value <= hi:
-                raise ValueError(f"OccupancyConfig.{f.name} must be a number in [{lo}, {hi}], got {value!r}")
+        check_ranges(self, _RANGES, _INT_FIELDS)
         if self.min_height_m >= self.max_height_m:
             raise ValueError(f"OccupancyConfig.min_height_m ({self.min_height_m}) must be below max_height_m "
                              f"({self.max_height_m})")
