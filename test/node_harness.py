@@ -9,6 +9,7 @@ import time
 import numpy as np
 import rclpy
 from nav_msgs.msg import Odometry
+from polling import wait_for
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -92,12 +93,7 @@ class Harness:
         time.sleep(0.3)
 
     def _wait(self, cond, timeout: float = 10.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if cond():
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_for(cond, timeout)
 
     def header(self, t_s: float, camera: str = "camera") -> Header:
         return Header(stamp=conv.ns_to_stamp(T0 + int(t_s * 1e9)), frame_id=f"{camera}_optical_frame")

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from polling import wait_for
 
 from mapany_ros.ros import conversions as conv
 
@@ -52,12 +53,7 @@ def test_two_layers_are_published_by_the_helper_when_they_change_and_never_while
     spin.start()
 
     def wait(cond, timeout: float = 30.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if cond():
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_for(cond, timeout)
 
     def rounds(n: int) -> None:
         """Let the publisher's thread look at its layers n more times."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +44,34 @@ def blank_sequence(scene: SyntheticScene, duration_s: float, rate_hz: float, wid
     return seq
 
 
+def launch_node(tmp_path, params: dict, env: dict[str, str]) -> tuple[subprocess.Popen, Any]:
+    """mapany_node in its own process with ``params`` (a params file's content); its log in tmp_path/node.log."""
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
+                             str(params_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return node, log
+
+
+def wait_until_connected(node: subprocess.Popen, source, collector, log_path) -> None:
+    """Until the node takes the source's images and the collector hears its path (it must not die meanwhile)."""
+    deadline = time.monotonic() + 60
+    while source.image_pub.get_subscription_count() == 0 or collector.count_publishers("/path") == 0:
+        assert node.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the node did not come up"
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def wait_until_idle(node: subprocess.Popen, collector, log_path, since: float) -> None:
+    """Until the node has published nothing for 1.5 s after ``since`` (monotonic), alive all along."""
+    while not collector.node_idle_since(since + 1.5):
+        assert node.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < since + 120, "the node did not finish"
+        time.sleep(0.2)
+
+
 def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_path, ros_subprocess_env,
                                                                            rclpy_context):
     from rclpy.executors import MultiThreadedExecutor
@@ -63,12 +92,7 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
         "device": "cpu", "qos": {"reliability": "reliable", "depth": 100}, "stats_period_s": 1.0,
         "odometry": {"max_wait_s": 1.0},
     }}}
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params))
-    env = ros_subprocess_env
-    log = open(tmp_path / "node.log", "w")
-    node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
-                             str(params_path)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    node, log = launch_node(tmp_path, params, ros_subprocess_env)
     source = SyntheticSource(seq, stamp_offset_ns=stamp_offset, odometry=odometry, odom_delay_s=0.15,
                              odom_jitter=0.3, context=rclpy_context)
     collector = OutputCollector(context=rclpy_context)
@@ -78,18 +102,10 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()
     try:
-        deadline = time.monotonic() + 60
-        while source.image_pub.get_subscription_count() == 0 or collector.count_publishers("/path") == 0:
-            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the node did not come up"
-            time.sleep(0.1)
-        time.sleep(0.5)
+        wait_until_connected(node, source, collector, tmp_path / "node.log")
         played: list[tuple[int, int]] = []  # (wall clock, image stamp) of each image
         source.play(speed=2.0, on_image=lambda stamp: played.append((time.time_ns(), stamp)))
-        t_end = time.monotonic()
-        while not collector.node_idle_since(t_end + 1.5):
-            assert time.monotonic() < t_end + 120, "the node did not finish"
-            time.sleep(0.2)
+        wait_until_idle(node, collector, tmp_path / "node.log", time.monotonic())
     finally:
         node.terminate()
         node.wait(15)
@@ -175,11 +191,7 @@ def test_without_odometry_the_node_publishes_its_own_odom_to_base_and_map_to_odo
         # blank images show no motion: keyframes come by time
         "keyframe": {"max_interval_s": 0.3},
     }}}
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params))
-    log = open(tmp_path / "node.log", "w")
-    node = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args", "--params-file",
-                             str(params_path)], env=ros_subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    node, log = launch_node(tmp_path, params, ros_subprocess_env)
     source = SyntheticSource(seq, stamp_offset_ns=stamp_offset, context=rclpy_context)
     collector = OutputCollector(context=rclpy_context)
     #: Every /tf message as it arrived: (wall clock ns at arrival, [(parent, child, stamp ns, T)]).
@@ -206,18 +218,9 @@ def test_without_odometry_the_node_publishes_its_own_odom_to_base_and_map_to_odo
         return max(found, key=lambda x: x[0]) if found else None
 
     try:
-        deadline = time.monotonic() + 60
-        while source.image_pub.get_subscription_count() == 0 or collector.count_publishers("/path") == 0:
-            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the node did not come up"
-            time.sleep(0.1)
-        time.sleep(0.5)
+        wait_until_connected(node, source, collector, tmp_path / "node.log")
         source.play(speed=2.0)
-        t_end = time.monotonic()
-        while not collector.node_idle_since(t_end + 1.5):
-            assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-            assert time.monotonic() < t_end + 120, "the node did not finish"
-            time.sleep(0.2)
+        wait_until_idle(node, collector, tmp_path / "node.log", time.monotonic())
         time.sleep(2.0)  # map -> odom has glided to the last estimate (tf.smoothing_s 0.5 s)
         # "now" on the node's clock (the wall clock: no sim time): a lookup of map -> base_link there.
         now = time.time_ns()

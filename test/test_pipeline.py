@@ -183,10 +183,9 @@ def outputs(results) -> list[tuple[str, int]]:
     return [f.key for r in results for f, o in zip(r.frames, r.output_mask, strict=True) if o]
 
 
-def test_a_failed_windows_keyframes_are_sent_again_once_then_dropped_and_counted():
-    keys = [frame(i * 0.1).key for i in range(9)]
-    # The second window fails once: its keyframes come in the next call, behind fresh context.
-    backend = RecordingBackend(fail_on=2)
+def nine_keyframes_in_windows_of_three(backend: RecordingBackend) -> tuple[Pipeline, list, list[list]]:
+    """Nine keyframes, one at a time, into windows of 3 (overlap 1): the pipeline, its results and the
+    keys of every backend call."""
     p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
                       queue_size=8)
     p.start()
@@ -194,20 +193,20 @@ def test_a_failed_windows_keyframes_are_sent_again_once_then_dropped_and_counted
         p.add_frame(frame(i * 0.1))
         assert p.wait_idle(5)
     p.stop()
-    calls = [[f.key for f in c] for c in backend.calls]
+    return p, results, [[f.key for f in c] for c in backend.calls]
+
+
+def test_a_failed_windows_keyframes_are_sent_again_once_then_dropped_and_counted():
+    keys = [frame(i * 0.1).key for i in range(9)]
+    # The second window fails once: its keyframes come in the next call, behind fresh context.
+    backend = RecordingBackend(fail_on=2)
+    p, results, calls = nine_keyframes_in_windows_of_three(backend)
     assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
     assert sorted(outputs(results)) == keys
     assert p.stats.windows_failed == 1 and p.stats.keyframes_lost == 0
     # It fails again: its keyframes are dropped and counted; the next window anchors on the last placed one.
     backend = RecordingBackend(fail_on=(2, 3))
-    p, results = make(backend, use_odometry=False, window_size=3, window_overlap=1, max_interval_s=0.001,
-                      queue_size=8)
-    p.start()
-    for i in range(9):
-        p.add_frame(frame(i * 0.1))
-        assert p.wait_idle(5)
-    p.stop()
-    calls = [[f.key for f in c] for c in backend.calls]
+    p, results, calls = nine_keyframes_in_windows_of_three(backend)
     assert calls[1] == calls[2] == [keys[2], keys[3], keys[4]]
     assert calls[3] == [keys[2], keys[5], keys[6]]
     assert sorted(outputs(results)) == keys[:3] + keys[5:]
