@@ -9,8 +9,9 @@ Measured as ratios within one run (these machines are noisy):
    backend's time at 640x480, with the real node, the planesweep backend and a subscriber in
    another process (target <= 5 %).
 4. The MapAnything adapter's overhead against upstream ``infer`` (where upstream is installed).
-5. Placement time per window against the backend's (target <= 5 %), and placement accuracy
-   against a real model's errors (:mod:`mapany_ros.bench.placement`).
+5. Placement time per window against the backend's (target <= 5 %, :mod:`mapany_ros.bench.placement`),
+   and placement and map accuracy against a real model's errors, scenario by scenario
+   (:mod:`mapany_ros.bench.accuracy`).
 6. Image and odometry callback latency while a 2 M voxel map is published (target p99 <= 10 ms,
    :mod:`mapany_ros.bench.executor`).
 7. Loop closure's global descriptors on synthetic revisits: recall, precision, cost of the search
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     results["extra_sections"].append(bench_adapter())
     print("[bench] placement: cost per window and the simulator scenarios ...", flush=True)
     results["extra_sections"].append(bench_placement())
+    from mapany_ros.bench.accuracy import accuracy_lines, bench_accuracy
+
+    print("[bench] placement and the map against a real model's errors: the targets' scenarios ...", flush=True)
+    results["accuracy"] = bench_accuracy()
+    results["extra_sections"].append(accuracy_lines(results["accuracy"]))
     from mapany_ros.bench.loops import bench_loop_descriptors
 
     print("[bench] loop closure: descriptors on synthetic revisits, search at 2000 keyframes ...", flush=True)
