@@ -144,6 +144,11 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     print(f"map -> odom: {len(times) / span:.1f} Hz, largest step at the robot {max(steps) * 100:.2f} cm")
     assert max(steps) < 0.05, f"map -> odom moved the robot by {max(steps) * 100:.1f} cm at once"
     assert collector.status.get("chain_breaks") == "0"
+    # The odometry is 5 % long and the model metric: the map keeps the odometry's scale, and says so.
+    ratio, sigma = float(collector.status["model_scale_vs_odometry"]), float(collector.status["model_scale_sigma"])
+    print(f"model / odometry scale {ratio:.4f} +- {sigma:.4f}; diagnostics: {collector.status_message}")
+    assert 0 < sigma < 0.03 and abs(np.log(ratio * 1.05)) <= 3 * sigma, (ratio, sigma)
+    assert "the model's scale is" in collector.status_message, collector.status_message
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

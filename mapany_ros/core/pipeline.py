@@ -266,6 +266,8 @@ class Pipeline:
         #: The placer's state as the worker last copied it (status() must not read the worker's placer).
         self._localised = True
         self._last_loop_s = 0.0
+        #: The placer's model scale over the odometry's and its sigma (0, 0 until known).
+        self._model_scale = (0.0, 0.0)
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -474,6 +476,10 @@ class Pipeline:
                 # as the last window or loop job left them
                 "localised": self._localised,
                 "last_loop_ms": round(self._last_loop_s * 1e3, 1),
+                # with odometry and a metric model (0 until known): a steady departure from 1 is a
+                # miscalibrated odometry or a biased model; the map's scale is the odometry's
+                "model_scale_vs_odometry": round(self._model_scale[0], 4),
+                "model_scale_sigma": round(self._model_scale[1], 4),
             }
 
     # ------------------------------------------------------------------ internals
@@ -709,6 +715,7 @@ class Pipeline:
         s.odometry_slips, s.loops_closed, s.loop_candidates = p.odometry_slips, p.loops_closed, p.loop_candidates
         s.loops_rejected = p.loops_rejected
         self._last_loop_s = p.last_loop_s
+        self._model_scale = (p.model_scale_vs_odometry, p.model_scale_sigma)
         self._localised = snap.localised
         self._n_context = snap.n_context
 

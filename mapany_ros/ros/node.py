@@ -533,6 +533,12 @@ class MapanyNode(LifecycleNode):
                 warnings.append(f"no image from {cam} for {stale_s:g} s")
         if self.config["use_odometry"] and (self._last_odom_ns is None or (now - self._last_odom_ns) * 1e-9 > stale_s):
             warnings.append(f"no odometry for {stale_s:g} s")
+        ratio, sigma = float(status["model_scale_vs_odometry"]), float(status["model_scale_sigma"])
+        limit = self.config["diagnostics.scale_disagreement"]
+        if ratio > 0 and limit > 0 and abs(np.log(ratio)) > max(np.log1p(limit), 2.0 * sigma):
+            warnings.append(f"the model's scale is {ratio:.3f} x the odometry's over the windows so far: the "
+                            "odometry's calibration (wheel radius) or the model's metric scale is off; the map "
+                            "keeps the odometry's scale")
         if not status["localised"]:
             warnings.append("not localised in the loaded map yet: only depth is published")
         missing = self.pipeline.missing_cameras()

@@ -104,6 +104,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("path.max_poses", 10000, "Longest published path; the oldest poses go first.", 1, 1_000_000),
     Param("diagnostics.stale_input_s", 2.0, "A camera or odometry silent for this long is reported stale (WARN).",
           0.1, 3600.0),
+    Param("diagnostics.scale_disagreement", 0.04, "With odometry and a metric model: WARN when the model's scale, "
+          "learned over the windows, departs from the odometry's by more than this fraction (and two of its "
+          "sigmas): a miscalibrated odometry or a biased model. The map keeps the odometry's scale. 0 = never.",
+          0.0, 1.0),
     Param("planesweep.num_planes", 64, "Depth hypotheses, uniform in inverse depth.", 8, 512),
     Param("planesweep.min_depth_m", 0.3, "Nearest depth swept.", 0.01, 100.0),
     Param("planesweep.max_depth_m", 15.0, "Farthest depth swept.", 0.1, 1000.0),

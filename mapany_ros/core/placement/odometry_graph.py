@@ -29,9 +29,15 @@ from mapany_ros.core.placement.stage_clock import StageClock
 MIN_STEP_M = 0.05
 #: Least spread assumed for one step's log scale ratio (views carry a few centimetres of noise).
 MIN_STEP_LOG_SIGMA = 0.05
+#: The steps' spread is pooled over the windows placed so far; the floor above counts as this many steps.
+STEP_SPREAD_PRIOR_STEPS = 10
+#: ... and the pool forgets beyond this many steps, so that it follows a model whose noise changes.
+STEP_SPREAD_MEMORY_STEPS = 500
 #: A metric window whose scale, measured against the odometry, is off the model's usual scale by more
 #: than this factor (at three sigmas of the measurement) is wrong, not a scale to adopt.
 MAX_METRIC_SCALE_ERROR = 1.25
+#: Windows whose scale was measured before the model's scale against the odometry's is reported.
+MIN_SCALE_WINDOWS = 5
 
 
 class OdometryGraphPlacement:
@@ -45,10 +51,23 @@ class OdometryGraphPlacement:
         self.index = index
         self._scale = ScaleFilter(config.metric_scale_sigma)
         self._measurement: ScaleMeasurement | None = None
+        #: Spread (variance) of one step's log scale ratio, pooled over placed windows, its weight in
+        #: steps, and the newest window's own (variance, steps) to pool once the window is placed.
+        self._step_var = MIN_STEP_LOG_SIGMA**2
+        self._step_weight = float(STEP_SPREAD_PRIOR_STEPS)
+        self._window_spread: tuple[float, int] | None = None
         #: Scale of the newest window (window units -> metres).
         self.scale = 1.0
         #: The window's relative poses lean towards the odometry they were given (see ``place``).
         self.poses_are_priors = False
+
+    def model_scale(self) -> tuple[float, float] | None:
+        """The metric model's scale over the odometry's so far, and its relative one-sigma; None
+        until ``MIN_SCALE_WINDOWS`` windows measured it (the bias the scale filter learned)."""
+        f = self._scale
+        if f.learned < MIN_SCALE_WINDOWS:
+            return None
+        return float(np.exp(-f.bias)), float(np.sqrt(f.bias_var))
 
     def register(self, groups: list[list[Frame]]) -> None:
         """Enter the window's new keyframe groups into the graph with their odometry (and its
@@ -99,13 +118,20 @@ class OdometryGraphPlacement:
             along = float(np.dot(win[b] - win[a], step / d_odo))
             if along > 0:
                 logs.append(np.log(d_odo / along))
+        self._window_spread = None
         if len(logs) < 3:
             return None
         logs = np.asarray(logs)
         median = float(np.median(logs))
         spread = 1.4826 * float(np.median(np.abs(logs - median)))
+        self._window_spread = (spread**2, len(logs))
+        # The spread of a handful of steps is itself a guess, often far too small (2 cm of noise per
+        # view spreads 15 cm steps by ~15 %, yet 6 of them can show 3 %): the window's own spread
+        # counts only where it exceeds what the windows so far showed, else the scale filter would
+        # take one window's noise for the model's bias.
+        variance = max(spread**2, self._step_var)
         # The median of n samples is about sqrt(pi / 2) times noisier than their mean.
-        return ScaleMeasurement(median, (np.pi / 2) * max(spread, MIN_STEP_LOG_SIGMA) ** 2 / len(logs))
+        return ScaleMeasurement(median, (np.pi / 2) * variance / len(logs))
 
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
               accepted: list[bool], owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
@@ -144,6 +170,11 @@ class OdometryGraphPlacement:
             graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
                                 check.poses)
             self._scale.update(self._measurement, prediction.metric, scale)
+            if self._window_spread is not None:
+                var, n = self._window_spread
+                self._step_var = max((self._step_weight * self._step_var + n * var) / (self._step_weight + n),
+                                     MIN_STEP_LOG_SIGMA**2)
+                self._step_weight = min(self._step_weight + n, STEP_SPREAD_MEMORY_STEPS)
             poses: list[np.ndarray | None] = [None] * len(frames)
             for i in idx:
                 if accepted[i]:

@@ -48,6 +48,11 @@ class PlacementStats:
     last_loop_s: float = 0.0
     #: Windows that arrived while the robot was not yet localised in a loaded map.
     windows_unlocalised: int = 0
+    #: With odometry and a metric model: the model's scale over the odometry's, learned over the
+    #: windows so far, and its one-sigma (relative); 0 until enough windows measured it. A steady
+    #: departure from 1 is a miscalibrated odometry or a biased model: the map takes the odometry's.
+    model_scale_vs_odometry: float = 0.0
+    model_scale_sigma: float = 0.0
 
 
 @dataclass

@@ -376,6 +376,9 @@ class WindowPlacer:
         s.views_rejected += len(placed.rejected_views)
         s.odometry_slips += len(placed.slips)
         s.graph_keyframes = len(self.graph.keyframes)
+        known = self._mode.model_scale() if isinstance(self._mode, OdometryGraphPlacement) else None
+        if known is not None:
+            s.model_scale_vs_odometry, s.model_scale_sigma = known
         for a, b, metres in placed.slips:
             log.warning("odometry slip: the odometry moved %.2f m away from the model's geometry between the "
                         "keyframes at %.3f s and %.3f s", metres, a * 1e-9, b * 1e-9)

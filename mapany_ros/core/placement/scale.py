@@ -38,6 +38,8 @@ class ScaleFilter:
         self.bias = 0.0
         self.bias_var = BIAS_SIGMA**2
         self.last = 1.0
+        #: Metric windows whose measurement taught the bias.
+        self.learned = 0
 
     def estimate(self, measurement: ScaleMeasurement | None, metric: bool) -> float:
         """The window's scale (posterior mean) without learning from it."""
@@ -61,3 +63,4 @@ class ScaleFilter:
         gain = self.bias_var / (self.bias_var + var)
         self.bias += gain * (measurement.log_scale - self.bias)
         self.bias_var *= 1.0 - gain
+        self.learned += 1
