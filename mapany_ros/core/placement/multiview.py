@@ -127,23 +127,11 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     for (height, width, device), idx in sizes.items():
         cams = [views[i].grid_camera for i in idx]
         grids = [plane_rays(cam, device) for cam in cams]
-        depth = torch.stack([views[i].depth for i in idx]).float()
-        ok = torch.stack([views[i].valid for i in idx])
-        if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
-            ok &= torch.stack([ray_ok for _, ray_ok in grids])
-        ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
-        D = torch.where(ok, depth, 0.0)
-        # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
-        # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
-        rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
-        planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
         f = max(1, -(-width // max_width))
-        if f > 1:
-            count = _block_sum(ok.float(), f).clamp_min(1e-6)
-            P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
-            ok = count > f * f - 0.5
+        if f > 1 and all(cam.is_pinhole and cam.K[0][1] == 0 for cam in cams):
+            P, ok = _separable_blocks([views[i] for i in idx], [r for r, _ in grids], f)
         else:
-            P = torch.stack(planes, -1)
+            P, ok = _general_blocks([views[i] for i in idx], cams, grids, f)
         # A block across a depth edge averages foreground and background, as a flying pixel does:
         # neither is a surface to sample or to compare against.
         ok &= ~depth_edges(P[..., 2], valid=ok)
@@ -156,6 +144,60 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
             coarse = CameraModel(width // f, height // f, K, cam.distortion_model, np.asarray(cam.D).copy())
             out[i] = (P[a], ok[a], coarse)
     return out  # type: ignore[return-value]
+
+
+def _separable_blocks(views: Sequence[ViewPrediction], rays: Sequence[torch.Tensor], f: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means and validity for pinhole views without skew, where a ray's x depends on the
+    column only and its y on the row only: the block sums of x d and y d are then sums of d along
+    rows or columns weighted by the rays, so the full-resolution images are read in two passes
+    (masking, then summing f rows) instead of a dozen. An invalid pixel is NaN (an inf depth stays
+    inf): its block's sum is not finite, as only blocks valid throughout are kept."""
+    n = len(views)
+    height, width = views[0].height, views[0].width
+    h, w = height // f * f, width // f * f
+    device = views[0].depth.device
+    X = torch.empty(n, h, width, device=device)
+    nan = torch.tensor(float("nan"), device=device)
+    for a, v in enumerate(views):
+        d = v.depth[:h].float()
+        torch.where(v.valid[:h] & (d > 0), d, nan, out=X[a])
+    rx = torch.stack([r[0, :w, 0] for r in rays])[:, None, :]  # (n, 1, w): x of a column's rays
+    ry = torch.stack([r[:h, 0, 1] for r in rays])[:, :, None]  # (n, h, 1): y of a row's rays
+    Rz, Ry = X[:, 0:h:f].clone(), X[:, 0:h:f] * ry[:, 0:h:f]
+    for k in range(1, f):
+        Rz += X[:, k:h:f]
+        Ry.addcmul_(X[:, k:h:f], ry[:, k:h:f])
+    z, x, y = Rz[..., 0:w:f].clone(), Rz[..., 0:w:f] * rx[..., 0:w:f], Ry[..., 0:w:f].clone()
+    for k in range(1, f):
+        z += Rz[..., k:w:f]
+        x.addcmul_(Rz[..., k:w:f], rx[..., k:w:f])
+        y += Ry[..., k:w:f]
+    ok = torch.isfinite(z)
+    P = torch.stack([x, y, z], -1) / (f * f)
+    return P, ok
+
+
+def _general_blocks(views: Sequence[ViewPrediction], cams: Sequence[CameraModel],
+                    grids: Sequence[tuple[torch.Tensor, torch.Tensor]], f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means and validity of any views of one size (distorted grids, or no pooling)."""
+    depth = torch.stack([v.depth for v in views]).float()
+    ok = torch.stack([v.valid for v in views])
+    if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
+        ok &= torch.stack([ray_ok for _, ray_ok in grids])
+    ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
+    D = torch.where(ok, depth, 0.0)
+    # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
+    # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
+    rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
+    planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
+    if f > 1:
+        count = _block_sum(ok.float(), f).clamp_min(1e-6)
+        P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
+        ok = count > f * f - 0.5
+    else:
+        P = torch.stack(planes, -1)
+    return P, ok
 
 
 @dataclass
