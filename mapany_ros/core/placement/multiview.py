@@ -202,20 +202,25 @@ def _general_blocks(views: Sequence[ViewPrediction], cams: Sequence[CameraModel]
 
 @dataclass
 class Association:
-    """View i's sampled points seen from view j, for every ordered pair (P pairs x S samples)."""
+    """View i's sampled points seen from view j, for every ordered pair (P pairs x S samples).
 
-    Y: torch.Tensor  # (P, S, 3) points of view i in camera j
-    Q: torch.Tensor  # (P, S, 3) camera-j point at the pixel they fall on
-    normal: torch.Tensor  # (P, S, 3) camera-j normal there
+    Coordinates come first (P, 3, S): every coordinate of every pair is one contiguous row, so the
+    per-sample arithmetic runs on whole rows and the normal equations are one batched product.
+    """
+
+    Y: torch.Tensor  # (P, 3, S) points of view i in camera j
+    Q: torch.Tensor  # (P, 3, S) camera-j point at the pixel they fall on
+    normal: torch.Tensor  # (P, 3, S) camera-j normal there
     seen: torch.Tensor  # (P, S) inside view j, on a valid pixel of both views
     planar: torch.Tensor  # (P, S) seen, and view j's normal there is trustworthy
-    p: torch.Tensor  # (P, S, 3) the samples of view i in camera i
+    p: torch.Tensor  # (P, 3, S) the samples of view i in camera i
     R_ji: torch.Tensor  # (P, 3, 3) camera i -> camera j rotation
+    t_ji: torch.Tensor  # (P, 3) camera i -> camera j translation
 
     def select(self, keep: torch.Tensor) -> Association:
         """The same association for the pairs in ``keep`` only (every pair is computed on its own)."""
         return Association(self.Y[keep], self.Q[keep], self.normal[keep], self.seen[keep], self.planar[keep],
-                           self.p[keep], self.R_ji[keep])
+                           self.p[keep], self.R_ji[keep], self.t_ji[keep])
 
 
 class ViewStack:
@@ -260,19 +265,19 @@ class ViewStack:
             rows, cols = sample_grid(self.N_ok[a, :h, :w] if normals else ok, samples)
             src.append(self.P[a, rows, cols])
         S = max(1, max(len(s) for s in src))
-        self.src = torch.zeros(n, S, 3, device=self.device)
+        self.src = torch.zeros(n, 3, S, device=self.device)  # coordinates first, as in Association
         self.src_ok = torch.zeros(n, S, dtype=torch.bool, device=self.device)
         for a, s in enumerate(src):
-            self.src[a, : len(s)] = s
+            self.src[a, :, : len(s)] = s.T
             self.src_ok[a, : len(s)] = True
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
         self._pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.I = torch.as_tensor(self._pairs[:, 0], device=self.device)
         self.J = torch.as_tensor(self._pairs[:, 1], device=self.device)
-        # What a pair reads at the pixel its samples fall on, one row per pixel of every view (one
+        # What a pair reads at the pixel its samples fall on, one column per pixel of every view (one
         # gather instead of four): point, normal, valid, normal trustworthy.
         self._lookup = torch.cat([self.P, self.N, self.ok[..., None].float(), self.N_ok[..., None].float()],
-                                 -1).reshape(-1, 8)
+                                 -1).reshape(-1, 8).T.contiguous()
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
         self._cache: dict[bytes, Association] = {}
@@ -304,10 +309,10 @@ class ViewStack:
                             device=self.device)
         I, J = self.I, self.J
         p = self.src[I]
-        Y = torch.baddbmm(t[:, None, :], p, R.transpose(1, 2))  # (P, S, 3) camera j
-        z = Y[..., 2]
+        Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j
+        z = Y[:, 2]
         front = z > 1e-6
-        x, y = Y[..., 0] / z.clamp_min(1e-6), Y[..., 1] / z.clamp_min(1e-6)
+        x, y = Y[:, 0] / z.clamp_min(1e-6), Y[:, 1] / z.clamp_min(1e-6)
         for slots in self._distorted.values():
             cam = self.cameras[slots[0]]
             sel = torch.isin(J, torch.tensor(slots, device=self.device))
@@ -323,7 +328,7 @@ class ViewStack:
         inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
         u, v = u.clamp(0, self.W - 1), v.clamp(0, self.H - 1)
         flat = (J[:, None] * self.H + v) * self.W + u
-        at = self._lookup.index_select(0, flat.reshape(-1)).reshape(*flat.shape, 8)
-        seen = inside & self.src_ok[I] & (at[..., 6] > 0.5)
-        planar = seen & (at[..., 7] > 0.5)
-        return Association(Y, at[..., 0:3], at[..., 3:6], seen, planar, p, R)
+        at = self._lookup.index_select(1, flat.reshape(-1)).reshape(8, *flat.shape).transpose(0, 1)  # (P, 8, S)
+        seen = inside & self.src_ok[I] & (at[:, 6] > 0.5)
+        planar = seen & (at[:, 7] > 0.5)
+        return Association(Y, at[:, 0:3], at[:, 3:6], seen, planar, p, R, t)

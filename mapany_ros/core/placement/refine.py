@@ -46,28 +46,52 @@ class Refinement:
 
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``."""
+    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``.
+
+    r = n . (T_j^-1 T_i p - Q) under camera-local perturbations of both poses. Only view j's half
+    of the Jacobian is computed per sample: moving camera i by xi_i moves the points in camera j
+    as moving camera j by -Ad(T_ji) xi_i would, so view i's half is that 6x6 map of view j's, and
+    the pair's blocks follow from j's 6x6 sums (a quarter of the products per sample).
+    """
     a = stack.associate(T)
-    p = a.p  # (P, S, 3) camera i
-    r = ((a.Y - a.Q) * a.normal).sum(-1)
-    sigma = depth_sigma * a.Q[..., 2].abs() + 1e-3
+    Y, n = a.Y, a.normal  # (P, 3, S) in camera j
+    r = ((Y - a.Q) * n).sum(1)
+    sigma = depth_sigma * a.Q[:, 2].abs() + 1e-3
     w = torch.where(a.planar, 1.0 / (1.0 + (r / (kernel_threshold * sigma)) ** 2) / sigma**2, torch.zeros_like(r))
-    nR = torch.bmm(a.normal, a.R_ji)  # n^T R_ji
-    # r = n . (R_ji (p + w_i x p + v_i) + ... - Q), camera-local perturbations of both poses.
-    Jc = torch.cat([_cross(p, nR), nR, _cross(a.normal, a.Y), -a.normal], dim=-1)
+    Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
+    _cross_into(Jj[:, 0:3], n, Y)
+    torch.neg(n, out=Jj[:, 3:6])
     count = a.planar.sum(1)
-    use = (count >= MIN_PAIR_POINTS).float()[:, None]
-    Jw = Jc * w[..., None]
-    Hb = (torch.bmm(Jw.transpose(1, 2), Jc) * use[..., None]).double()
-    gb = (torch.bmm(Jw.transpose(1, 2), r[..., None])[..., 0] * use).double()
+    use = (count >= MIN_PAIR_POINTS).double()[:, None]
+    Jw = Jj * w[:, None]
+    Hj = torch.bmm(Jw, Jj.transpose(1, 2)).double() * use[..., None]
+    gj = torch.bmm(Jw, r[..., None])[..., 0].double() * use
+    # d r / d xi_i = d r / d xi_j . A, A = -Ad(T_ji) = -[[R, 0], [t^ R, R]] in (w, v) order.
+    R, t = a.R_ji.double(), a.t_ji.double()
+    A = torch.zeros(R.shape[0], 6, 6, dtype=torch.float64, device=R.device)
+    A[:, 0:3, 0:3] = -R
+    A[:, 3:6, 3:6] = -R
+    A[:, 3:6, 0:3] = -torch.bmm(_hat(t), R)
+    At = A.transpose(1, 2)
+    HA = torch.bmm(Hj, A)
+    Hb = torch.cat([torch.cat([torch.bmm(At, HA), At @ Hj], 2), torch.cat([HA, Hj], 2)], 1)
+    gb = torch.cat([torch.bmm(At, gj[..., None])[..., 0], gj], 1)
     return Hb, gb, count
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a x b over the last dimension, written out (on a CPU faster than ``torch.cross``)."""
-    ax, ay, az = a.unbind(-1)
-    bx, by, bz = b.unbind(-1)
-    return torch.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], -1)
+def _hat(t: torch.Tensor) -> torch.Tensor:
+    """Skew matrices (..., 3, 3) of vectors (..., 3): hat(t) x = t x x."""
+    z = torch.zeros_like(t[..., 0])
+    tx, ty, tz = t.unbind(-1)
+    return torch.stack([z, -tz, ty, tz, z, -tx, -ty, tx, z], -1).reshape(*t.shape[:-1], 3, 3)
+
+
+def _cross_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """a x b over dimension 1 (coordinates first) into ``out``, written out (on a CPU faster than ``torch.cross``)."""
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        o = out[:, k]
+        torch.mul(a[:, i], b[:, j], out=o)
+        o.addcmul_(a[:, j], b[:, i], value=-1.0)
 
 
 def _assemble(stack: ViewStack, Hb: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
