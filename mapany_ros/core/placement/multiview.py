@@ -86,23 +86,28 @@ def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
     jump, on a crease (neighbouring normals disagree), or at the image border.
     """
     r = radius
+    n_views, h, w = ok.shape
     d = P[..., 2]
     count = _box_mean(ok.float(), r)
-    M = _box_mean(torch.where(ok[..., None], P, torch.zeros_like(P)), r) / count[..., None].clamp_min(1e-6)
+    # Coordinates as planes (3 n, h, w): every step below is a few operations on contiguous images.
+    X = torch.where(ok[..., None], P, torch.zeros_like(P)).permute(3, 0, 1, 2).reshape(3 * n_views, h, w)
+    M = (_box_mean(X, r).view(3, n_views, h, w) / count.clamp_min(1e-6)).unbind(0)
     d_max = _window_reduce(torch.where(ok, d, torch.zeros_like(d)), r, torch.maximum, float("-inf"))
     d_min = _window_reduce(torch.where(ok, d, torch.full_like(d, 1e9)), r, torch.minimum, float("inf"))
-    dx = torch.zeros_like(M)
-    dy = torch.zeros_like(M)
-    dx[:, :, r:-r] = M[:, :, 2 * r :] - M[:, :, : -2 * r]
-    dy[:, r:-r] = M[:, 2 * r :] - M[:, : -2 * r]
-    n = torch.linalg.cross(dx, dy, dim=-1)
-    n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    n = torch.where((n * P).sum(-1, keepdim=True) > 0, -n, n)
-    n_mean = _box_mean(n, 1)
+    dx = torch.zeros(3, n_views, h, w, dtype=P.dtype, device=P.device)
+    dy = torch.zeros_like(dx)
+    for c in range(3):
+        dx[c, :, :, r:-r] = M[c][:, :, 2 * r :] - M[c][:, :, : -2 * r]
+        dy[c, :, r:-r] = M[c][:, 2 * r :] - M[c][:, : -2 * r]
+    n = torch.stack([dx[1] * dy[2] - dx[2] * dy[1], dx[2] * dy[0] - dx[0] * dy[2], dx[0] * dy[1] - dx[1] * dy[0]])
+    n /= (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt_().clamp_min_(1e-12)
+    n = torch.where(n[0] * P[..., 0] + n[1] * P[..., 1] + n[2] * P[..., 2] > 0, -n, n)
+    n_mean = _box_mean(n.view(3 * n_views, h, w), 1).view(3, n_views, h, w)
+    n_mean_norm = (n_mean[0] * n_mean[0] + n_mean[1] * n_mean[1] + n_mean[2] * n_mean[2]).sqrt_()
     border = torch.zeros_like(ok)
     border[:, r + 1 : -r - 1, r + 1 : -r - 1] = True
-    good = ok & (count > 0.999) & (d_max - d_min < 0.1 * d) & (n_mean.norm(dim=-1) > 0.97) & border
-    return M, n, good
+    good = ok & (count > 0.999) & (d_max - d_min < 0.1 * d) & (n_mean_norm > 0.97) & border
+    return torch.stack(M, -1), n.permute(1, 2, 3, 0).contiguous(), good
 
 
 #: Views are judged on a grid at most this wide: a few thousand samples per view need no more, and
