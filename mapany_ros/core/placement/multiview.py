@@ -286,12 +286,25 @@ class ViewStack:
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
         self._cache: dict[bytes, Association] = {}
+        self._per_pair()
 
     def keep_pairs(self, keep: torch.Tensor) -> None:
         """Drop the pairs not in ``keep`` (e.g. views that never see each other) from later calls."""
         self.I, self.J = self.I[keep], self.J[keep]
         self._pairs = self._pairs[keep.cpu().numpy()]
         self._cache = {k: a.select(keep) for k, a in self._cache.items()}
+        self._per_pair()
+
+    def _per_pair(self) -> None:
+        """What every association reads per pair and does not depend on the poses (gathered once)."""
+        I, J = self.I, self.J
+        self._p = self.src[I]  # (P, 3, S) samples of view i
+        self._p_ok = self.src_ok[I]
+        self._K = self.K[J].float()
+        self._size = self.size[J].float()
+        # The pixel a sample falls on, as a float: exact while the stack has fewer than 2^24 pixels.
+        self._exact_float_index = self._lookup.shape[1] < 2**24
+        self._base = (J * self.H).float()[:, None]
 
     def associate(self, T: np.ndarray) -> Association:
         """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4)."""
@@ -312,8 +325,8 @@ class ViewStack:
         R = torch.as_tensor(Rj_t @ Ti[:, :3, :3], dtype=torch.float32, device=self.device)
         t = torch.as_tensor(np.einsum("pij,pj->pi", Rj_t, Ti[:, :3, 3] - Tj[:, :3, 3]), dtype=torch.float32,
                             device=self.device)
-        I, J = self.I, self.J
-        p = self.src[I]
+        J = self.J
+        p = self._p
         Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j
         z = Y[:, 2]
         front = z > 1e-6
@@ -326,14 +339,18 @@ class ViewStack:
                 front[sel] &= xs * xs + ys * ys <= image_reach(cam) * 1.0001  # beyond, the model folds back
                 xd, yd = distort(xs, ys, cam.distortion_model, cam.D)
                 x[sel], y[sel] = xd.to(x.dtype), yd.to(y.dtype)
-        K = self.K[J].float()
-        u = (K[:, 0, 0, None] * x + K[:, 0, 1, None] * y + K[:, 0, 2, None]).round().long()
-        v = (K[:, 1, 1, None] * y + K[:, 1, 2, None]).round().long()
-        size = self.size[J]
+        K, size = self._K, self._size
+        # Pixel coordinates stay floats (integers after rounding) until the one index is made.
+        u = (K[:, 0, 0, None] * x + K[:, 0, 1, None] * y + K[:, 0, 2, None]).round_()
+        v = (K[:, 1, 1, None] * y + K[:, 1, 2, None]).round_()
         inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
-        u, v = u.clamp(0, self.W - 1), v.clamp(0, self.H - 1)
-        flat = (J[:, None] * self.H + v) * self.W + u
+        u.clamp_(0, self.W - 1)
+        v.clamp_(0, self.H - 1)
+        if self._exact_float_index:
+            flat = ((self._base + v) * self.W + u).long()
+        else:
+            flat = (J[:, None] * self.H + v.long()) * self.W + u.long()
         at = self._lookup.index_select(1, flat.reshape(-1)).reshape(8, *flat.shape).transpose(0, 1)  # (P, 8, S)
-        seen = inside & self.src_ok[I] & (at[:, 6] > 0.5)
+        seen = inside & self._p_ok & (at[:, 6] > 0.5)
         planar = seen & (at[:, 7] > 0.5)
         return Association(Y, at[:, 0:3], at[:, 3:6], seen, planar, p, R, t)

@@ -115,12 +115,12 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray
     the wall, yet noisy normals fake a little information there), so the model's values stand.
     """
     scale = 1.0 / np.sqrt(prior)
+    diag = np.stack([H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] for a in range(n)]) * np.outer(scale, scale)
+    evals, evecs = np.linalg.eigh(diag)  # every view's block in one call
     blocks = []
     for a in range(n):
-        Hw = H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] * np.outer(scale, scale)
-        evals, evecs = np.linalg.eigh(Hw)
-        keep = (evals > DEGENERACY_RATIO) & (evals > DEGENERACY_FRACTION * evals.max())
-        blocks.append(scale[:, None] * evecs[:, keep])
+        keep = (evals[a] > DEGENERACY_RATIO) & (evals[a] > DEGENERACY_FRACTION * evals[a].max())
+        blocks.append(scale[:, None] * evecs[a][:, keep])
     B = np.zeros((6 * n, sum(b.shape[1] for b in blocks)))
     col = 0
     for a, b in enumerate(blocks):
