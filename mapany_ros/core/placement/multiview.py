@@ -288,6 +288,11 @@ class ViewStack:
         self._cache: dict[bytes, Association] = {}
         self._per_pair()
 
+    @property
+    def pairs(self) -> np.ndarray:
+        """(P, 2) the ordered pairs (slots i, j) every association holds, in its order."""
+        return self._pairs
+
     def keep_pairs(self, keep: torch.Tensor) -> None:
         """Drop the pairs not in ``keep`` (e.g. views that never see each other) from later calls."""
         self.I, self.J = self.I[keep], self.J[keep]

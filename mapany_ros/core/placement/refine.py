@@ -45,8 +45,8 @@ class Refinement:
 
 
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``.
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T`` (host arrays).
 
     r = n . (T_j^-1 T_i p - Q) under camera-local perturbations of both poses. Only view j's half
     of the Jacobian is computed per sample: moving camera i by xi_i moves the points in camera j
@@ -61,29 +61,37 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
     _cross_into(Jj[:, 0:3], n, Y)
     torch.neg(n, out=Jj[:, 3:6])
-    count = a.planar.sum(1)
-    use = (count >= MIN_PAIR_POINTS).double()[:, None]
     Jw = Jj * w[:, None]
-    Hj = torch.bmm(Jw, Jj.transpose(1, 2)).double() * use[..., None]
-    gj = torch.bmm(Jw, r[..., None])[..., 0].double() * use
+    # The per-sample work ends in 6x6 sums per pair; the rest is small, on the host.
+    Hj = torch.bmm(Jw, Jj.transpose(1, 2)).double().cpu().numpy()
+    gj = (Jw * r[:, None]).sum(-1).double().cpu().numpy()
+    count = a.planar.sum(1).cpu().numpy()
+    use = count >= MIN_PAIR_POINTS
+    Hj *= use[:, None, None]
+    gj *= use[:, None]
     # d r / d xi_i = d r / d xi_j . A, A = -Ad(T_ji) = -[[R, 0], [t^ R, R]] in (w, v) order.
-    R, t = a.R_ji.double(), a.t_ji.double()
-    A = torch.zeros(R.shape[0], 6, 6, dtype=torch.float64, device=R.device)
+    R, t = a.R_ji.double().cpu().numpy(), a.t_ji.double().cpu().numpy()
+    A = np.zeros((len(R), 6, 6))
     A[:, 0:3, 0:3] = -R
     A[:, 3:6, 3:6] = -R
-    A[:, 3:6, 0:3] = -torch.bmm(_hat(t), R)
-    At = A.transpose(1, 2)
-    HA = torch.bmm(Hj, A)
-    Hb = torch.cat([torch.cat([torch.bmm(At, HA), At @ Hj], 2), torch.cat([HA, Hj], 2)], 1)
-    gb = torch.cat([torch.bmm(At, gj[..., None])[..., 0], gj], 1)
+    A[:, 3:6, 0:3] = -_hat(t) @ R
+    At = A.transpose(0, 2, 1)
+    HA = Hj @ A
+    Hb = np.empty((len(R), 12, 12))
+    Hb[:, 0:6, 0:6] = At @ HA
+    Hb[:, 0:6, 6:12] = At @ Hj
+    Hb[:, 6:12, 0:6] = HA
+    Hb[:, 6:12, 6:12] = Hj
+    gb = np.concatenate([(At @ gj[..., None])[..., 0], gj], 1)
     return Hb, gb, count
 
 
-def _hat(t: torch.Tensor) -> torch.Tensor:
+def _hat(t: np.ndarray) -> np.ndarray:
     """Skew matrices (..., 3, 3) of vectors (..., 3): hat(t) x = t x x."""
-    z = torch.zeros_like(t[..., 0])
-    tx, ty, tz = t.unbind(-1)
-    return torch.stack([z, -tz, ty, tz, z, -tx, -ty, tx, z], -1).reshape(*t.shape[:-1], 3, 3)
+    out = np.zeros((*t.shape[:-1], 3, 3))
+    out[..., 0, 1], out[..., 0, 2], out[..., 1, 2] = -t[..., 2], t[..., 1], -t[..., 0]
+    out[..., 1, 0], out[..., 2, 0], out[..., 2, 1] = t[..., 2], -t[..., 1], t[..., 0]
+    return out
 
 
 def _cross_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -94,15 +102,14 @@ def _cross_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         o.addcmul_(a[:, j], b[:, i], value=-1.0)
 
 
-def _assemble(stack: ViewStack, Hb: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter the pair blocks into the (6n x 6n) system of all views."""
-    n = len(stack.candidates)
-    idx = torch.cat([6 * stack.I[:, None] + torch.arange(6, device=stack.device),
-                     6 * stack.J[:, None] + torch.arange(6, device=stack.device)], dim=1)  # (P, 12)
-    H = torch.zeros(6 * n, 6 * n, dtype=torch.float64, device=stack.device)
-    g = torch.zeros(6 * n, dtype=torch.float64, device=stack.device)
-    H.index_put_((idx[:, :, None].expand_as(Hb), idx[:, None, :].expand_as(Hb)), Hb, accumulate=True)
-    g.index_put_((idx,), gb, accumulate=True)
+def _assemble(stack: ViewStack, Hb: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the pair blocks into the (6n x 6n) system of all views."""
+    m = 6 * len(stack.candidates)
+    six = np.arange(6)
+    idx = np.concatenate([6 * stack.pairs[:, 0:1] + six, 6 * stack.pairs[:, 1:2] + six], axis=1)  # (P, 12)
+    flat = (idx[:, :, None] * m + idx[:, None, :]).ravel()
+    H = np.bincount(flat, weights=Hb.ravel(), minlength=m * m).reshape(m, m)
+    g = np.bincount(idx.ravel(), weights=gb.ravel(), minlength=m)
     return H, g
 
 
@@ -147,7 +154,7 @@ def refine_window_poses(
     if len(slots) < 2:
         return Refinement(out, {stack.candidates[a]: 0.0 for a in slots})
     n = len(stack.candidates)
-    on = torch.zeros(n, dtype=torch.bool, device=stack.device)
+    on = np.zeros(n, dtype=bool)
     on[slots] = True
     T = stack.T0.copy()
     prior = np.array([1 / prior_sigma_rad**2] * 3 + [1 / prior_sigma_m**2] * 3)
@@ -157,13 +164,12 @@ def refine_window_poses(
         Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
         if it == 0:  # views that do not see each other now will not after a small correction
             keep = count >= MIN_PAIR_POINTS // 2
-            stack.keep_pairs(keep)
+            stack.keep_pairs(torch.as_tensor(keep, device=stack.device))
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
-        use = (on[stack.I] & on[stack.J]).double()  # pairs of views being refined
+        use = on[stack.pairs[:, 0]] & on[stack.pairs[:, 1]]  # pairs of views being refined
         H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
-        H = H.cpu().numpy()
         B = _observed_directions(H, prior, n)
-        g = g.cpu().numpy() + P * xi
+        g = g + P * xi
         y = np.linalg.solve(B.T @ (H + np.diag(P)) @ B, -(B.T @ g)) if B.shape[1] else np.zeros(0)
         step = B @ y
         xi += step
