@@ -214,7 +214,8 @@ class Association:
     """
 
     Y: torch.Tensor  # (P, 3, S) points of view i in camera j
-    Q: torch.Tensor  # (P, 3, S) camera-j point at the pixel they fall on
+    Qz: torch.Tensor  # (P, S) depth of view j's point at the pixel they fall on
+    plane: torch.Tensor  # (P, S) n . Q there: the point-to-plane residual is n . Y - plane
     normal: torch.Tensor  # (P, 3, S) camera-j normal there
     seen: torch.Tensor  # (P, S) inside view j, on a valid pixel of both views
     planar: torch.Tensor  # (P, S) seen, and view j's normal there is trustworthy
@@ -224,8 +225,8 @@ class Association:
 
     def select(self, keep: torch.Tensor) -> Association:
         """The same association for the pairs in ``keep`` only (every pair is computed on its own)."""
-        return Association(self.Y[keep], self.Q[keep], self.normal[keep], self.seen[keep], self.planar[keep],
-                           self.p[keep], self.R_ji[keep], self.t_ji[keep])
+        return Association(self.Y[keep], self.Qz[keep], self.plane[keep], self.normal[keep], self.seen[keep],
+                           self.planar[keep], self.p[keep], self.R_ji[keep], self.t_ji[keep])
 
 
 class ViewStack:
@@ -280,9 +281,14 @@ class ViewStack:
         self.I = torch.as_tensor(self._pairs[:, 0], device=self.device)
         self.J = torch.as_tensor(self._pairs[:, 1], device=self.device)
         # What a pair reads at the pixel its samples fall on, one column per pixel of every view (one
-        # gather instead of four): point, normal, valid, normal trustworthy.
-        self._lookup = torch.cat([self.P, self.N, self.ok[..., None].float(), self.N_ok[..., None].float()],
-                                 -1).reshape(-1, 8).T.contiguous()
+        # gather): normal, the plane's offset n . P, depth, and 0 (invalid), 1 (valid) or 3 (valid
+        # with a trustworthy normal: N_ok holds only where ok does).
+        lookup = torch.empty(6, n, H, W, device=self.device)
+        lookup[0:3] = self.N.permute(3, 0, 1, 2)
+        torch.sum(self.N * self.P, -1, out=lookup[3])
+        lookup[4] = self.P[..., 2]
+        torch.add(self.ok.float(), self.N_ok.float(), alpha=2.0, out=lookup[5])
+        self._lookup = lookup.reshape(6, -1)
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
         self._cache: dict[bytes, Association] = {}
@@ -355,7 +361,7 @@ class ViewStack:
             flat = ((self._base + v) * self.W + u).long()
         else:
             flat = (J[:, None] * self.H + v.long()) * self.W + u.long()
-        at = self._lookup.index_select(1, flat.reshape(-1)).reshape(8, *flat.shape).transpose(0, 1)  # (P, 8, S)
-        seen = inside & self._p_ok & (at[:, 6] > 0.5)
-        planar = seen & (at[:, 7] > 0.5)
-        return Association(Y, at[:, 0:3], at[:, 3:6], seen, planar, p, R, t)
+        at = self._lookup.index_select(1, flat.reshape(-1)).reshape(6, *flat.shape).transpose(0, 1)  # (P, 6, S)
+        seen = inside & self._p_ok & (at[:, 5] > 0.5)
+        planar = seen & (at[:, 5] > 2.5)
+        return Association(Y, at[:, 4], at[:, 3], at[:, 0:3], seen, planar, p, R, t)

@@ -55,8 +55,8 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     """
     a = stack.associate(T)
     Y, n = a.Y, a.normal  # (P, 3, S) in camera j
-    r = ((Y - a.Q) * n).sum(1)
-    sigma = depth_sigma * a.Q[:, 2].abs() + 1e-3
+    r = (Y * n).sum(1) - a.plane
+    sigma = depth_sigma * a.Qz.abs() + 1e-3
     w = torch.where(a.planar, 1.0 / (1.0 + (r / (kernel_threshold * sigma)) ** 2) / sigma**2, torch.zeros_like(r))
     Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
     _cross_into(Jj[:, 0:3], n, Y)
