@@ -324,6 +324,7 @@ class ViewStack:
         self._p = self.src[I]  # (P, 3, S) samples of view i
         self._p_ok = self.src_ok[I]
         self._K = self.K[J].float()
+        self._skew = bool((self.K[:, 0, 1] != 0).any())
         self._size = self.size[J].float()
         # The pixel a sample falls on, as a float: exact while the stack has fewer than 2^24 pixels.
         self._exact_float_index = self._lookup.shape[1] < 2**24
@@ -353,7 +354,8 @@ class ViewStack:
         Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j
         z = Y[:, 2]
         front = z > 1e-6
-        x, y = Y[:, 0] / z.clamp_min(1e-6), Y[:, 1] / z.clamp_min(1e-6)
+        zc = z.clamp_min(1e-6)
+        x, y = Y[:, 0] / zc, Y[:, 1] / zc
         for slots in self._distorted.values():
             cam = self.cameras[slots[0]]
             sel = torch.isin(J, torch.tensor(slots, device=self.device))
@@ -364,8 +366,11 @@ class ViewStack:
                 x[sel], y[sel] = xd.to(x.dtype), yd.to(y.dtype)
         K, size = self._K, self._size
         # Pixel coordinates stay floats (integers after rounding) until the one index is made.
-        u = (K[:, 0, 0, None] * x + K[:, 0, 1, None] * y + K[:, 0, 2, None]).round_()
-        v = (K[:, 1, 1, None] * y + K[:, 1, 2, None]).round_()
+        u = torch.addcmul(K[:, 0, 2, None], K[:, 0, 0, None], x)
+        if self._skew:
+            u.addcmul_(K[:, 0, 1, None], y)
+        u.round_()
+        v = torch.addcmul(K[:, 1, 2, None], K[:, 1, 1, None], y).round_()
         inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
         u.clamp_(0, self.W - 1)
         v.clamp_(0, self.H - 1)

@@ -57,7 +57,9 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Y, n = a.Y, a.normal  # (P, 3, S) in camera j
     r = (Y * n).sum(1) - a.plane
     sigma = depth_sigma * a.Qz.abs() + 1e-3
-    w = torch.where(a.planar, 1.0 / (1.0 + (r / (kernel_threshold * sigma)) ** 2) / sigma**2, torch.zeros_like(r))
+    # Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
+    w = torch.where(a.planar, (sigma * sigma).addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_(),
+                    torch.zeros((), dtype=r.dtype, device=r.device))
     Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
     _cross_into(Jj[:, 0:3], n, Y)
     torch.neg(n, out=Jj[:, 3:6])
