@@ -76,7 +76,8 @@ class ViewPrediction:
     in the window frame; ``T_world_camera`` is the camera in the window frame. ``camera`` is the output
     grid's camera model with its distortion (K = ``K``); a backend may leave it None, and the pipeline
     then fills it from the frame (:meth:`WindowPrediction.with_cameras`): the output grid of a distorted
-    camera is that camera's own grid, scaled.
+    camera is that camera's own grid, scaled. Placement may leave ``points_world`` owing a transform
+    (:meth:`owing`): it is applied when they are first read, so every reader gets the moved points.
     """
 
     depth: torch.Tensor  # (h, w) float32, window units, NaN where invalid
