@@ -64,8 +64,9 @@ MAX_WAITING_KEYFRAMES = 32
 #: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
 RECENT_KEYFRAMES = 48
 #: Pixels on which a view's median depth is judged against ``max_depth_m``: the check catches unit
-#: slips (mm as m, a thousandfold), and a regular sample of this size has the image's median.
-MEDIAN_SAMPLES = 20_000
+#: slips (mm as m, a thousandfold), and the median of a regular sample of this size lies within
+#: about a percentile of the image's.
+MEDIAN_SAMPLES = 5_000
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ log = logging.getLogger(__name__)
 def _median_beyond(depth: torch.Tensor, valid: torch.Tensor, limit: float) -> bool:
     """Whether the (lower) median of the valid, finite depth exceeds ``limit``: exactly when at most
     (n - 1) // 2 of its n values are within it. Two counts instead of a selection, on a regular grid
-    of about MEDIAN_SAMPLES pixels (the whole image's median to a fraction of a per cent)."""
+    of about MEDIAN_SAMPLES pixels."""
     s = grid_stride(depth.shape, MEDIAN_SAMPLES)
     depth, valid = depth[s // 2 :: s, s // 2 :: s], valid[s // 2 :: s, s // 2 :: s]
     ok = valid & torch.isfinite(depth)
