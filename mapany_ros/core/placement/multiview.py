@@ -303,7 +303,8 @@ class ViewStack:
         self._lookup = lookup.reshape(6, -1)
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
-        self._cache: dict[bytes, Association] = {}
+        #: Each with the indices of the pairs still kept into it (None: all of them).
+        self._cache: dict[bytes, tuple[Association, torch.Tensor | None]] = {}
         self._per_pair()
 
     @property
@@ -315,7 +316,10 @@ class ViewStack:
         """Drop the pairs not in ``keep`` (e.g. views that never see each other) from later calls."""
         self.I, self.J = self.I[keep], self.J[keep]
         self._pairs = self._pairs[keep.cpu().numpy()]
-        self._cache = {k: a.select(keep) for k, a in self._cache.items()}
+        # Cached associations are narrowed when asked for again (rarely: a second refinement at
+        # the model's poses), not now; drops compose as indices into the association as computed.
+        rows = torch.nonzero(keep).squeeze(1)
+        self._cache = {k: (a, rows if kept is None else kept[rows]) for k, (a, kept) in self._cache.items()}
         self._per_pair()
 
     def _per_pair(self) -> None:
@@ -334,11 +338,16 @@ class ViewStack:
         """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4)."""
         T = np.asarray(T, dtype=np.float64)
         key = T.tobytes()
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._associate(T)
-            keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
-            self._cache = {key: hit} if keep is None else {self.T0.tobytes(): keep, key: hit}
+        entry = self._cache.get(key)
+        if entry is not None:
+            hit, kept = entry
+            if kept is not None:
+                hit = hit.select(kept)
+                self._cache[key] = (hit, None)
+            return hit
+        hit = self._associate(T)
+        keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
+        self._cache = {key: (hit, None)} if keep is None else {self.T0.tobytes(): keep, key: (hit, None)}
         return hit
 
     def _associate(self, T: np.ndarray) -> Association:
