@@ -213,7 +213,7 @@ STAGE_NOTES = {
     "refinement": "point-to-plane Gauss-Newton of every view's pose (5 steps at most)",
     "local check": "depth against the map's; the window's local graph problem or the overlap fit",
     "graph commit": "iSAM2 update with the window's factors, its keyframes read back",
-    "views out": "depth scaled and full-resolution points moved into the map frame",
+    "views out": "depth scaled, map poses set; full-resolution points move into the map when read (published)",
     "report": "the newest 48 keyframes read back, corrections of those that moved",
     "anchors": "sparse points of the new views for the next windows",
     "loop memory": "per new keyframe: small depth, a reference to its image",

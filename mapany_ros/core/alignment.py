@@ -18,7 +18,17 @@ from mapany_ros.core.geometry import make_pose
 
 def orthonormalize(R: np.ndarray) -> np.ndarray:
     """Nearest rotation matrix (SVD projection, det +1) to an almost-rotation such as a bf16 output."""
-    U, _, Vt = np.linalg.svd(np.asarray(R, dtype=np.float64))
+    R = np.asarray(R, dtype=np.float64)
+    if R.shape == (3, 3):
+        # Already a rotation to float64 rounding (the graph's poses, an earlier projection): the
+        # projection would return it unchanged to that rounding. Checked in plain floats, a few
+        # microseconds against the SVD's twenty-odd; placement asks this a hundred times a window.
+        (a, b, c), (d, e, f), (g, h, i) = R.tolist()
+        if (max(abs(a * a + b * b + c * c - 1.0), abs(d * d + e * e + f * f - 1.0), abs(g * g + h * h + i * i - 1.0),
+                abs(a * d + b * e + c * f), abs(a * g + b * h + c * i), abs(d * g + e * h + f * i)) < 1e-12
+                and a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g) > 0.0):
+            return R.copy()
+    U, _, Vt = np.linalg.svd(R)
     E = np.eye(3)
     E[2, 2] = np.sign(np.linalg.det(U @ Vt)) or 1.0
     return U @ E @ Vt

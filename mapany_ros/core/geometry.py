@@ -83,6 +83,17 @@ def transform_points(points: torch.Tensor, T: np.ndarray | torch.Tensor) -> torc
     return points[..., 0:1] * M[:3, 0] + points[..., 1:2] * M[:3, 1] + points[..., 2:3] * M[:3, 2] + M[:3, 3]
 
 
+def transform_points_fast(points: torch.Tensor, T: np.ndarray) -> torch.Tensor:
+    """``points`` (..., 3) float32 under the 4x4 affine ``T``: numpy's matmul on the CPU (about twice
+    as fast there as torch's multiply-adds, same float32 result to rounding), torch elsewhere."""
+    if points.device.type != "cpu" or points.dtype != torch.float32:
+        return transform_points(points, T)
+    M = np.asarray(T, dtype=np.float32)
+    out = np.matmul(points.detach().numpy(), M[:3, :3].T)
+    out += M[:3, 3]
+    return torch.from_numpy(out)
+
+
 def backproject(depth: torch.Tensor, K: np.ndarray, T_world_camera: np.ndarray) -> torch.Tensor:
     """(h, w, 3) world points of a z-depth map (NaN depth gives NaN points)."""
     h, w = depth.shape

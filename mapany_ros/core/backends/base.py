@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from mapany_ros.core.frames import CameraModel, Frame
+from mapany_ros.core.geometry import transform_points_fast
 
 
 class BackendError(RuntimeError):
@@ -36,6 +37,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+class _Owed(NamedTuple):
+    """Points and the 4x4 affine they still owe."""
+
+    points: torch.Tensor
+    T: np.ndarray
+
+
+class _PointsField:
+    """:attr:`ViewPrediction.points_world`: a tensor, or a tensor and the transform it still owes,
+    applied on the first read (once) so that every reader gets the moved points."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: ViewPrediction | None, objtype: type | None = None) -> torch.Tensor:
+        if obj is None:
+            raise AttributeError(self.slot)  # a required dataclass field: no default
+        value = obj.__dict__[self.slot]
+        if isinstance(value, _Owed):
+            value = transform_points_fast(value.points, value.T)
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: ViewPrediction, value: torch.Tensor | _Owed) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class ViewPrediction:
     """The backend's estimate for one input frame, on the backend's output grid.
@@ -48,17 +76,40 @@ class ViewPrediction:
     in the window frame; ``T_world_camera`` is the camera in the window frame. ``camera`` is the output
     grid's camera model with its distortion (K = ``K``); a backend may leave it None, and the pipeline
     then fills it from the frame (:meth:`WindowPrediction.with_cameras`): the output grid of a distorted
-    camera is that camera's own grid, scaled.
+    camera is that camera's own grid, scaled. Placement may leave ``points_world`` owing a transform
+    (:meth:`owing`): it is applied when they are first read, so every reader gets the moved points.
     """
 
     depth: torch.Tensor  # (h, w) float32, window units, NaN where invalid
     confidence: torch.Tensor  # (h, w) float32, higher is better
     valid: torch.Tensor  # (h, w) bool
-    points_world: torch.Tensor  # (h, w, 3) float32
+    points_world: torch.Tensor = _PointsField()  # type: ignore[assignment]  # (h, w, 3) float32
     colors: torch.Tensor  # (h, w, 3) uint8 RGB
     T_world_camera: np.ndarray  # (4, 4) float64 camera-to-window, OpenCV optical
     K: np.ndarray  # (3, 3) float64 intrinsics of the output grid
     camera: CameraModel | None = None  # the output grid's camera model, distortion included
+
+    def owing(self, T: np.ndarray, **changes) -> ViewPrediction:
+        """The view (with ``changes``, as :func:`dataclasses.replace`) whose ``points_world`` are these
+        under the 4x4 affine ``T``, moved only when first read: placement moves every view's
+        full-resolution points into the map, and most are read, if at all, when published."""
+        raw = self.__dict__["_points_world"]
+        owed = _Owed(raw.points, np.asarray(T, dtype=np.float64) @ raw.T) if isinstance(raw, _Owed) \
+            else _Owed(raw, np.asarray(T, dtype=np.float64))
+        return dataclasses.replace(self, points_world=owed, **changes)
+
+    def points_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``points_world[rows, cols]``, moving only those pixels' points when a transform is owed."""
+        raw = self.__dict__["_points_world"]
+        if isinstance(raw, _Owed):
+            return transform_points_fast(raw.points[rows, cols], raw.T)
+        return raw[rows, cols]
+
+    @property
+    def points_device(self) -> torch.device:
+        """The device of ``points_world``, without moving owed points."""
+        raw = self.__dict__["_points_world"]
+        return raw.points.device if isinstance(raw, _Owed) else raw.device
 
     @property
     def height(self) -> int:
@@ -118,6 +169,10 @@ class WindowPrediction:
         views = []
         synchronize = False
         for view in self.views:
+            if view.points_device.type != "cuda" and not any(
+                    getattr(view, name).is_cuda for name in ("depth", "confidence", "valid", "colors")):
+                views.append(view)  # owed points stay owed: moved when published
+                continue
             fields: dict[str, torch.Tensor] = {}
             for name in ("depth", "confidence", "valid", "points_world", "colors"):
                 tensor = getattr(view, name)

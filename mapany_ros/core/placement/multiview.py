@@ -46,15 +46,18 @@ def sample_subgrid(sub: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.
 
 def _window_reduce(x: torch.Tensor, r: int, op, fill: float) -> torch.Tensor:
     """``op`` over the (2r + 1)^2 neighbourhood of every pixel of ``x`` (n, h, w[, c]), borders
-    filled with ``fill``. Separable slices: on a CPU several times faster than torch's pooling."""
+    filled with ``fill`` (``op``'s identity: 0 for a sum, -inf for a maximum, inf for a minimum, so
+    a border pixel simply has fewer terms). Separable, shifted slices combined in place: on a CPU
+    several times faster than torch's pooling, and no padded copies."""
+    del fill  # the identity adds nothing: border pixels just skip the terms beyond the image
     for dim in (1, 2):
-        shape = list(x.shape)
-        shape[dim] = r
-        pad = torch.full(shape, fill, dtype=x.dtype, device=x.device)
-        xp = torch.cat([pad, x, pad], dim)
-        acc = xp.narrow(dim, 0, x.shape[dim])
-        for k in range(1, 2 * r + 1):
-            acc = op(acc, xp.narrow(dim, k, x.shape[dim]))
+        size = x.shape[dim]
+        acc = x.clone()
+        for k in range(1, min(r, size - 1) + 1):
+            right = acc.narrow(dim, k, size - k)  # x[i] with x[i - k]
+            op(right, x.narrow(dim, 0, size - k), out=right)
+            left = acc.narrow(dim, 0, size - k)  # ... and x[i + k]
+            op(left, x.narrow(dim, k, size - k), out=left)
         x = acc
     return x
 
@@ -86,23 +89,33 @@ def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
     jump, on a crease (neighbouring normals disagree), or at the image border.
     """
     r = radius
-    d = P[..., 2]
+    n_views, h, w = ok.shape
+    # Coordinates as planes (3, n, h, w): every step below is a few operations on contiguous images
+    # (given P as a view of planes, as ViewStack's is, nothing is copied), and the results are
+    # (n, h, w, 3) views of planes too.
+    Pp = P.permute(3, 0, 1, 2)
+    d = Pp[2]
     count = _box_mean(ok.float(), r)
-    M = _box_mean(torch.where(ok[..., None], P, torch.zeros_like(P)), r) / count[..., None].clamp_min(1e-6)
+    X = torch.where(ok, Pp, torch.zeros((), dtype=P.dtype, device=P.device))
+    M = _box_mean(X.view(3 * n_views, h, w), r).view(3, n_views, h, w) / count.clamp_min(1e-6)
     d_max = _window_reduce(torch.where(ok, d, torch.zeros_like(d)), r, torch.maximum, float("-inf"))
     d_min = _window_reduce(torch.where(ok, d, torch.full_like(d, 1e9)), r, torch.minimum, float("inf"))
-    dx = torch.zeros_like(M)
-    dy = torch.zeros_like(M)
-    dx[:, :, r:-r] = M[:, :, 2 * r :] - M[:, :, : -2 * r]
-    dy[:, r:-r] = M[:, 2 * r :] - M[:, : -2 * r]
-    n = torch.linalg.cross(dx, dy, dim=-1)
-    n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    n = torch.where((n * P).sum(-1, keepdim=True) > 0, -n, n)
-    n_mean = _box_mean(n, 1)
+    dx = torch.zeros(3, n_views, h, w, dtype=P.dtype, device=P.device)
+    dy = torch.zeros_like(dx)
+    dx[..., r:-r] = M[..., 2 * r :] - M[..., : -2 * r]
+    dy[:, :, r:-r] = M[:, :, 2 * r :] - M[:, :, : -2 * r]
+    n = torch.empty_like(dx)
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        torch.mul(dx[i], dy[j], out=n[k])
+        n[k].addcmul_(dx[j], dy[i], value=-1.0)
+    n /= (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt_().clamp_min_(1e-12)
+    n = torch.where(n[0] * Pp[0] + n[1] * Pp[1] + n[2] * Pp[2] > 0, -n, n)
+    n_mean = _box_mean(n.view(3 * n_views, h, w), 1).view(3, n_views, h, w)
+    n_mean_norm = (n_mean[0] * n_mean[0] + n_mean[1] * n_mean[1] + n_mean[2] * n_mean[2]).sqrt_()
     border = torch.zeros_like(ok)
     border[:, r + 1 : -r - 1, r + 1 : -r - 1] = True
-    good = ok & (count > 0.999) & (d_max - d_min < 0.1 * d) & (n_mean.norm(dim=-1) > 0.97) & border
-    return M, n, good
+    good = ok & (count > 0.999) & (d_max - d_min < 0.1 * d) & (n_mean_norm > 0.97) & border
+    return M.permute(1, 2, 3, 0), n.permute(1, 2, 3, 0), good
 
 
 #: Views are judged on a grid at most this wide: a few thousand samples per view need no more, and
@@ -127,27 +140,16 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     for (height, width, device), idx in sizes.items():
         cams = [views[i].grid_camera for i in idx]
         grids = [plane_rays(cam, device) for cam in cams]
-        depth = torch.stack([views[i].depth for i in idx]).float()
-        ok = torch.stack([views[i].valid for i in idx])
-        if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
-            ok &= torch.stack([ray_ok for _, ray_ok in grids])
-        ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
-        D = torch.where(ok, depth, 0.0)
-        # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
-        # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
-        rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
-        planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
         f = max(1, -(-width // max_width))
-        if f > 1:
-            count = _block_sum(ok.float(), f).clamp_min(1e-6)
-            P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
-            ok = count > f * f - 0.5
+        if f > 1 and all(cam.is_pinhole and cam.K[0][1] == 0 for cam in cams):
+            P, ok = _separable_blocks([views[i] for i in idx], [r for r, _ in grids], f)
         else:
-            P = torch.stack(planes, -1)
+            P, ok = _general_blocks([views[i] for i in idx], cams, grids, f)
         # A block across a depth edge averages foreground and background, as a flying pixel does:
         # neither is a surface to sample or to compare against.
         ok &= ~depth_edges(P[..., 2], valid=ok)
-        P = torch.where(ok[..., None], P, torch.zeros(3, device=device))
+        # As planes (3, n, h, w), seen as (n, h, w, 3): the mask broadcasts over whole planes.
+        P = torch.where(ok, P.permute(3, 0, 1, 2), torch.zeros((), device=device)).permute(1, 2, 3, 0)
         for a, (i, cam) in enumerate(zip(idx, cams, strict=True)):
             K = np.asarray(cam.K, dtype=np.float64).copy()
             if f > 1:
@@ -158,22 +160,82 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     return out  # type: ignore[return-value]
 
 
+def _separable_blocks(views: Sequence[ViewPrediction], rays: Sequence[torch.Tensor], f: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means and validity for pinhole views without skew, where a ray's x depends on the
+    column only and its y on the row only: the block sums of x d and y d are then sums of d along
+    rows or columns weighted by the rays, so the full-resolution images are read in two passes
+    (masking, then summing f rows) instead of a dozen. An invalid pixel is NaN (an inf depth stays
+    inf): its block's sum is not finite, as only blocks valid throughout are kept."""
+    n = len(views)
+    height, width = views[0].height, views[0].width
+    h, w = height // f * f, width // f * f
+    device = views[0].depth.device
+    X = torch.empty(n, h, width, device=device)
+    nan = torch.tensor(float("nan"), device=device)
+    for a, v in enumerate(views):
+        d = v.depth[:h].float()
+        torch.where(v.valid[:h] & (d > 0), d, nan, out=X[a])
+    rx = torch.stack([r[0, :w, 0] for r in rays])[:, None, :]  # (n, 1, w): x of a column's rays
+    ry = torch.stack([r[:h, 0, 1] for r in rays])[:, :, None]  # (n, h, 1): y of a row's rays
+    Rz, Ry = X[:, 0:h:f].clone(), X[:, 0:h:f] * ry[:, 0:h:f]
+    for k in range(1, f):
+        Rz += X[:, k:h:f]
+        Ry.addcmul_(X[:, k:h:f], ry[:, k:h:f])
+    z, x, y = Rz[..., 0:w:f].clone(), Rz[..., 0:w:f] * rx[..., 0:w:f], Ry[..., 0:w:f].clone()
+    for k in range(1, f):
+        z += Rz[..., k:w:f]
+        x.addcmul_(Rz[..., k:w:f], rx[..., k:w:f])
+        y += Ry[..., k:w:f]
+    ok = torch.isfinite(z)
+    P = torch.stack([x, y, z]).div_(f * f).permute(1, 2, 3, 0)  # planes, seen as (n, h, w, 3)
+    return P, ok
+
+
+def _general_blocks(views: Sequence[ViewPrediction], cams: Sequence[CameraModel],
+                    grids: Sequence[tuple[torch.Tensor, torch.Tensor]], f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block means and validity of any views of one size (distorted grids, or no pooling)."""
+    depth = torch.stack([v.depth for v in views]).float()
+    ok = torch.stack([v.valid for v in views])
+    if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
+        ok &= torch.stack([ray_ok for _, ray_ok in grids])
+    ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
+    D = torch.where(ok, depth, 0.0)
+    # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
+    # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
+    rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
+    planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
+    if f > 1:
+        count = _block_sum(ok.float(), f).clamp_min(1e-6)
+        P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
+        ok = count > f * f - 0.5
+    else:
+        P = torch.stack(planes, -1)
+    return P, ok
+
+
 @dataclass
 class Association:
-    """View i's sampled points seen from view j, for every ordered pair (P pairs x S samples)."""
+    """View i's sampled points seen from view j, for every ordered pair (P pairs x S samples).
 
-    Y: torch.Tensor  # (P, S, 3) points of view i in camera j
-    Q: torch.Tensor  # (P, S, 3) camera-j point at the pixel they fall on
-    normal: torch.Tensor  # (P, S, 3) camera-j normal there
+    Coordinates come first (P, 3, S): every coordinate of every pair is one contiguous row, so the
+    per-sample arithmetic runs on whole rows and the normal equations are one batched product.
+    """
+
+    Y: torch.Tensor  # (P, 3, S) points of view i in camera j
+    Qz: torch.Tensor  # (P, S) depth of view j's point at the pixel they fall on
+    plane: torch.Tensor  # (P, S) n . Q there: the point-to-plane residual is n . Y - plane
+    normal: torch.Tensor  # (P, 3, S) camera-j normal there
     seen: torch.Tensor  # (P, S) inside view j, on a valid pixel of both views
     planar: torch.Tensor  # (P, S) seen, and view j's normal there is trustworthy
-    p: torch.Tensor  # (P, S, 3) the samples of view i in camera i
+    p: torch.Tensor  # (P, 3, S) the samples of view i in camera i
     R_ji: torch.Tensor  # (P, 3, 3) camera i -> camera j rotation
+    t_ji: torch.Tensor  # (P, 3) camera i -> camera j translation
 
     def select(self, keep: torch.Tensor) -> Association:
         """The same association for the pairs in ``keep`` only (every pair is computed on its own)."""
-        return Association(self.Y[keep], self.Q[keep], self.normal[keep], self.seen[keep], self.planar[keep],
-                           self.p[keep], self.R_ji[keep])
+        return Association(self.Y[keep], self.Qz[keep], self.plane[keep], self.normal[keep], self.seen[keep],
+                           self.planar[keep], self.p[keep], self.R_ji[keep], self.t_ji[keep])
 
 
 class ViewStack:
@@ -191,9 +253,10 @@ class ViewStack:
         n = len(grids)
         H, W = max(g[0].shape[0] for g in grids), max(g[0].shape[1] for g in grids)
         self.H, self.W = H, W
-        self.P = torch.zeros(n, H, W, 3, device=self.device)
+        # Points and normals are stored as planes (3, n, H, W) and seen as (n, H, W, 3).
+        self.P = torch.zeros(3, n, H, W, device=self.device).permute(1, 2, 3, 0)
         self.ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
-        self.N = torch.zeros(n, H, W, 3, device=self.device)
+        self.N = torch.zeros(3, n, H, W, device=self.device).permute(1, 2, 3, 0)
         self.N_ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
         self.size = torch.tensor([[g[0].shape[1], g[0].shape[0]] for g in grids], device=self.device)
         self.cameras = [g[2] for g in grids]
@@ -211,45 +274,80 @@ class ViewStack:
             self.ok[a, :h, :w] = ok
         if normals:  # padding is invalid, so a smaller view's edge counts as its border
             M, self.N, self.N_ok = surface_normals(self.P, self.ok, smooth_radius)
-            self.P = torch.where(self.N_ok[..., None], M, self.P)
+            self.P = torch.where(self.N_ok, M.permute(3, 0, 1, 2), self.P.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
         src = []
         for a, (_, ok, _) in enumerate(grids):
             h, w = ok.shape
             rows, cols = sample_grid(self.N_ok[a, :h, :w] if normals else ok, samples)
             src.append(self.P[a, rows, cols])
         S = max(1, max(len(s) for s in src))
-        self.src = torch.zeros(n, S, 3, device=self.device)
+        self.src = torch.zeros(n, 3, S, device=self.device)  # coordinates first, as in Association
         self.src_ok = torch.zeros(n, S, dtype=torch.bool, device=self.device)
         for a, s in enumerate(src):
-            self.src[a, : len(s)] = s
+            self.src[a, :, : len(s)] = s.T
             self.src_ok[a, : len(s)] = True
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
         self._pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.I = torch.as_tensor(self._pairs[:, 0], device=self.device)
         self.J = torch.as_tensor(self._pairs[:, 1], device=self.device)
-        # What a pair reads at the pixel its samples fall on, one row per pixel of every view (one
-        # gather instead of four): point, normal, valid, normal trustworthy.
-        self._lookup = torch.cat([self.P, self.N, self.ok[..., None].float(), self.N_ok[..., None].float()],
-                                 -1).reshape(-1, 8)
+        # What a pair reads at the pixel its samples fall on, one column per pixel of every view (one
+        # gather): normal, the plane's offset n . P, depth, and 0 (invalid), 1 (valid) or 3 (valid
+        # with a trustworthy normal: N_ok holds only where ok does).
+        lookup = torch.empty(6, n, H, W, device=self.device)
+        Np, Pp = self.N.permute(3, 0, 1, 2), self.P.permute(3, 0, 1, 2)
+        lookup[0:3] = Np
+        torch.mul(Np[0], Pp[0], out=lookup[3])
+        lookup[3].addcmul_(Np[1], Pp[1]).addcmul_(Np[2], Pp[2])
+        lookup[4] = Pp[2]
+        torch.add(self.ok.float(), self.N_ok.float(), alpha=2.0, out=lookup[5])
+        self._lookup = lookup.reshape(6, -1)
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
-        self._cache: dict[bytes, Association] = {}
+        #: Each with the indices of the pairs still kept into it (None: all of them).
+        self._cache: dict[bytes, tuple[Association, torch.Tensor | None]] = {}
+        self._per_pair()
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """(P, 2) the ordered pairs (slots i, j) every association holds, in its order."""
+        return self._pairs
 
     def keep_pairs(self, keep: torch.Tensor) -> None:
         """Drop the pairs not in ``keep`` (e.g. views that never see each other) from later calls."""
         self.I, self.J = self.I[keep], self.J[keep]
         self._pairs = self._pairs[keep.cpu().numpy()]
-        self._cache = {k: a.select(keep) for k, a in self._cache.items()}
+        # Cached associations are narrowed when asked for again (rarely: a second refinement at
+        # the model's poses), not now; drops compose as indices into the association as computed.
+        rows = torch.nonzero(keep).squeeze(1)
+        self._cache = {k: (a, rows if kept is None else kept[rows]) for k, (a, kept) in self._cache.items()}
+        self._per_pair()
+
+    def _per_pair(self) -> None:
+        """What every association reads per pair and does not depend on the poses (gathered once)."""
+        I, J = self.I, self.J
+        self._p = self.src[I]  # (P, 3, S) samples of view i
+        self._p_ok = self.src_ok[I]
+        self._K = self.K[J].float()
+        self._skew = bool((self.K[:, 0, 1] != 0).any())
+        self._size = self.size[J].float()
+        # The pixel a sample falls on, as a float: exact while the stack has fewer than 2^24 pixels.
+        self._exact_float_index = self._lookup.shape[1] < 2**24
+        self._base = (J * self.H).float()[:, None]
 
     def associate(self, T: np.ndarray) -> Association:
         """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4)."""
         T = np.asarray(T, dtype=np.float64)
         key = T.tobytes()
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._associate(T)
-            keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
-            self._cache = {key: hit} if keep is None else {self.T0.tobytes(): keep, key: hit}
+        entry = self._cache.get(key)
+        if entry is not None:
+            hit, kept = entry
+            if kept is not None:
+                hit = hit.select(kept)
+                self._cache[key] = (hit, None)
+            return hit
+        hit = self._associate(T)
+        keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
+        self._cache = {key: (hit, None)} if keep is None else {self.T0.tobytes(): keep, key: (hit, None)}
         return hit
 
     def _associate(self, T: np.ndarray) -> Association:
@@ -260,12 +358,13 @@ class ViewStack:
         R = torch.as_tensor(Rj_t @ Ti[:, :3, :3], dtype=torch.float32, device=self.device)
         t = torch.as_tensor(np.einsum("pij,pj->pi", Rj_t, Ti[:, :3, 3] - Tj[:, :3, 3]), dtype=torch.float32,
                             device=self.device)
-        I, J = self.I, self.J
-        p = self.src[I]
-        Y = torch.baddbmm(t[:, None, :], p, R.transpose(1, 2))  # (P, S, 3) camera j
-        z = Y[..., 2]
+        J = self.J
+        p = self._p
+        Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j
+        z = Y[:, 2]
         front = z > 1e-6
-        x, y = Y[..., 0] / z.clamp_min(1e-6), Y[..., 1] / z.clamp_min(1e-6)
+        zc = z.clamp_min(1e-6)
+        x, y = Y[:, 0] / zc, Y[:, 1] / zc
         for slots in self._distorted.values():
             cam = self.cameras[slots[0]]
             sel = torch.isin(J, torch.tensor(slots, device=self.device))
@@ -274,14 +373,21 @@ class ViewStack:
                 front[sel] &= xs * xs + ys * ys <= image_reach(cam) * 1.0001  # beyond, the model folds back
                 xd, yd = distort(xs, ys, cam.distortion_model, cam.D)
                 x[sel], y[sel] = xd.to(x.dtype), yd.to(y.dtype)
-        K = self.K[J].float()
-        u = (K[:, 0, 0, None] * x + K[:, 0, 1, None] * y + K[:, 0, 2, None]).round().long()
-        v = (K[:, 1, 1, None] * y + K[:, 1, 2, None]).round().long()
-        size = self.size[J]
+        K, size = self._K, self._size
+        # Pixel coordinates stay floats (integers after rounding) until the one index is made.
+        u = torch.addcmul(K[:, 0, 2, None], K[:, 0, 0, None], x)
+        if self._skew:
+            u.addcmul_(K[:, 0, 1, None], y)
+        u.round_()
+        v = torch.addcmul(K[:, 1, 2, None], K[:, 1, 1, None], y).round_()
         inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
-        u, v = u.clamp(0, self.W - 1), v.clamp(0, self.H - 1)
-        flat = (J[:, None] * self.H + v) * self.W + u
-        at = self._lookup.index_select(0, flat.reshape(-1)).reshape(*flat.shape, 8)
-        seen = inside & self.src_ok[I] & (at[..., 6] > 0.5)
-        planar = seen & (at[..., 7] > 0.5)
-        return Association(Y, at[..., 0:3], at[..., 3:6], seen, planar, p, R)
+        u.clamp_(0, self.W - 1)
+        v.clamp_(0, self.H - 1)
+        if self._exact_float_index:
+            flat = ((self._base + v) * self.W + u).long()
+        else:
+            flat = (J[:, None] * self.H + v.long()) * self.W + u.long()
+        at = self._lookup.index_select(1, flat.reshape(-1)).reshape(6, *flat.shape).transpose(0, 1)  # (P, 6, S)
+        seen = inside & self._p_ok & (at[:, 5] > 0.5)
+        planar = seen & (at[:, 5] > 2.5)
+        return Association(Y, at[:, 4], at[:, 3], at[:, 0:3], seen, planar, p, R, t)

@@ -54,7 +54,7 @@ def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000,
         key=key,
         T_map_camera=view.T_world_camera.copy(),
         uv=uv.cpu().numpy(),
-        points=view.points_world[rows, cols].double().cpu().numpy() * scale,
+        points=view.points_at(rows, cols).double().cpu().numpy() * scale,
         depth=view.depth[rows, cols].double().cpu().numpy() * scale,
         weight=normalised_confidence(view, rows, cols).double().cpu().numpy(),
         window=window,
@@ -70,7 +70,7 @@ def correspondences(anchor: Anchor, view: ViewPrediction, owed: np.ndarray | Non
     rows = torch.as_tensor(v, device=view.depth.device)
     cols = torch.as_tensor(u, device=view.depth.device)
     ok = (view.valid[rows, cols] & torch.isfinite(view.depth[rows, cols])).cpu().numpy()
-    src = view.points_world[rows, cols].double().cpu().numpy()[ok]
+    src = view.points_at(rows, cols).double().cpu().numpy()[ok]
     if owed is not None:
         src = src @ owed[:3, :3].T + owed[:3, 3]
     weight = np.minimum(anchor.weight[ok], normalised_confidence(view, rows, cols).double().cpu().numpy()[ok])

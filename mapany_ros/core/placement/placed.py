@@ -8,11 +8,10 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from mapany_ros.core.alignment import Sim3, rigidify
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
-from mapany_ros.core.geometry import invert, transform_points
+from mapany_ros.core.geometry import invert
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +84,6 @@ class PlacedWindow:
     visual_odometry: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def transform_points_fast(points: torch.Tensor, T: np.ndarray) -> torch.Tensor:
-    """``points`` (..., 3) float32 under the 4x4 affine ``T``: numpy's matmul on the CPU (about twice
-    as fast there as torch's multiply-adds, same float32 result to rounding), torch elsewhere."""
-    if points.device.type != "cpu" or points.dtype != torch.float32:
-        return transform_points(points, T)
-    M = np.asarray(T, dtype=np.float32)
-    out = np.matmul(points.detach().numpy(), M[:3, :3].T)
-    out += M[:3, 3]
-    return torch.from_numpy(out)
-
-
 def move_view(view: ViewPrediction, T_window_camera: np.ndarray, T_map_camera: np.ndarray, scale: float,
               owed: np.ndarray | None = None) -> ViewPrediction:
     """The view with depth scaled and points carried from the window frame to the map frame.
@@ -107,15 +95,15 @@ def move_view(view: ViewPrediction, T_window_camera: np.ndarray, T_map_camera: n
     """
     A = Sim3.from_pose(T_map_camera) @ Sim3(np.eye(3), np.zeros(3), scale) @ Sim3.from_pose(invert(T_window_camera))
     M = A.matrix() if owed is None else A.matrix() @ owed
-    points = transform_points_fast(view.points_world, M)
-    return dataclasses.replace(view, depth=view.depth * scale, points_world=points, T_world_camera=T_map_camera)
+    # The full-resolution points move when first read (published), not here: see ViewPrediction.owing.
+    return view.owing(M, depth=view.depth * scale, T_world_camera=T_map_camera)
 
 
 def settle(view: ViewPrediction, owed: np.ndarray | None) -> ViewPrediction:
     """The view with the transform its points still owe applied (refinement moved its pose only)."""
     if owed is None:
         return view
-    return dataclasses.replace(view, points_world=transform_points_fast(view.points_world, owed))
+    return view.owing(owed)
 
 
 def moved(prediction: WindowPrediction, accepted: list[bool], poses: list[np.ndarray | None], scale: float,

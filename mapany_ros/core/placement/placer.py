@@ -32,7 +32,7 @@ from mapany_ros.core.placement.config import PlacementConfig
 from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob, LoopMeasurement
 from mapany_ros.core.placement.loops.memory import SavedKeyframes
-from mapany_ros.core.placement.multiview import ViewStack
+from mapany_ros.core.placement.multiview import ViewStack, grid_stride
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
@@ -63,16 +63,28 @@ RELOCALISE_DEG = 10.0
 MAX_WAITING_KEYFRAMES = 32
 #: Newest keyframes whose graph poses are read back after every window (all of them after a loop).
 RECENT_KEYFRAMES = 48
+#: Pixels on which a view's median depth is judged against ``max_depth_m``: the check catches unit
+#: slips (mm as m, a thousandfold), and the median of a regular sample of this size lies within
+#: about a percentile of the image's.
+MEDIAN_SAMPLES = 5_000
 
 log = logging.getLogger(__name__)
 
 
 def _median_beyond(depth: torch.Tensor, valid: torch.Tensor, limit: float) -> bool:
     """Whether the (lower) median of the valid, finite depth exceeds ``limit``: exactly when at most
-    (n - 1) // 2 of its n values are within it. Two counts instead of a selection over every pixel."""
+    (n - 1) // 2 of its n values are within it. Two counts instead of a selection, on a regular grid
+    of about MEDIAN_SAMPLES pixels."""
+    s = grid_stride(depth.shape, MEDIAN_SAMPLES)
+    depth, valid = depth[s // 2 :: s, s // 2 :: s], valid[s // 2 :: s, s // 2 :: s]
     ok = valid & torch.isfinite(depth)
     n = int(ok.sum())
     return n > 0 and int((ok & (depth <= limit)).sum()) <= (n - 1) // 2
+
+
+def _any(mask: torch.Tensor) -> bool:
+    """``bool(mask.any())`` for a bool mask: its bytes' maximum, on a CPU some 20x faster than ``any``."""
+    return mask.numel() > 0 and bool(mask.view(torch.uint8).max())
 
 
 class WindowPlacer:
@@ -159,7 +171,7 @@ class WindowPlacer:
         clock = self.clock
         with clock.stage("view checks"):
             usable = [i for i, v in enumerate(views)
-                      if is_rigid(rigidify(v.T_world_camera)) and bool(v.valid.any())]
+                      if is_rigid(rigidify(v.T_world_camera)) and _any(v.valid)]
             accepted = [i in usable for i in range(len(views))]
         if not self.localised:  # relocalising: its own work (a search per keyframe), timed as no stage
             return self._relocalise(groups, n_context, frames, prediction, accepted)
@@ -195,7 +207,8 @@ class WindowPlacer:
             with clock.stage("views out"):
                 # Depth that still goes out is in metres.
                 placed.prediction = dataclasses.replace(placed.prediction, views=[
-                    settle(dataclasses.replace(v, depth=v.depth * scale) if ok and scale != 1.0 else v, owed.get(i))
+                    v.owing(owed.get(i, np.eye(4)), depth=v.depth * scale) if ok and scale != 1.0
+                    else settle(v, owed.get(i))
                     for i, (v, ok) in enumerate(zip(placed.prediction.views, depth_ok, strict=True))])
         if placed.status is not PlacementStatus.REJECTED:
             with clock.stage("report"):

@@ -45,40 +45,73 @@ class Refinement:
 
 
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T``."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T`` (host arrays).
+
+    r = n . (T_j^-1 T_i p - Q) under camera-local perturbations of both poses. Only view j's half
+    of the Jacobian is computed per sample: moving camera i by xi_i moves the points in camera j
+    as moving camera j by -Ad(T_ji) xi_i would, so view i's half is that 6x6 map of view j's, and
+    the pair's blocks follow from j's 6x6 sums (a quarter of the products per sample).
+    """
     a = stack.associate(T)
-    p = a.p  # (P, S, 3) camera i
-    r = ((a.Y - a.Q) * a.normal).sum(-1)
-    sigma = depth_sigma * a.Q[..., 2].abs() + 1e-3
-    w = torch.where(a.planar, 1.0 / (1.0 + (r / (kernel_threshold * sigma)) ** 2) / sigma**2, torch.zeros_like(r))
-    nR = torch.bmm(a.normal, a.R_ji)  # n^T R_ji
-    # r = n . (R_ji (p + w_i x p + v_i) + ... - Q), camera-local perturbations of both poses.
-    Jc = torch.cat([_cross(p, nR), nR, _cross(a.normal, a.Y), -a.normal], dim=-1)
-    count = a.planar.sum(1)
-    use = (count >= MIN_PAIR_POINTS).float()[:, None]
-    Jw = Jc * w[..., None]
-    Hb = (torch.bmm(Jw.transpose(1, 2), Jc) * use[..., None]).double()
-    gb = (torch.bmm(Jw.transpose(1, 2), r[..., None])[..., 0] * use).double()
+    Y, n = a.Y, a.normal  # (P, 3, S) in camera j
+    r = (Y * n).sum(1) - a.plane
+    sigma = depth_sigma * a.Qz.abs() + 1e-3
+    # Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
+    w = torch.where(a.planar, (sigma * sigma).addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_(),
+                    torch.zeros((), dtype=r.dtype, device=r.device))
+    Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
+    _cross_into(Jj[:, 0:3], n, Y)
+    torch.neg(n, out=Jj[:, 3:6])
+    Jw = Jj * w[:, None]
+    # The per-sample work ends in 6x6 sums per pair; the rest is small, on the host.
+    Hj = torch.bmm(Jw, Jj.transpose(1, 2)).double().cpu().numpy()
+    gj = (Jw * r[:, None]).sum(-1).double().cpu().numpy()
+    count = a.planar.sum(1).cpu().numpy()
+    use = count >= MIN_PAIR_POINTS
+    Hj *= use[:, None, None]
+    gj *= use[:, None]
+    # d r / d xi_i = d r / d xi_j . A, A = -Ad(T_ji) = -[[R, 0], [t^ R, R]] in (w, v) order.
+    R, t = a.R_ji.double().cpu().numpy(), a.t_ji.double().cpu().numpy()
+    A = np.zeros((len(R), 6, 6))
+    A[:, 0:3, 0:3] = -R
+    A[:, 3:6, 3:6] = -R
+    A[:, 3:6, 0:3] = -_hat(t) @ R
+    At = A.transpose(0, 2, 1)
+    HA = Hj @ A
+    Hb = np.empty((len(R), 12, 12))
+    Hb[:, 0:6, 0:6] = At @ HA
+    Hb[:, 0:6, 6:12] = At @ Hj
+    Hb[:, 6:12, 0:6] = HA
+    Hb[:, 6:12, 6:12] = Hj
+    gb = np.concatenate([(At @ gj[..., None])[..., 0], gj], 1)
     return Hb, gb, count
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a x b over the last dimension, written out (on a CPU faster than ``torch.cross``)."""
-    ax, ay, az = a.unbind(-1)
-    bx, by, bz = b.unbind(-1)
-    return torch.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], -1)
+def _hat(t: np.ndarray) -> np.ndarray:
+    """Skew matrices (..., 3, 3) of vectors (..., 3): hat(t) x = t x x."""
+    out = np.zeros((*t.shape[:-1], 3, 3))
+    out[..., 0, 1], out[..., 0, 2], out[..., 1, 2] = -t[..., 2], t[..., 1], -t[..., 0]
+    out[..., 1, 0], out[..., 2, 0], out[..., 2, 1] = t[..., 2], -t[..., 1], t[..., 0]
+    return out
 
 
-def _assemble(stack: ViewStack, Hb: torch.Tensor, gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter the pair blocks into the (6n x 6n) system of all views."""
-    n = len(stack.candidates)
-    idx = torch.cat([6 * stack.I[:, None] + torch.arange(6, device=stack.device),
-                     6 * stack.J[:, None] + torch.arange(6, device=stack.device)], dim=1)  # (P, 12)
-    H = torch.zeros(6 * n, 6 * n, dtype=torch.float64, device=stack.device)
-    g = torch.zeros(6 * n, dtype=torch.float64, device=stack.device)
-    H.index_put_((idx[:, :, None].expand_as(Hb), idx[:, None, :].expand_as(Hb)), Hb, accumulate=True)
-    g.index_put_((idx,), gb, accumulate=True)
+def _cross_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """a x b over dimension 1 (coordinates first) into ``out``, written out (on a CPU faster than ``torch.cross``)."""
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        o = out[:, k]
+        torch.mul(a[:, i], b[:, j], out=o)
+        o.addcmul_(a[:, j], b[:, i], value=-1.0)
+
+
+def _assemble(stack: ViewStack, Hb: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the pair blocks into the (6n x 6n) system of all views."""
+    m = 6 * len(stack.candidates)
+    six = np.arange(6)
+    idx = np.concatenate([6 * stack.pairs[:, 0:1] + six, 6 * stack.pairs[:, 1:2] + six], axis=1)  # (P, 12)
+    flat = (idx[:, :, None] * m + idx[:, None, :]).ravel()
+    H = np.bincount(flat, weights=Hb.ravel(), minlength=m * m).reshape(m, m)
+    g = np.bincount(idx.ravel(), weights=gb.ravel(), minlength=m)
     return H, g
 
 
@@ -91,12 +124,12 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray
     the wall, yet noisy normals fake a little information there), so the model's values stand.
     """
     scale = 1.0 / np.sqrt(prior)
+    diag = np.stack([H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] for a in range(n)]) * np.outer(scale, scale)
+    evals, evecs = np.linalg.eigh(diag)  # every view's block in one call
     blocks = []
     for a in range(n):
-        Hw = H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] * np.outer(scale, scale)
-        evals, evecs = np.linalg.eigh(Hw)
-        keep = (evals > DEGENERACY_RATIO) & (evals > DEGENERACY_FRACTION * evals.max())
-        blocks.append(scale[:, None] * evecs[:, keep])
+        keep = (evals[a] > DEGENERACY_RATIO) & (evals[a] > DEGENERACY_FRACTION * evals[a].max())
+        blocks.append(scale[:, None] * evecs[a][:, keep])
     B = np.zeros((6 * n, sum(b.shape[1] for b in blocks)))
     col = 0
     for a, b in enumerate(blocks):
@@ -123,7 +156,7 @@ def refine_window_poses(
     if len(slots) < 2:
         return Refinement(out, {stack.candidates[a]: 0.0 for a in slots})
     n = len(stack.candidates)
-    on = torch.zeros(n, dtype=torch.bool, device=stack.device)
+    on = np.zeros(n, dtype=bool)
     on[slots] = True
     T = stack.T0.copy()
     prior = np.array([1 / prior_sigma_rad**2] * 3 + [1 / prior_sigma_m**2] * 3)
@@ -133,13 +166,12 @@ def refine_window_poses(
         Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
         if it == 0:  # views that do not see each other now will not after a small correction
             keep = count >= MIN_PAIR_POINTS // 2
-            stack.keep_pairs(keep)
+            stack.keep_pairs(torch.as_tensor(keep, device=stack.device))
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
-        use = (on[stack.I] & on[stack.J]).double()  # pairs of views being refined
+        use = on[stack.pairs[:, 0]] & on[stack.pairs[:, 1]]  # pairs of views being refined
         H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
-        H = H.cpu().numpy()
         B = _observed_directions(H, prior, n)
-        g = g.cpu().numpy() + P * xi
+        g = g + P * xi
         y = np.linalg.solve(B.T @ (H + np.diag(P)) @ B, -(B.T @ g)) if B.shape[1] else np.zeros(0)
         step = B @ y
         xi += step

@@ -26,7 +26,7 @@ def agreement_matrix(stack: ViewStack, T: np.ndarray, *, tolerance: float = 0.05
     ``tolerance`` (relative) of the depth view b predicts at that pixel.
     """
     assoc = stack.associate(T)
-    agree = (assoc.Y[..., 2] - assoc.Q[..., 2]).abs() <= tolerance * assoc.Q[..., 2]
+    agree = (assoc.Y[:, 2] - assoc.Qz).abs() <= tolerance * assoc.Qz
     seen = assoc.seen.sum(1)
     frac = (agree & assoc.seen).sum(1).double() / seen.clamp_min(1).double()
     n = len(stack.candidates)

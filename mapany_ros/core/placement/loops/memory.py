@@ -58,11 +58,15 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 def small_depth(depth: torch.Tensor, valid: torch.Tensor | None = None) -> np.ndarray:
     """(24, 32) float32 depth, the mean of each cell's valid pixels (NaN where none)."""
     d = depth.detach().float()
-    ok = (d > 0) & (d < float("inf"))  # NaN fails both
+    ok = d > 0  # NaN fails it, and the next
+    ok &= d < float("inf")
     if valid is not None:
         ok &= valid
-    # Depth and coverage pooled in one call (one plane each).
-    pooled = F.adaptive_avg_pool2d(torch.stack([torch.where(ok, d, 0.0), ok.float()])[None], DEPTH_SIZE)[0]
+    # Depth and coverage pooled in one call (one plane each), written straight into their planes.
+    planes = torch.empty(1, 2, *d.shape, dtype=d.dtype, device=d.device)
+    torch.where(ok, d, torch.zeros((), dtype=d.dtype, device=d.device), out=planes[0, 0])
+    planes[0, 1].copy_(ok)
+    pooled = F.adaptive_avg_pool2d(planes, DEPTH_SIZE)[0]
     total, count = pooled[0], pooled[1]
     return torch.where(count > 0.25, total / count.clamp_min(1e-6), torch.nan).cpu().numpy()
 
