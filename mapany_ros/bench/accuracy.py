@@ -77,6 +77,22 @@ def no_odometry_defaults() -> dict:
             "bad_views_rejected": len(rejected), "chain_breaks": run.pipeline.stats.chain_breaks}
 
 
+def no_odometry_dense() -> dict:
+    """Two loops without odometry, every frame a keyframe (dense windows): the chain over many
+    windows, and the gross bad views (30 cm / 10 deg, about one window in ten) it must reject."""
+    scene = SyntheticScene(0)
+    sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
+    run = drive(scene, sim, every_frame_keyframe=True)
+    stamps, truth = run.stamps, run.truth()
+    steps = step_errors([run.base_poses[s] for s in stamps], truth, stamps)
+    windows = {tuple(f.key for f in r.frames): r for r in run.results if r.frames}
+    bad = [b for b in sim.log.bad_views if tuple(sim.log.calls[b.call]) in windows]
+    rejected = [b for b in bad if b.index in windows[tuple(sim.log.calls[b.call])].placement.rejected_views]
+    return {**_trajectory(run), "step_rms_m": float(np.sqrt(np.mean(steps**2))), "step_max_m": float(steps.max()),
+            "bad_views": len(bad), "bad_views_rejected": len(rejected),
+            "views_rejected": run.pipeline.stats.views_rejected, "chain_breaks": run.pipeline.stats.chain_breaks}
+
+
 def prior_leaning_model() -> dict:
     """Drifting odometry (5 %, 5 deg/m) fed to a model whose poses lean halfway towards it."""
     scene = SyntheticScene(0)
@@ -231,7 +247,8 @@ def bench_accuracy(progress: Callable[[str], None] | None = None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     scenarios = {
-        "no_odometry_defaults": no_odometry_defaults, "prior_leaning": prior_leaning_model,
+        "no_odometry_defaults": no_odometry_defaults, "no_odometry_dense": no_odometry_dense,
+        "prior_leaning": prior_leaning_model,
         "good_odometry": good_odometry, "slip": wheel_slip,
         "two_cameras_poor": lambda: two_cameras(OdometryErrors.poor(seed=5)),
         "two_cameras_good": lambda: two_cameras(OdometryErrors.good(seed=5)),
@@ -257,7 +274,8 @@ def _pct(a: float, b: float) -> str:
 
 def accuracy_lines(r: dict) -> list[str]:
     """Markdown: one row per target."""
-    a, p, g, s = r["no_odometry_defaults"], r["prior_leaning"], r["good_odometry"], r["slip"]
+    a, d, p = r["no_odometry_defaults"], r["no_odometry_dense"], r["prior_leaning"]
+    g, s = r["good_odometry"], r["slip"]
     m, ln, lo = r["medium_bad_views"], r["loops_no_odometry"], r["loops_odometry"]
 
     def cams(c: dict, label: str) -> str:
@@ -287,6 +305,11 @@ def accuracy_lines(r: dict) -> list[str]:
         + (f"gross bad views (30 cm / 10 deg) rejected: {a['bad_views_rejected']} of {a['bad_views']}; "
            if a["bad_views"] else "no gross bad view came up; ")
         + f"{a['chain_breaks']} chain breaks | <= 1 %, within 2 %, <= 8 cm |",
+        f"| no odometry, every frame a keyframe, 2 loops, {d['path_m']:.1f} m | {d['keyframes']} keyframes, ATE "
+        f"{d['ate_m'] * 100:.1f} cm ({d['ate_m'] / d['path_m'] * 100:.2f} %), scale {d['scale']:.4f}, keyframe step "
+        f"error RMS / max {d['step_rms_m'] * 100:.1f} / {d['step_max_m'] * 100:.1f} cm; gross bad views rejected "
+        f"{d['bad_views_rejected']} of {d['bad_views']} ({d['views_rejected']} views rejected in all); "
+        f"{d['chain_breaks']} chain breaks | <= 1 %, all, none |",
         f"| poor odometry fed to a model whose poses lean halfway towards it, 1 loop | path ATE {p['ate_m']:.3f} m "
         f"against the odometry's {p['odometry_ate_m']:.3f} m ({_pct(p['ate_m'], p['odometry_ate_m'])}) | <= 30 % |",
         f"| good odometry, 1 loop | path ATE {g['ate_m']:.3f} m against the odometry's {g['odometry_ate_m']:.3f} m "

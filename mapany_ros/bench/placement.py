@@ -1,4 +1,5 @@
-"""Placement for `make bench`: its cost against the backend's, and its accuracy against a real model's errors.
+"""Placement for `make bench`: its cost, against the backend's and at 2000 keyframes (its accuracy:
+:mod:`mapany_ros.bench.accuracy`).
 
 1. Time per window (8 views, 518x392) of the placement stage, with odometry (view checks,
    refinement, pose graph) and without (view checks, refinement, overlap chain), as a fraction of
@@ -7,9 +8,6 @@
    graph commit, views into the map, reporting, anchors, loop memory and loop candidate search -
    once the map holds 2000 keyframes, stage by stage, with torch on one thread and on its default;
    and the cost of one loop verification job (run while the backend is idle, not per window).
-3. The placement scenarios of ``test/test_placement.py`` (the model simulator lives under test/,
-   so they run from a source checkout): two loops without odometry and with drifting odometry,
-   scored with evo.
 """
 
 from __future__ import annotations
@@ -26,8 +24,6 @@ from mapany_ros.core.backends.planesweep import PlaneSweepBackend
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.placement import PlacementConfig, WindowPlacer
 from mapany_ros.core.placement.loops import LoopCandidate
-from mapany_ros.scoring.trajectory import ate, path_length, step_errors
-from mapany_ros.sim.drive import drive
 from mapany_ros.sim.model_simulator import ModelSimulator
 from mapany_ros.sim.odometry import DriftingOdometry, OdometryErrors
 from mapany_ros.sim.scene import SyntheticScene, make_camera_model, make_sequence
@@ -307,42 +303,6 @@ def _loop_job_cost(drive: _LongDrive, max_jobs: int = 6) -> dict:
             "size": f"{job.frames[0].width}x{job.frames[0].height}"}
 
 
-def bench_scenarios() -> dict:
-    """The placement scenarios' figures."""
-
-    scene = SyntheticScene(0)
-    results = {}
-    sim = ModelSimulator(scene=scene, metric=True, noise_seed=1)
-    run = drive(scene, sim, every_frame_keyframe=True)
-    stamps, truth = run.stamps, run.truth()
-    est = [run.base_poses[s] for s in stamps]
-    steps = step_errors(est, truth, stamps)
-    # Backend calls are matched to windows by their frames: loop verifications call the backend too.
-    windows = {tuple(f.key for f in r.frames): r for r in run.results if r.frames}
-    in_windows = [b for b in sim.log.bad_views if tuple(sim.log.calls[b.call]) in windows]
-    rejected = [b for b in in_windows if b.index in windows[tuple(sim.log.calls[b.call])].placement.rejected_views]
-    results["no_odometry"] = {
-        "keyframes": len(stamps), "path_m": path_length(truth), "ate_m": ate(est, truth, stamps)[0],
-        "scale": ate(est, truth, stamps, with_scale=True)[1], "step_rms_m": float(np.sqrt(np.mean(steps**2))),
-        "step_max_m": float(steps.max()), "steps_over_5cm": int(np.sum(steps > 0.05)),
-        "bad_views": len(in_windows),
-        "bad_views_rejected": len(rejected),
-        "views_rejected": run.pipeline.stats.views_rejected, "chain_breaks": run.pipeline.stats.chain_breaks,
-    }
-    odometry = DriftingOdometry(scene.base_pose, OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0,
-                                                                noise_m=0.005, noise_deg=0.2, seed=5))
-    sim = ModelSimulator(scene=scene, metric=True, noise_seed=4)
-    run = drive(scene, sim, odometry=odometry, rate_hz=10.0)
-    stamps, truth = run.stamps, run.truth()
-    est = [run.base_poses[s] for s in stamps]
-    odo = [odometry.pose(s * 1e-9) for s in stamps]
-    results["drifting_odometry"] = {
-        "keyframes": len(stamps), "path_m": path_length(truth), "ate_m": ate(est, truth, stamps)[0],
-        "odometry_ate_m": ate(odo, truth, stamps)[0],
-    }
-    return results
-
-
 def bench_placement() -> list[str]:
     """Markdown lines for docs/benchmarks.md."""
     window_cost = bench_window_cost()
@@ -364,31 +324,7 @@ def bench_placement() -> list[str]:
         f"{cost['overlap_fraction'] * 100:.2f} % | <= 5 % |",
         "",
     ]
-    lines += window_cost_lines(window_cost)
-    scen = bench_scenarios()
-    a, b = scen["no_odometry"], scen["drifting_odometry"]
-    return lines + [
-        "## Placement against a real model's errors",
-        "",
-        "`mapany_ros/sim/model_simulator.py` on scene 0, 128x96: every window in a random frame, 3 % scale error per",
-        "window, 2 cm / 0.5 deg RMS pose noise per view, 1 % patch-smooth depth noise, one view off by",
-        "30 cm / 10 deg in about one window in ten. Two loops; trajectories scored with evo.",
-        "",
-        "| scenario | measure | value | target |",
-        "|---|---|---|---|",
-        f"| no odometry, 5 Hz, {a['keyframes']} keyframes, {a['path_m']:.1f} m | ATE after SE(3) fit | "
-        f"{a['ate_m'] * 100:.1f} cm ({a['ate_m'] / a['path_m'] * 100:.2f} % of the path) | <= 1.5 % |",
-        f"| | scale (Sim(3) fit) | {a['scale']:.4f} | within 2 % |",
-        f"| | consecutive-keyframe step error RMS / max | {a['step_rms_m'] * 100:.1f} / "
-        f"{a['step_max_m'] * 100:.1f} cm ({a['steps_over_5cm']} steps over 5 cm) | |",
-        f"| | injected bad views rejected | {a['bad_views_rejected']} of {a['bad_views']} "
-        f"({a['views_rejected']} views rejected in all) | all |",
-        f"| | chain breaks | {a['chain_breaks']} | 0 |",
-        f"| drifting odometry (5 %, 5 deg/m), 10 Hz, {b['keyframes']} keyframes, {b['path_m']:.1f} m | "
-        f"path ATE / odometry ATE | {b['ate_m']:.3f} m / {b['odometry_ate_m']:.3f} m = "
-        f"{b['ate_m'] / b['odometry_ate_m'] * 100:.0f} % | <= 50 % |",
-        "",
-    ]
+    return lines + window_cost_lines(window_cost)
 
 
 if __name__ == "__main__":
