@@ -233,9 +233,11 @@ def markdown(update: dict, accuracy: list[dict]) -> list[str]:
         lines += ["", f"Targets: occupied recall >= {TARGETS['occupied_recall'] * 100:.0f} %, precision >= "
                   f"{TARGETS['occupied_precision'] * 100:.0f} % (both within one cell), free cells truly free >= "
                   f"{TARGETS['free_precision'] * 100:.0f} %; free coverage (seen floor called free) is not a target. "
-                  "Placement keeps a metric window's scale as the model gave it, so the simulator's per-window scale "
-                  "error moves all of a window's surfaces by 3 % of their range; the grid's votes outweigh that only "
-                  "where other windows saw the same surfaces.", ""]
+                  "With odometry, placement scales each metric window by its few 15 cm steps against the odometry's, "
+                  "weighed against the model's usual scale; what is left of the per-window scale error (the "
+                  "model's and that measurement's, a few per cent) moves all of a window's surfaces by as much of "
+                  "their range, and the grid's votes outweigh that only where other windows saw the same "
+                  "surfaces.", ""]
     return lines
 
 
