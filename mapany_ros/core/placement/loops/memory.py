@@ -6,11 +6,11 @@ keyframe keeps, per camera, its image (JPEG, at most ``image_width`` wide: ~30-9
 descriptor for appearance search, and a small depth image (metres) to measure the verification
 window's scale against. Positions come from the pose graph's latest report.
 
-The window that places a keyframe only keeps a reference to its frame's image (and computes the
-small depth, from tensors that are not kept): resizing, the descriptor and the JPEG are made when
-first needed - while the backend is idle (:meth:`KeyframeMemory.settle`), by a loop search or a
-verification, or once more than ``MAX_UNSETTLED_VIEWS`` views wait - from the same pixels, so they
-come out exactly as if made at once.
+The window that places a keyframe only keeps references to its frame's image and to its placed
+depth: resizing, the descriptor, the JPEG and the small depth are made when first needed - while
+the backend is idle (:meth:`KeyframeMemory.settle`), by a loop search or a verification, or once
+more than ``MAX_UNSETTLED_VIEWS`` views wait - from the same pixels, so they come out exactly as if
+made at once.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - Pillow is the fallback
 JPEG_QUALITY = 90
 #: Size of the depth kept per view, to measure scale against.
 DEPTH_SIZE = (24, 32)
-#: Views whose image waits to be resized, described and encoded (a reference to the frame's image
-#: each, 0.6 MB at 518x392): beyond, the oldest are settled at once (a backend that is never idle).
+#: Views whose image waits to be resized, described and encoded (references to the frame's image and
+#: placed depth each, 0.6 + 1 MB at 518x392, the depth on the model's device): beyond, the oldest are
+#: settled at once (a backend that is never idle).
 MAX_UNSETTLED_VIEWS = 24
 
 
@@ -75,14 +76,16 @@ class StoredView:
     """One camera frame of a stored keyframe.
 
     ``jpeg`` and ``descriptor`` may be made later from ``raw``, the frame's image as it came
-    (``camera_model`` is already the stored image's): see the module docstring.
+    (``camera_model`` is already the stored image's), and the small ``depth`` from the placed
+    view's (depth, valid): see the module docstring.
     """
 
-    __slots__ = ("camera", "stamp_ns", "frame_id", "camera_model", "T_base_camera", "depth", "_jpeg", "_descriptor",
-                 "_raw", "_kind")
+    __slots__ = ("camera", "stamp_ns", "frame_id", "camera_model", "T_base_camera", "_depth", "_depth_src", "_jpeg",
+                 "_descriptor", "_raw", "_kind")
 
     def __init__(self, camera: str, stamp_ns: int, frame_id: str, camera_model: CameraModel, jpeg: bytes | None,
-                 T_base_camera: np.ndarray, descriptor: np.ndarray | None, depth: np.ndarray, *,
+                 T_base_camera: np.ndarray, descriptor: np.ndarray | None,
+                 depth: np.ndarray | tuple[torch.Tensor, torch.Tensor | None], *,
                  raw: np.ndarray | None = None, kind: str = "gradients") -> None:
         if jpeg is None and raw is None:
             raise ValueError("a stored view needs its JPEG or the image to make it from")
@@ -92,7 +95,8 @@ class StoredView:
         self.camera_model = camera_model
         #: T_base_camera at the keyframe's reference stamp (the pose graph node's frame).
         self.T_base_camera = T_base_camera
-        self.depth = depth  # (24, 32) metres, NaN where unknown
+        # (24, 32) metres, NaN where unknown; or the placed view's (depth, valid) to make it from
+        self._depth, self._depth_src = (None, depth) if isinstance(depth, tuple) else (depth, None)
         self._jpeg = jpeg
         self._descriptor = descriptor
         self._raw = None if jpeg is not None else raw
@@ -100,11 +104,20 @@ class StoredView:
 
     @property
     def settled(self) -> bool:
-        """JPEG and descriptor are made (the frame's image is no longer held)."""
-        return self._raw is None
+        """JPEG, descriptor and small depth are made (the frame's image and depth are no longer held)."""
+        return self._raw is None and self._depth_src is None
+
+    @property
+    def depth(self) -> np.ndarray:
+        """(24, 32) depth in metres, NaN where unknown."""
+        if self._depth is None:
+            self._depth = small_depth(*self._depth_src)  # type: ignore[misc]
+            self._depth_src = None
+        return self._depth
 
     def settle(self) -> None:
-        """Make the JPEG and the descriptor from the held image, and let the image go."""
+        """Make the JPEG, the descriptor and the small depth from what is held, and let that go."""
+        self.depth  # noqa: B018 - made now, while the backend is idle
         if self._raw is None:
             return
         image = _resize(self._raw, self.camera_model.width, self.camera_model.height)
@@ -136,7 +149,9 @@ class StoredView:
     def nbytes(self) -> int:
         """Bytes held: JPEG (or, until it is made, the frame's image), descriptor and depth."""
         image = len(self._jpeg) if self._jpeg is not None else int(self._raw.nbytes)  # type: ignore[union-attr]
-        return image + (self._descriptor.nbytes if self._descriptor is not None else 0) + self.depth.nbytes
+        depth = self._depth.nbytes if self._depth is not None else sum(  # type: ignore[union-attr]
+            t.nbytes for t in self._depth_src if t is not None)  # type: ignore[union-attr]
+        return image + (self._descriptor.nbytes if self._descriptor is not None else 0) + depth
 
 
 @dataclass
@@ -209,7 +224,7 @@ class KeyframeMemory:
             w, h = stored_size(frame, self.image_width)
             d = None if descriptors is None else np.asarray(descriptors[n], np.float32)
             view = StoredView(frame.camera, frame.stamp_ns, frame.frame_id, frame.camera_model.scaled(w, h), None,
-                              np.asarray(T_base_camera, dtype=np.float64), d, small_depth(depth, valid),
+                              np.asarray(T_base_camera, dtype=np.float64), d, (depth, valid),
                               raw=frame.image, kind=self.descriptor)
             kf.views.append(view)
             self._append_row(kid, view)
