@@ -424,7 +424,7 @@ def test_wall_clock_replay_with_a_pause_flushes_a_partial_window(offline: Output
                                                                  tmp_path: Path, rclpy_context: Any,
                                                                  ros_subprocess_env: dict[str, str]) -> None:
     """The control: without sim time the pause counts as latency, and the comparison must say so."""
-    live = replay(rclpy_context, ros_subprocess_env, bag, params_file, tmp_path, sim_time=False, rate=4.0,
+    live = replay(rclpy_context, ros_subprocess_env, bag, params_file, tmp_path, sim_time=False, rate=2.0,
                   pause_at_s=pause_point_s(offline, bag), pause_for_s=PAUSE_FOR_S)
     found = differences(live, offline)
     print("  wall clock against offline:", *found[:3], sep="\n    ")
