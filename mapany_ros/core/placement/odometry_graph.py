@@ -133,6 +133,15 @@ class OdometryGraphPlacement:
         # The median of n samples is about sqrt(pi / 2) times noisier than their mean.
         return ScaleMeasurement(median, (np.pi / 2) * variance / len(logs))
 
+    def _pool_step_spread(self) -> None:
+        """Take the placed window's own step spread into the pool (weighted by its steps)."""
+        if self._window_spread is None:
+            return
+        var, n = self._window_spread
+        self._step_var = max((self._step_weight * self._step_var + n * var) / (self._step_weight + n),
+                             MIN_STEP_LOG_SIGMA**2)
+        self._step_weight = min(self._step_weight + n, STEP_SPREAD_MEMORY_STEPS)
+
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
               accepted: list[bool], owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
         """Place window ``j``; ``accepted`` is narrowed to the views the graph keeps. ``owed``: view
@@ -170,11 +179,7 @@ class OdometryGraphPlacement:
             graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
                                 check.poses)
             self._scale.update(self._measurement, prediction.metric, scale)
-            if self._window_spread is not None:
-                var, n = self._window_spread
-                self._step_var = max((self._step_weight * self._step_var + n * var) / (self._step_weight + n),
-                                     MIN_STEP_LOG_SIGMA**2)
-                self._step_weight = min(self._step_weight + n, STEP_SPREAD_MEMORY_STEPS)
+            self._pool_step_spread()
             poses: list[np.ndarray | None] = [None] * len(frames)
             for i in idx:
                 if accepted[i]:

@@ -207,7 +207,7 @@ class WindowPlacer:
             with clock.stage("views out"):
                 # Depth that still goes out is in metres.
                 placed.prediction = dataclasses.replace(placed.prediction, views=[
-                    v.owing(owed.get(i, np.eye(4)), depth=v.depth * scale) if ok and scale != 1.0
+                    settle(dataclasses.replace(v, depth=v.depth * scale), owed.get(i)) if ok and scale != 1.0
                     else settle(v, owed.get(i))
                     for i, (v, ok) in enumerate(zip(placed.prediction.views, depth_ok, strict=True))])
         if placed.status is not PlacementStatus.REJECTED:

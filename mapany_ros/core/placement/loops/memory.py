@@ -218,7 +218,7 @@ class KeyframeMemory:
         """Keep a keyframe: per camera (frame, T_base_camera, placed depth in metres, valid).
 
         ``descriptors`` (one row per view) are the backend's own, when it offers them. The image's
-        JPEG and descriptor are made later (see the module docstring)."""
+        JPEG and descriptor, and the small depth, are made later (see the module docstring)."""
         kf = self.keyframes.get(kid) or StoredKeyframe(kid, stamp_ns)
         for n, (frame, T_base_camera, depth, valid) in enumerate(views):
             w, h = stored_size(frame, self.image_width)
@@ -242,12 +242,12 @@ class KeyframeMemory:
 
     @property
     def unsettled(self) -> int:
-        """Views whose JPEG and descriptor are still to be made."""
+        """Views whose JPEG, descriptor or small depth are still to be made."""
         self._unsettled = [v for v in self._unsettled if not v.settled]
         return len(self._unsettled)
 
     def settle(self, limit: int | None = None) -> int:
-        """Make the JPEG and descriptor of the oldest ``limit`` waiting views (all: None); how many."""
+        """Make the JPEG, descriptor and small depth of the oldest ``limit`` waiting views (all: None); how many."""
         todo = [v for v in self._unsettled if not v.settled]
         todo = todo if limit is None else todo[:limit]
         for v in todo:
