@@ -273,3 +273,23 @@ def test_without_odometry_the_node_publishes_its_own_odom_to_base_and_map_to_odo
     print(f"map -> base_link at now against the path's newest pose: {np.linalg.norm(off[:3, 3]) * 100:.2f} cm, "
           f"{np.degrees(rotation_angle(off)):.3f} deg")
     assert np.linalg.norm(off[:3, 3]) < 0.01 and np.degrees(rotation_angle(off)) < 0.5
+
+
+def test_the_scale_warning_names_the_odometry_once_a_rig_measured_it():
+    """With a rig the odometry's own scale is known: the WARN blames its calibration, and a model
+    whose scale departs from the odometry's is then no longer ambiguous enough to warn about."""
+    from types import SimpleNamespace
+
+    from mapany_ros.ros.node import MapanyNode
+
+    node = SimpleNamespace(config={"diagnostics.scale_disagreement": 0.04})
+    no_rig = {"model_scale_vs_odometry": 0.95, "model_scale_sigma": 0.01, "odometry_scale": 0.0,
+              "odometry_scale_sigma": 0.0}
+    [warning] = MapanyNode._scale_warnings(node, no_rig)
+    assert "the model's scale is 0.950 x the odometry's" in warning
+    rig = {**no_rig, "odometry_scale": 1.05, "odometry_scale_sigma": 0.01}
+    [warning] = MapanyNode._scale_warnings(node, rig)
+    assert "the odometry's distances are 1.050 x the camera rig's" in warning
+    assert MapanyNode._scale_warnings(node, {**rig, "odometry_scale": 1.01}) == []
+    assert MapanyNode._scale_warnings(node, {**rig, "odometry_scale_sigma": 0.05}) == []  # within 2 sigmas
+    assert MapanyNode._scale_warnings(SimpleNamespace(config={"diagnostics.scale_disagreement": 0.0}), rig) == []

@@ -13,7 +13,7 @@ import torch
 from core_fakes import RecordingBackend
 from scipy.spatial.transform import Rotation
 
-from mapany_ros.bench.accuracy import medium_bad_views
+from mapany_ros.bench.accuracy import medium_bad_views, two_cameras
 from mapany_ros.core.alignment import Sim3, robust_similarity
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
@@ -379,6 +379,40 @@ def test_the_models_scale_against_the_odometrys_is_reported(scene, errors, model
     # 8 windows of 6 steps of 15 cm, with 2 cm of noise per view: a few per cent, and it says so.
     assert 0 < sigma < 0.03
     assert abs(np.log(ratio / expected)) <= 3 * sigma, (ratio, sigma, expected)
+
+
+def test_a_camera_rigs_baseline_makes_the_map_metric_against_a_miscalibrated_odometry():
+    """Front and left camera 36 cm apart, odometry 5 % long with 5 deg/m of heading drift: the
+    calibrated distance between the cameras measures the odometry's scale, and the fused map comes
+    out as good as the model's own depth fused at the true poses (issue target: within 1.25x)."""
+    r = two_cameras(OdometryErrors.poor(seed=5))
+    (mm, m90), (dm, d90) = r["map"], r["model_depth"]
+    odometry, sigma, truly = r["odometry_scale"]
+    print(f"map {mm * 100:.2f} / {m90 * 100:.2f} cm, model's own depth {dm * 100:.2f} / {d90 * 100:.2f} cm, "
+          f"map scale {r['map_scale']:.4f}, odometry scale {odometry:.4f} +- {sigma:.4f}")
+    assert mm <= 1.25 * dm and m90 <= 1.25 * d90
+    assert abs(r["map_scale"] - 1.0) <= 0.02
+    assert 0 < sigma < 0.02 and abs(np.log(odometry / truly)) <= 3 * sigma
+
+
+def test_with_a_rig_a_biased_model_is_caught_and_the_map_stays_true(scene):
+    """Good odometry (1 % long) and a model 5 % too large: with one camera the two cannot be told
+    apart (the map keeps the odometry's scale, see above); with a rig the odometry is measured as
+    1 % long, and both the path and the map's depth are true to within 2 %."""
+    rig = scene.rig("front", "left")
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.good(seed=5))
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=1, scale_bias=0.05), odometry=odometry,
+                cameras=rig, rate_hz=10.0, loops=1.0)
+    stamps, truth = run.stamps, run.truth()
+    _, scale = ate([run.base_poses[s] for s in stamps], truth, stamps, with_scale=True)
+    status = run.pipeline.status()
+    print(f"map scale {1 / scale:.4f}; odometry {status['odometry_scale']:.4f} +- "
+          f"{status['odometry_scale_sigma']:.4f}; model / odometry {status['model_scale_vs_odometry']:.4f}")
+    assert abs(1.0 / scale - 1.0) <= 0.02, f"map scale {1 / scale:.3f}"
+    assert abs(status["odometry_scale"] - 1.01) <= max(0.015, 3 * status["odometry_scale_sigma"])
+    # The depth went out in the map's metres: the model's 5 % are taken out of it too.
+    depth_scale = [r.placement.scale * r.prediction.metric_scale for r in run.results if any(r.placement.accepted)]
+    assert abs(float(np.exp(np.median(np.log(depth_scale)))) - 1.0) <= 0.02
 
 
 def test_a_window_that_bends_is_straightened_without_odometry(scene):

@@ -268,6 +268,7 @@ class Pipeline:
         self._last_loop_s = 0.0
         #: The placer's model scale over the odometry's and its sigma (0, 0 until known).
         self._model_scale = (0.0, 0.0)
+        self._odometry_scale = (0.0, 0.0)
         self._stop = False
         self._worker = threading.Thread(target=self._run, name="mapany-backend", daemon=True)
 
@@ -477,9 +478,13 @@ class Pipeline:
                 "localised": self._localised,
                 "last_loop_ms": round(self._last_loop_s * 1e3, 1),
                 # with odometry and a metric model (0 until known): a steady departure from 1 is a
-                # miscalibrated odometry or a biased model; the map's scale is the odometry's
+                # miscalibrated odometry or a biased model; the map's scale is the odometry's (no rig)
                 "model_scale_vs_odometry": round(self._model_scale[0], 4),
                 "model_scale_sigma": round(self._model_scale[1], 4),
+                # the odometry's distances over the true ones, against a camera rig's calibrated
+                # baseline (0 without one): once known, the map is in true metres
+                "odometry_scale": round(self._odometry_scale[0], 4),
+                "odometry_scale_sigma": round(self._odometry_scale[1], 4),
             }
 
     # ------------------------------------------------------------------ internals
@@ -716,6 +721,7 @@ class Pipeline:
         s.loops_rejected = p.loops_rejected
         self._last_loop_s = p.last_loop_s
         self._model_scale = (p.model_scale_vs_odometry, p.model_scale_sigma)
+        self._odometry_scale = (p.odometry_scale, p.odometry_scale_sigma)
         self._localised = snap.localised
         self._n_context = snap.n_context
 

@@ -512,6 +512,26 @@ class MapanyNode(LifecycleNode):
         self.warn(f"backend/{type(exc).__name__}", f"window not published: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ diagnostics
+    def _scale_warnings(self, status: dict) -> list[str]:
+        """The odometry's scale against a camera rig's baseline, else the model's against the odometry's,
+        when it departs from 1 by more than ``diagnostics.scale_disagreement`` and two of its sigmas."""
+        limit = self.config["diagnostics.scale_disagreement"]
+
+        def off(ratio: float, sigma: float) -> bool:
+            return ratio > 0 and limit > 0 and abs(np.log(ratio)) > max(np.log1p(limit), 2.0 * sigma)
+
+        odometry, odometry_sigma = float(status["odometry_scale"]), float(status["odometry_scale_sigma"])
+        if odometry > 0:
+            return [f"the odometry's distances are {odometry:.3f} x the camera rig's calibrated ones: its "
+                    "calibration (wheel radius) is off; the map is in the rig's metres"] \
+                if off(odometry, odometry_sigma) else []
+        ratio, sigma = float(status["model_scale_vs_odometry"]), float(status["model_scale_sigma"])
+        if off(ratio, sigma):
+            return [f"the model's scale is {ratio:.3f} x the odometry's over the windows so far: the "
+                    "odometry's calibration (wheel radius) or the model's metric scale is off; the map "
+                    "keeps the odometry's scale"]
+        return []
+
     def _log_stats(self) -> None:
         status = self.pipeline.status()
         now = self._now_ns()
@@ -533,12 +553,7 @@ class MapanyNode(LifecycleNode):
                 warnings.append(f"no image from {cam} for {stale_s:g} s")
         if self.config["use_odometry"] and (self._last_odom_ns is None or (now - self._last_odom_ns) * 1e-9 > stale_s):
             warnings.append(f"no odometry for {stale_s:g} s")
-        ratio, sigma = float(status["model_scale_vs_odometry"]), float(status["model_scale_sigma"])
-        limit = self.config["diagnostics.scale_disagreement"]
-        if ratio > 0 and limit > 0 and abs(np.log(ratio)) > max(np.log1p(limit), 2.0 * sigma):
-            warnings.append(f"the model's scale is {ratio:.3f} x the odometry's over the windows so far: the "
-                            "odometry's calibration (wheel radius) or the model's metric scale is off; the map "
-                            "keeps the odometry's scale")
+        warnings += self._scale_warnings(status)
         if not status["localised"]:
             warnings.append("not localised in the loaded map yet: only depth is published")
         missing = self.pipeline.missing_cameras()

@@ -38,6 +38,49 @@ STEP_SPREAD_MEMORY_STEPS = 500
 MAX_METRIC_SCALE_ERROR = 1.25
 #: Windows whose scale was measured before the model's scale against the odometry's is reported.
 MIN_SCALE_WINDOWS = 5
+#: Two cameras of a rig closer than this say too little about the window's scale (a few
+#: centimetres of noise per view against the distance between them).
+MIN_RIG_BASELINE_M = 0.1
+
+
+class PooledSpread:
+    """A window's scale from a handful of log ratios (steps, or rig baselines), with their spread
+    pooled over the windows placed so far.
+
+    The spread of a handful of ratios is itself a guess, often far too small (2 cm of noise per view
+    spreads 15 cm steps by ~15 %, yet 6 of them can show 3 %): the window's own spread counts only
+    where it exceeds what the windows so far showed, else the scale filter would take one window's
+    noise for the model's bias.
+    """
+
+    def __init__(self, floor_sigma: float) -> None:
+        self.floor_var = floor_sigma**2
+        #: Spread (variance) of one log ratio, pooled over placed windows, and its weight in ratios.
+        self.var = self.floor_var
+        self.weight = float(STEP_SPREAD_PRIOR_STEPS)
+        #: The newest window's own (variance, count), pooled once the window is placed.
+        self._window: tuple[float, int] | None = None
+
+    def measure(self, logs: list[float], least: int = 3) -> ScaleMeasurement | None:
+        """The median of ``logs`` (one odd ratio - a slipped step, a bad view - does not stretch the
+        window) and its variance; None from fewer than ``least``."""
+        self._window = None
+        if len(logs) < least:
+            return None
+        x = np.asarray(logs)
+        median = float(np.median(x))
+        spread = 1.4826 * float(np.median(np.abs(x - median)))
+        self._window = (spread**2, len(x))
+        # The median of n samples is about sqrt(pi / 2) times noisier than their mean.
+        return ScaleMeasurement(median, (np.pi / 2) * max(spread**2, self.var) / len(x))
+
+    def pool(self) -> None:
+        """Take the placed window's own spread into the pool (weighted by its count)."""
+        if self._window is None:
+            return
+        var, n = self._window
+        self.var = max((self.weight * self.var + n * var) / (self.weight + n), self.floor_var)
+        self.weight = min(self.weight + n, STEP_SPREAD_MEMORY_STEPS)
 
 
 class OdometryGraphPlacement:
@@ -51,11 +94,9 @@ class OdometryGraphPlacement:
         self.index = index
         self._scale = ScaleFilter(config.metric_scale_sigma)
         self._measurement: ScaleMeasurement | None = None
-        #: Spread (variance) of one step's log scale ratio, pooled over placed windows, its weight in
-        #: steps, and the newest window's own (variance, steps) to pool once the window is placed.
-        self._step_var = MIN_STEP_LOG_SIGMA**2
-        self._step_weight = float(STEP_SPREAD_PRIOR_STEPS)
-        self._window_spread: tuple[float, int] | None = None
+        self._rig_measurement: ScaleMeasurement | None = None
+        self._steps = PooledSpread(MIN_STEP_LOG_SIGMA)
+        self._rig = PooledSpread(MIN_STEP_LOG_SIGMA)
         #: Scale of the newest window (window units -> metres).
         self.scale = 1.0
         #: The window's relative poses lean towards the odometry they were given (see ``place``).
@@ -85,15 +126,23 @@ class OdometryGraphPlacement:
             if not self.graph.has(kf.kid) and (not known or kf.kid > known[-1]):
                 self.graph.add_keyframe(kf.kid, g[0].T_world_base, g[0].odometry_covariance)
 
-    def scale_guess(self, frames: list[Frame], prediction: WindowPrediction, usable: list[int]) -> float:
-        """The window's scale (window units -> metres) from its camera centres against the odometry's."""
-        self._measurement = self._measure(frames, prediction, usable)
-        self.scale = self._scale.estimate(self._measurement, prediction.metric)
+    def scale_guess(self, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
+                    usable: list[int]) -> float:
+        """The window's scale (window units -> the map's metres) from its camera centres against the
+        odometry's steps and, on a rig, against the calibrated distances between its cameras."""
+        self._measurement = self._steps.measure(self._step_logs(frames, prediction, usable))
+        self._rig_measurement = self._rig.measure(self._rig_logs(groups, frames, prediction, usable), least=2)
+        self.scale = self._scale.estimate(self._measurement, prediction.metric, self._rig_measurement)
         return self.scale
 
-    def _measure(self, frames: list[Frame], prediction: WindowPrediction, idx: list[int]) -> ScaleMeasurement | None:
-        """log(scale) from the ratios of consecutive odometry steps to the window's own: their median,
-        so one step where the odometry slipped, or one bad view, does not stretch the window.
+    def odometry_scale(self) -> tuple[float, float] | None:
+        """The odometry's distances over the rig's (true) ones, and the relative one-sigma; None
+        without a rig of cameras a calibrated baseline apart (see :mod:`.scale`)."""
+        return self._scale.odometry_scale()
+
+    @staticmethod
+    def _step_logs(frames: list[Frame], prediction: WindowPrediction, idx: list[int]) -> list[float]:
+        """log(scale) of consecutive steps of each camera: the odometry's step over the window's.
 
         The window's step is taken along the odometry's step (the window's frame turned onto the
         odometry's by the mean of the views' rotations), not as its length: a step's length grows
@@ -102,7 +151,7 @@ class OdometryGraphPlacement:
         """
         order = sorted(idx, key=lambda i: (frames[i].camera, frames[i].stamp_ns))
         if len(order) < 2:
-            return None
+            return []
         R_align = Rotation.from_matrix(np.stack([
             frames[i].T_world_camera[:3, :3] @ prediction.views[i].T_world_camera[:3, :3].T for i in order])).mean()
         odo = {i: frames[i].T_world_camera[:3, 3] for i in order}
@@ -118,29 +167,34 @@ class OdometryGraphPlacement:
             along = float(np.dot(win[b] - win[a], step / d_odo))
             if along > 0:
                 logs.append(np.log(d_odo / along))
-        self._window_spread = None
-        if len(logs) < 3:
-            return None
-        logs = np.asarray(logs)
-        median = float(np.median(logs))
-        spread = 1.4826 * float(np.median(np.abs(logs - median)))
-        self._window_spread = (spread**2, len(logs))
-        # The spread of a handful of steps is itself a guess, often far too small (2 cm of noise per
-        # view spreads 15 cm steps by ~15 %, yet 6 of them can show 3 %): the window's own spread
-        # counts only where it exceeds what the windows so far showed, else the scale filter would
-        # take one window's noise for the model's bias.
-        variance = max(spread**2, self._step_var)
-        # The median of n samples is about sqrt(pi / 2) times noisier than their mean.
-        return ScaleMeasurement(median, (np.pi / 2) * variance / len(logs))
+        return logs
 
-    def _pool_step_spread(self) -> None:
-        """Take the placed window's own step spread into the pool (weighted by its steps)."""
-        if self._window_spread is None:
-            return
-        var, n = self._window_spread
-        self._step_var = max((self._step_weight * self._step_var + n * var) / (self._step_weight + n),
-                             MIN_STEP_LOG_SIGMA**2)
-        self._step_weight = min(self._step_weight + n, STEP_SPREAD_MEMORY_STEPS)
+    @staticmethod
+    def _rig_logs(groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
+                  idx: list[int]) -> list[float]:
+        """log(scale) of each pair of cameras of one group at least ``MIN_RIG_BASELINE_M`` apart:
+        the calibrated distance between them (their extrinsics, and the little the base moved
+        between their stamps) over the window's, taken along the calibrated one, in the first
+        camera's frame (so no alignment of the window is needed)."""
+        usable = set(idx)
+        logs: list[float] = []
+        start = 0
+        for g in groups:
+            members = [i for i in range(start, start + len(g)) if i in usable]
+            start += len(g)
+            for n, a in enumerate(members):
+                for b in members[n + 1:]:
+                    Ta, Tb = frames[a].T_world_camera, frames[b].T_world_camera
+                    known = Ta[:3, :3].T @ (Tb[:3, 3] - Ta[:3, 3])
+                    length = float(np.linalg.norm(known))
+                    if frames[a].camera == frames[b].camera or length < MIN_RIG_BASELINE_M:
+                        continue
+                    Wa, Wb = prediction.views[a].T_world_camera, prediction.views[b].T_world_camera
+                    seen = rigidify(Wa)[:3, :3].T @ (Wb[:3, 3] - Wa[:3, 3])
+                    along = float(np.dot(seen, known / length))
+                    if along > 0:
+                        logs.append(np.log(length / along))
+        return logs
 
     def place(self, j: int, groups: list[list[Frame]], frames: list[Frame], prediction: WindowPrediction,
               accepted: list[bool], owed: dict[int, np.ndarray] | None = None) -> PlacedWindow:
@@ -178,8 +232,10 @@ class OdometryGraphPlacement:
         with self.clock.stage("graph commit"):
             graph.commit_window(j, [o for o, ok in zip(obs, check.accepted, strict=True) if ok], check.T_map_window,
                                 check.poses)
-            self._scale.update(self._measurement, prediction.metric, scale)
-            self._pool_step_spread()
+            self._scale.update(self._measurement, prediction.metric, scale, self._rig_measurement)
+            self._steps.pool()
+            self._rig.pool()
+            graph.odometry_scale = float(np.exp(self._scale.odometry_log_scale))
             poses: list[np.ndarray | None] = [None] * len(frames)
             for i in idx:
                 if accepted[i]:

@@ -49,9 +49,14 @@ class PlacementStats:
     windows_unlocalised: int = 0
     #: With odometry and a metric model: the model's scale over the odometry's, learned over the
     #: windows so far, and its one-sigma (relative); 0 until enough windows measured it. A steady
-    #: departure from 1 is a miscalibrated odometry or a biased model: the map takes the odometry's.
+    #: departure from 1 is a miscalibrated odometry or a biased model: the map takes the odometry's
+    #: scale, unless a camera rig's baseline measured the odometry's (``odometry_scale``).
     model_scale_vs_odometry: float = 0.0
     model_scale_sigma: float = 0.0
+    #: The odometry's distances over the true ones, measured against the calibrated baseline of a
+    #: camera rig, and its one-sigma; 0 without such a rig. Once known the map is in true metres.
+    odometry_scale: float = 0.0
+    odometry_scale_sigma: float = 0.0
 
 
 @dataclass

@@ -179,7 +179,7 @@ class WindowPlacer:
             mode = self._mode
             if isinstance(mode, OdometryGraphPlacement):
                 mode.register(groups)
-                scale = mode.scale_guess(frames, prediction, usable)
+                scale = mode.scale_guess(groups, frames, prediction, usable)
             else:
                 scale = mode.scale_guess(groups, n_context, frames, prediction, usable)
             units = 1.0 / scale  # metres -> window units, for the checks' sigmas
@@ -389,9 +389,12 @@ class WindowPlacer:
         s.views_rejected += len(placed.rejected_views)
         s.odometry_slips += len(placed.slips)
         s.graph_keyframes = len(self.graph.keyframes)
-        known = self._mode.model_scale() if isinstance(self._mode, OdometryGraphPlacement) else None
-        if known is not None:
-            s.model_scale_vs_odometry, s.model_scale_sigma = known
+        if isinstance(self._mode, OdometryGraphPlacement):
+            known, odometry = self._mode.model_scale(), self._mode.odometry_scale()
+            if known is not None:
+                s.model_scale_vs_odometry, s.model_scale_sigma = known
+            if odometry is not None:
+                s.odometry_scale, s.odometry_scale_sigma = odometry
         for a, b, metres in placed.slips:
             log.warning("odometry slip: the odometry moved %.2f m away from the model's geometry between the "
                         "keyframes at %.3f s and %.3f s", metres, a * 1e-9, b * 1e-9)

@@ -139,6 +139,9 @@ class PoseGraph:
         #: Newest keyframe in the graph.
         self._newest: int | None = None
         self._T_map_odom = np.eye(4)
+        #: The odometry's metres per map metre: 1 unless a camera rig's baseline measured the
+        #: odometry's scale error (see :mod:`.scale`); steps entering the graph are divided by it.
+        self.odometry_scale = 1.0
 
     # ------------------------------------------------------------------ noise models
     def odometry_sigmas(self, delta: np.ndarray, a: int | None = None, b: int | None = None) -> np.ndarray:
@@ -161,6 +164,13 @@ class PoseGraph:
     def _view_sigmas(self, obs: Observation) -> np.ndarray:
         c = self.config
         return obs.sigma_scale * np.array([c.view_sigma_rad] * 3 + [c.view_sigma_m] * 3)
+
+    def odometry_step(self, a: int, b: int) -> np.ndarray:
+        """The odometry's motion from keyframe a to b, in the map's metres."""
+        delta = invert(self.odom[a]) @ self.odom[b]
+        if self.odometry_scale != 1.0:
+            delta[:3, 3] /= self.odometry_scale
+        return delta
 
     # ------------------------------------------------------------------ keyframes
     def has(self, kid: int) -> bool:
@@ -194,7 +204,7 @@ class PoseGraph:
             return self._origin @ self.odom[kid]  # map = odom at the first keyframe (or the origin set)
         base = self._newest
         T_base = queued[base] if queued and base in queued else self.T_map_base(base)
-        return T_base @ invert(self.odom[base]) @ self.odom[kid]
+        return T_base @ self.odometry_step(base, kid)
 
     def _commit_pending(self, upto: int, poses: dict[int, np.ndarray]) -> None:
         """Queue the waiting keyframes up to ``upto`` with their odometry factors (at ``poses`` where given)."""
@@ -210,7 +220,7 @@ class PoseGraph:
                 self._new_factors.add(gtsam.PriorFactorPose3(x_key(kid), _pose(origin), _origin_noise()))
             else:
                 previous = self._newest
-                delta = invert(self.odom[previous]) @ self.odom[kid]
+                delta = self.odometry_step(previous, kid)
                 noise = self._robust(self.odometry_sigmas(delta, previous, kid))
                 self._new_factors.add(gtsam.BetweenFactorPose3(x_key(previous), x_key(kid), _pose(delta), noise))
             self._new_values.insert(x_key(kid), _pose(T))
@@ -291,7 +301,7 @@ class PoseGraph:
         graph.add(gtsam.PriorFactorPose3(x_key(kids[0]), _pose(current[kids[0]]), noise))
         steps = []
         for a, b in zip(kids, kids[1:], strict=False):
-            delta = invert(self.odom[a]) @ self.odom[b]
+            delta = self.odometry_step(a, b)
             sigmas = self.odometry_sigmas(delta, a, b)
             steps.append((a, b, delta, sigmas))
             graph.add(gtsam.BetweenFactorPose3(x_key(a), x_key(b), _pose(delta), self._robust(sigmas)))
