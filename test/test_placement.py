@@ -415,6 +415,45 @@ def test_with_a_rig_a_biased_model_is_caught_and_the_map_stays_true(scene):
     assert abs(float(np.exp(np.median(np.log(depth_scale)))) - 1.0) <= 0.02
 
 
+def test_without_rig_scale_the_map_keeps_the_odometrys_scale(scene):
+    """``placement.rig_scale: false`` (extrinsics the user does not trust for scale): the same rig
+    on odometry 5 % long gives a map 5 % large, as with one camera, and no odometry scale."""
+    rig = scene.rig("front", "left")
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, cameras=rig,
+                rate_hz=10.0, loops=0.5, placement=PlacementConfig(rig_scale=False))
+    stamps, truth = run.stamps, run.truth()
+    _, scale = ate([run.base_poses[s] for s in stamps], truth, stamps, with_scale=True)
+    assert abs(1.0 / scale - 1.05) <= 0.02, f"map scale {1 / scale:.3f}, the odometry's is 1.05"
+    assert run.pipeline.status()["odometry_scale"] == 0.0
+
+
+def test_the_scale_filter_learns_the_odometrys_scale_only_from_a_rig():
+    """Exact measurements of a model 4 % large against odometry 5 % long: without a rig the filter
+    learns their ratio and keeps the odometry's scale; with one it learns both, and the window's
+    scale is in true metres once enough rig windows measured the odometry."""
+    from mapany_ros.core.placement.scale import MIN_RIG_WINDOWS, ScaleFilter, ScaleMeasurement
+
+    model, odometry = np.log(1.04), np.log(1.05)
+    steps = ScaleMeasurement(odometry - model, 0.02**2)  # odometry metres per window unit
+    rig = ScaleMeasurement(-model, 0.02**2)  # true metres per window unit
+    alone = ScaleFilter(0.03)
+    for _ in range(50):
+        alone.update(steps, True, alone.estimate(steps, True))
+    assert alone.odometry_scale() is None and alone.odometry_log_scale == 0.0
+    assert alone.estimate(steps, True) == pytest.approx(np.exp(odometry - model), rel=1e-3)
+    both = ScaleFilter(0.03)
+    for k in range(50):
+        if k < MIN_RIG_WINDOWS:
+            assert both.odometry_scale() is None
+        both.update(steps, True, both.estimate(steps, True, rig), rig)
+    ratio, sigma = both.odometry_scale()
+    assert ratio == pytest.approx(1.05, rel=3 * sigma) and sigma < 0.01
+    assert both.estimate(steps, True, rig) == pytest.approx(np.exp(-model), rel=0.01)
+    assert both.estimate(None, True) == pytest.approx(np.exp(-model), rel=0.01)  # the bias, in true metres
+    assert both.estimate(steps, False, rig) == pytest.approx(np.exp(-model), rel=0.01)  # non-metric: measured
+
+
 def test_a_window_that_bends_is_straightened_without_odometry(scene):
     """Heading and position drift growing across every window (0.3 deg, 1 cm per view)."""
     sim = ModelSimulator(scene=scene, metric=True, noise_seed=1, drift_deg_per_view=0.3, drift_m_per_view=0.01)

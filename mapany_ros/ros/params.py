@@ -131,6 +131,9 @@ PARAMETERS: tuple[Param, ...] = (
           "(a unit slip, millimetres read as metres) (0 = no limit).", 0.0, 1e5),
     Param("placement.refine_poses", True, "Refine each window's view poses so their depth maps agree "
           "(point-to-plane, unobserved directions left alone)."),
+    Param("placement.rig_scale", True, "With odometry and cameras of one group at least 10 cm apart: measure "
+          "the odometry's scale against their calibrated distance (the extrinsics) and put the map in those "
+          "metres (false: the map keeps the odometry's scale)."),
     Param("placement.robust_kernel", "cauchy", "Robust kernel of the pose graph and the overlap fit.",
           choices=KERNELS),
     Param("placement.robust_threshold", 2.0, "Kernel width, in standard deviations.", 0.1, 100.0),
@@ -319,6 +322,7 @@ def validate(values: dict[str, Any]) -> NodeConfig:
             view_consistency=values["placement.view_consistency"],
             max_depth_m=values["placement.max_depth_m"],
             refine_poses=values["placement.refine_poses"],
+            rig_scale=values["placement.rig_scale"],
             robust_kernel=values["placement.robust_kernel"],
             robust_threshold=values["placement.robust_threshold"],
             view_sigma_m=values["placement.view_sigma_m"],

@@ -40,6 +40,8 @@ class PlacementConfig:
     anchor_samples: int = 3000
     #: Refine each window's view poses so that their depth maps agree (see :mod:`.refine`).
     refine_poses: bool = True
+    #: With odometry and a rig of cameras a calibrated distance apart: the map in the rig's metres (see :mod:`.scale`).
+    rig_scale: bool = True
     loops: LoopConfig = field(default_factory=LoopConfig)
 
     def graph(self) -> GraphConfig:

@@ -131,7 +131,8 @@ class OdometryGraphPlacement:
         """The window's scale (window units -> the map's metres) from its camera centres against the
         odometry's steps and, on a rig, against the calibrated distances between its cameras."""
         self._measurement = self._steps.measure(self._step_logs(frames, prediction, usable))
-        self._rig_measurement = self._rig.measure(self._rig_logs(groups, frames, prediction, usable), least=2)
+        self._rig_measurement = self._rig.measure(self._rig_logs(groups, frames, prediction, usable), least=2) \
+            if self.config.rig_scale else None
         self.scale = self._scale.estimate(self._measurement, prediction.metric, self._rig_measurement)
         return self.scale
 
