@@ -397,9 +397,9 @@ def test_a_camera_rigs_baseline_makes_the_map_metric_against_a_miscalibrated_odo
 
 def test_with_a_rig_a_biased_model_is_caught_and_the_map_stays_true(scene):
     """Good odometry (1 % long) and a model 5 % too large: with one camera the two cannot be told
-    apart (the map keeps the odometry's scale, see above); with a rig the odometry is measured as
-    1 % long, and both the path and the map's depth are true to within 2 %."""
-    rig = scene.rig("front", "left")
+    apart (the map keeps the odometry's scale, see above); with a rig (here three cameras) the
+    odometry is measured as 1 % long, and both the path and the map's depth are true to within 2 %."""
+    rig = scene.rig("front", "left", "right")
     odometry = DriftingOdometry(scene.base_pose, OdometryErrors.good(seed=5))
     run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=1, scale_bias=0.05), odometry=odometry,
                 cameras=rig, rate_hz=10.0, loops=1.0)

@@ -54,7 +54,7 @@ class PlacementStats:
     model_scale_vs_odometry: float = 0.0
     model_scale_sigma: float = 0.0
     #: The odometry's distances over the true ones, measured against the calibrated baseline of a
-    #: camera rig, and its one-sigma; 0 without such a rig. Once known the map is in true metres.
+    #: camera rig, and its one-sigma; 0 without such a rig (or until 5 windows measured it). The map is in true metres.
     odometry_scale: float = 0.0
     odometry_scale_sigma: float = 0.0
 

@@ -14,9 +14,10 @@ step 5 % long), and nothing in the odometry and the model together can tell its 
 model's: both show one steady ratio. A rig of cameras with a calibrated baseline between them is
 a third, truly metric reference: the distance the window puts between two cameras of one group,
 against their extrinsics, measures ``u + e_j - c``, with ``c`` the odometry's own log scale (its
-metres per true metre). ``c`` is learned from the two together, and once it is known the map is
-in true metres: windows' depth and the odometry steps the pose graph uses are both divided by
-``exp(c)``. Without a rig ``c`` keeps its prior (0) and the map keeps the odometry's scale.
+metres per true metre). ``c`` is learned from the two together, and the map is put in true
+metres by its estimate: windows' depth and the odometry steps the pose graph uses are both divided by
+``exp(c)`` (from the first rig window on, as the estimate converges). Without a rig ``c`` keeps
+its prior (0) and the map keeps the odometry's scale.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ BIAS_WALK = 0.003
 ODOMETRY_SCALE_SIGMA = 0.1
 #: How much the odometry's scale may wander from one window to the next (load, tyre wear).
 ODOMETRY_SCALE_WALK = 0.0005
-#: Windows with a rig measurement before the odometry's scale is corrected (a first window's
-#: measurement is a few per cent noisy; the early map would carry it).
+#: Windows with a rig measurement before the odometry's scale is reported (it is applied from the
+#: first one on: the posterior's mean, shrunk towards 1 while it is uncertain; an estimate held
+#: back until it is sure would leave the first windows' odometry steps the whole error).
 MIN_RIG_WINDOWS = 5
 #: A non-metric window's own scale is unknown: its prior is this wide (log scale).
 DIFFUSE = 100.0
@@ -73,8 +75,8 @@ class ScaleFilter:
 
     @property
     def odometry_log_scale(self) -> float:
-        """``c`` as the map applies it: 0 until ``MIN_RIG_WINDOWS`` rig windows measured it."""
-        return float(self.x[1]) if self.rig_learned >= MIN_RIG_WINDOWS else 0.0
+        """``c`` as the map applies it (0 until a rig measured it)."""
+        return float(self.x[1])
 
     def odometry_scale(self) -> tuple[float, float] | None:
         """The odometry's distances over the true ones and the relative one-sigma; None until a rig measured it."""
@@ -105,10 +107,7 @@ class ScaleFilter:
         if odometry is None and rig is None:
             return float(np.exp(self.bias - c)) if metric else self.last
         z, _ = self._posterior(odometry, rig, metric)
-        if rig is not None and self.rig_learned < MIN_RIG_WINDOWS:
-            # Until c is applied the map is in odometry metres: the rig, seen in those units, is
-            # c longer; its measurement taught c, and the window's odometry-unit scale is u + e_j.
-            return float(np.exp(metric * z[0] + z[2]))
+        # In the map's metres with the c the pose graph's odometry steps are divided by now.
         return float(np.exp(metric * z[0] + z[2] - c))
 
     def update(self, odometry: ScaleMeasurement | None, metric: bool, scale: float,
