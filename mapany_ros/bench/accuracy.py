@@ -129,15 +129,16 @@ def _map_quality(scene: SyntheticScene, points: np.ndarray) -> tuple[float, floa
     return float(np.median(d)), float(np.percentile(d, 90))
 
 
-def two_cameras(errors: OdometryErrors) -> dict:
-    """Front and left camera (36 cm apart), stamped apart, two loops at 10 Hz with ``errors``
-    odometry: the fused map to the true surfaces, against the model's own depth fused at the true
-    poses; the map's scale, and the odometry's scale as measured against the rig's baseline."""
+def two_cameras(errors: OdometryErrors, cameras: tuple[str, ...] = ("front", "left"), **model) -> dict:
+    """Front and left camera (36 cm apart; or ``cameras``), stamped apart, two loops at 10 Hz with
+    ``errors`` odometry: the fused map to the true surfaces, against the model's own depth fused at
+    the true poses; the map's scale, and the odometry's scale as measured against the rig's
+    baseline. ``model``: more errors of the model simulator (e.g. ``follow_priors``)."""
     scene = SyntheticScene(0)
-    rig = scene.rig("front", "left")
+    rig = scene.rig(*cameras)
     odometry = DriftingOdometry(scene.base_pose, errors)
-    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, cameras=rig,
-                rate_hz=10.0)
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4, **model), odometry=odometry,
+                cameras=rig, rate_hz=10.0)
     model = VoxelMap(run.pipeline.map.config)
     for r in run.results:
         for f, v, out, ok in zip(r.frames, r.prediction.views, r.output_mask, r.placement.accepted, strict=True):
@@ -246,6 +247,8 @@ def bench_accuracy(progress: Callable[[str], None] | None = None) -> dict:
         "good_odometry": good_odometry, "slip": wheel_slip,
         "two_cameras_poor": lambda: two_cameras(OdometryErrors.poor(seed=5)),
         "two_cameras_good": lambda: two_cameras(OdometryErrors.good(seed=5)),
+        "two_cameras_leaning": lambda: two_cameras(OdometryErrors.poor(seed=5), follow_priors=0.5),
+        "three_cameras_poor": lambda: two_cameras(OdometryErrors.poor(seed=5), ("front", "left", "right")),
         "medium_bad_views": medium_bad_views, "loops_no_odometry": loops_without_odometry,
         "loops_odometry": loops_with_drifting_odometry,
         "restart_odometry": lambda: restart_in_saved_map(True),
@@ -272,10 +275,10 @@ def accuracy_lines(r: dict) -> list[str]:
     g, s = r["good_odometry"], r["slip"]
     m, ln, lo = r["medium_bad_views"], r["loops_no_odometry"], r["loops_odometry"]
 
-    def cams(c: dict, label: str) -> str:
+    def cams(c: dict, label: str, rig: str = "2 cameras (front + left, 36 cm apart)") -> str:
         (mm, m90), (dm, d90) = c["map"], c["model_depth"]
         odo, odo_sigma, odo_true = c["odometry_scale"]
-        return (f"| 2 cameras (front + left, 36 cm apart), {label} odometry, 2 loops | fused map median / p90: "
+        return (f"| {rig}, {label}, 2 loops | fused map median / p90: "
                 f"{mm * 100:.2f} / {m90 * 100:.2f} cm; the model's own depth at the true poses {dm * 100:.2f} / "
                 f"{d90 * 100:.2f} cm: **{mm / dm:.2f}x / {m90 / d90:.2f}x**. Map scale {c['map_scale']:.4f}; the "
                 f"odometry's scale measured against the rig's baseline {odo:.3f} +- {odo_sigma:.3f} (truly "
@@ -308,8 +311,10 @@ def accuracy_lines(r: dict) -> list[str]:
         f"| <= the odometry's |",
         f"| one 30 cm slip of poor odometry | largest step error across it {s['step_max_across_m'] * 100:.1f} cm; "
         f"slip named on /diagnostics: {'yes' if s['named'] else 'no'} | back within 5 cm, or named |",
-        cams(r["two_cameras_poor"], "poor"),
-        cams(r["two_cameras_good"], "good"),
+        cams(r["two_cameras_poor"], "poor odometry"),
+        cams(r["two_cameras_good"], "good odometry"),
+        cams(r["two_cameras_leaning"], "poor odometry fed to a model whose poses lean halfway towards it"),
+        cams(r["three_cameras_poor"], "poor odometry", "3 cameras (front, left, right)"),
         f"| medium bad views (12 cm / 4 deg), flying pixels, rough confidence, no odometry, 1 loop | "
         f"{m['fine']} of {m['bad_views']} bad views rejected or within 3 cm; {m['chain_breaks']} chain breaks; ATE "
         f"{m['ate_m'] * 100:.1f} cm ({m['ate_m'] / m['path_m'] * 100:.2f} % of the path) | >= 90 %, none, <= 1 % |",
