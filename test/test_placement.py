@@ -13,7 +13,7 @@ import torch
 from core_fakes import RecordingBackend
 from scipy.spatial.transform import Rotation
 
-from mapany_ros.bench.accuracy import medium_bad_views, two_cameras
+from mapany_ros.bench.accuracy import camera_rig, medium_bad_views
 from mapany_ros.core.alignment import Sim3, robust_similarity
 from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
@@ -385,7 +385,7 @@ def test_a_camera_rigs_baseline_makes_the_map_metric_against_a_miscalibrated_odo
     """Front and left camera 36 cm apart, odometry 5 % long with 5 deg/m of heading drift: the
     calibrated distance between the cameras measures the odometry's scale, and the fused map comes
     out as good as the model's own depth fused at the true poses (issue target: within 1.25x)."""
-    r = two_cameras(OdometryErrors.poor(seed=5))
+    r = camera_rig(OdometryErrors.poor(seed=5))
     (mm, m90), (dm, d90) = r["map"], r["model_depth"]
     odometry, sigma, truly = r["odometry_scale"]
     print(f"map {mm * 100:.2f} / {m90 * 100:.2f} cm, model's own depth {dm * 100:.2f} / {d90 * 100:.2f} cm, "

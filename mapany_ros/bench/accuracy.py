@@ -129,7 +129,7 @@ def _map_quality(scene: SyntheticScene, points: np.ndarray) -> tuple[float, floa
     return float(np.median(d)), float(np.percentile(d, 90))
 
 
-def two_cameras(errors: OdometryErrors, cameras: tuple[str, ...] = ("front", "left"), **model) -> dict:
+def camera_rig(errors: OdometryErrors, cameras: tuple[str, ...] = ("front", "left"), **model) -> dict:
     """Front and left camera (36 cm apart; or ``cameras``), stamped apart, two loops at 10 Hz with
     ``errors`` odometry: the fused map to the true surfaces, against the model's own depth fused at
     the true poses; the map's scale, and the odometry's scale as measured against the rig's
@@ -245,10 +245,10 @@ def bench_accuracy(progress: Callable[[str], None] | None = None) -> dict:
         "no_odometry_defaults": no_odometry_defaults, "no_odometry_dense": no_odometry_dense,
         "prior_leaning": prior_leaning_model,
         "good_odometry": good_odometry, "slip": wheel_slip,
-        "two_cameras_poor": lambda: two_cameras(OdometryErrors.poor(seed=5)),
-        "two_cameras_good": lambda: two_cameras(OdometryErrors.good(seed=5)),
-        "two_cameras_leaning": lambda: two_cameras(OdometryErrors.poor(seed=5), follow_priors=0.5),
-        "three_cameras_poor": lambda: two_cameras(OdometryErrors.poor(seed=5), ("front", "left", "right")),
+        "two_cameras_poor": lambda: camera_rig(OdometryErrors.poor(seed=5)),
+        "two_cameras_good": lambda: camera_rig(OdometryErrors.good(seed=5)),
+        "two_cameras_leaning": lambda: camera_rig(OdometryErrors.poor(seed=5), follow_priors=0.5),
+        "three_cameras_poor": lambda: camera_rig(OdometryErrors.poor(seed=5), ("front", "left", "right")),
         "medium_bad_views": medium_bad_views, "loops_no_odometry": loops_without_odometry,
         "loops_odometry": loops_with_drifting_odometry,
         "restart_odometry": lambda: restart_in_saved_map(True),

@@ -482,7 +482,7 @@ class Pipeline:
                 "model_scale_vs_odometry": round(self._model_scale[0], 4),
                 "model_scale_sigma": round(self._model_scale[1], 4),
                 # the odometry's distances over the true ones, against a camera rig's calibrated
-                # baseline (0 without one): once known, the map is in true metres
+                # baseline (0 without one, or until 5 windows measured it): the map is in true metres
                 "odometry_scale": round(self._odometry_scale[0], 4),
                 "odometry_scale_sigma": round(self._odometry_scale[1], 4),
             }

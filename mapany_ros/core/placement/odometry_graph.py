@@ -99,8 +99,6 @@ class OdometryGraphPlacement:
         self._rig = PooledSpread(MIN_STEP_LOG_SIGMA)
         #: Scale of the newest window (window units -> metres).
         self.scale = 1.0
-        #: The window's relative poses lean towards the odometry they were given (see ``place``).
-        self.poses_are_priors = False
 
     def model_scale(self) -> tuple[float, float] | None:
         """The metric model's scale over the odometry's so far, and its relative one-sigma; None
@@ -185,10 +183,12 @@ class OdometryGraphPlacement:
             start += len(g)
             for n, a in enumerate(members):
                 for b in members[n + 1:]:
+                    if frames[a].camera == frames[b].camera:
+                        continue
                     Ta, Tb = frames[a].T_world_camera, frames[b].T_world_camera
                     known = Ta[:3, :3].T @ (Tb[:3, 3] - Ta[:3, 3])
                     length = float(np.linalg.norm(known))
-                    if frames[a].camera == frames[b].camera or length < MIN_RIG_BASELINE_M:
+                    if length < MIN_RIG_BASELINE_M:
                         continue
                     Wa, Wb = prediction.views[a].T_world_camera, prediction.views[b].T_world_camera
                     seen = rigidify(Wa)[:3, :3].T @ (Wb[:3, 3] - Wa[:3, 3])
