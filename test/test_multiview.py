@@ -12,10 +12,10 @@ from scipy.stats import chi2
 
 from mapany_ros.core.backends.base import ViewPrediction
 from mapany_ros.core.camera_rays import plane_rays
-from mapany_ros.core.frames import CameraModel
+from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.geometry import invert, make_pose, rotation_angle, transform_points
 from mapany_ros.core.placement.multiview import MAX_WIDTH, ViewStack
-from mapany_ros.core.placement.refine import refine_window_poses
+from mapany_ros.core.placement.refine import RigLink, refine_window_poses, rig_links
 from mapany_ros.core.placement.view_check import agreement_matrix, inconsistent_views
 from mapany_ros.sim.scene import SyntheticScene, render_depth
 
@@ -124,3 +124,72 @@ def test_distorted_views_agree_and_refine_like_pinhole_ones(model: str, D: list[
             assert err_m < 0.015 and err_deg < 0.8, (i, err_m, err_deg)
         else:
             assert err_m < 0.006 and err_deg < 0.15, (i, err_m, err_deg)
+
+
+def _views_at(scene: SyntheticScene, camera: CameraModel, poses: list[np.ndarray]) -> list[ViewPrediction]:
+    rays, _ = plane_rays(camera)
+    out = []
+    for T in poses:
+        d = torch.as_tensor(render_depth(scene, T, camera))
+        out.append(ViewPrediction(d, torch.ones_like(d), torch.isfinite(d), transform_points(rays * d[..., None], T),
+                                  torch.zeros(*d.shape, 3, dtype=torch.uint8), T, camera.K, camera))
+    return out
+
+
+@pytest.mark.parametrize("linked", [True, False])
+def test_a_rig_link_holds_cameras_that_see_nothing_in_common(linked: bool) -> None:
+    """A front and a back camera, two keyframes: each camera's pair of views agrees with itself,
+    but nothing ties the two cameras together except their extrinsics. Given 8 cm and 2 degrees
+    between them that are not there, and poses held only loosely (as for a model that leans on
+    its priors), the rig link brings the back camera back onto the front one's geometry; without
+    it the error stays (the depth cannot see it)."""
+    scene = SyntheticScene(0)
+    K = np.array([[80.0, 0, 79.5], [0, 80.0, 59.5], [0, 0, 1]])
+    camera = CameraModel(160, 120, K, "plumb_bob", np.zeros(5))
+    T_front_back = make_pose(Rotation.from_euler("y", 180, degrees=True).as_matrix(), [0.05, 0.0, -0.3])
+    front = [scene.camera_pose(t) for t in (3.0, 3.4)]
+    truth = front + [T @ T_front_back for T in front]
+    views = _views_at(scene, camera, truth)
+    off = make_pose(Rotation.from_rotvec(np.radians(2.0) * np.array([0.2, 0.9, 0.3])).as_matrix(), [0.06, 0.02, -0.05])
+    moved = views[:2] + [dataclasses.replace(v, T_world_camera=off @ v.T_world_camera) for v in views[2:]]
+    links = [RigLink(a, a + 2, T_front_back, 0.005, np.radians(0.3)) for a in range(2)] if linked else []
+    stack = ViewStack(moved, range(4), 1000, normals=True)
+    ref = refine_window_poses(moved, stack, range(4), prior_sigma_m=0.2, prior_sigma_rad=np.radians(4.0), links=links)
+    errors = []
+    for i in (1, 2, 3):  # every pose relative to the first, against the truth
+        rel = invert(invert(ref.views[0].T_world_camera) @ ref.views[i].T_world_camera) @ invert(truth[0]) @ truth[i]
+        errors.append((np.linalg.norm(rel[:3, 3]), np.degrees(rotation_angle(rel))))
+    assert errors[0][0] < 0.01 and errors[0][1] < 0.2, errors  # the front camera's own pair
+    if linked:
+        assert all(m < 0.015 and deg < 0.3 for m, deg in errors), errors
+    else:
+        assert all(m > 0.05 and deg > 1.5 for m, deg in errors[1:]), errors
+
+
+def test_rig_links_take_the_base_motion_between_stamps_from_odometry_or_allow_for_it() -> None:
+    """Each camera of a group is linked to the group's first: with odometry at both stamps the
+    link is the odometry's motion composed with the extrinsics, without it the extrinsics alone,
+    with the motion a fast robot could make between the stamps in the sigmas. A camera without an
+    extrinsic, or the same camera twice, gives no link."""
+    cam = CameraModel(8, 6, np.array([[8.0, 0, 3.5], [0, 8.0, 2.5], [0, 0, 1]]), "plumb_bob", np.zeros(5))
+    image = np.zeros((6, 8, 3), np.uint8)
+    E_front, E_left = make_pose(np.eye(3), [0.2, 0.0, 0.0]), make_pose(Rotation.from_euler("z", 90, degrees=True)
+                                                                        .as_matrix(), [0.0, 0.3, 0.0])
+    B0 = make_pose(np.eye(3), [1.0, 2.0, 0.0])
+    B1 = make_pose(Rotation.from_euler("z", 3, degrees=True).as_matrix(), [1.02, 2.0, 0.0])  # 20 ms later
+
+    def frame(name, stamp, E, B):
+        odo = dict(T_world_base=B, T_world_camera=B @ E) if B is not None else {}
+        return Frame(image, stamp, name, name, cam, T_base_camera=E, **odo)
+
+    with_odometry = rig_links([[frame("front", 0, E_front, B0), frame("left", 20_000_000, E_left, B1)]])
+    without = rig_links([[frame("front", 0, E_front, None), frame("left", 20_000_000, E_left, None)],
+                         [frame("front", 10**8, E_front, None), frame("front", 10**8, E_front, None)],
+                         [frame("front", 2 * 10**8, E_front, None), frame("left", 2 * 10**8, None, None)]])
+    (a,) = with_odometry
+    assert (a.a, a.b) == (0, 1)
+    np.testing.assert_allclose(a.T_ab, invert(B0 @ E_front) @ B1 @ E_left, atol=1e-12)
+    assert a.sigma_m < 0.02 and a.sigma_rad < np.radians(0.5)
+    (b,) = without
+    np.testing.assert_allclose(b.T_ab, invert(E_front) @ E_left, atol=1e-12)
+    assert b.sigma_m >= 0.04 and b.sigma_rad >= 0.03  # 20 ms at up to 2 m/s and 1.5 rad/s

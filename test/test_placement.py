@@ -381,11 +381,15 @@ def test_the_models_scale_against_the_odometrys_is_reported(scene, errors, model
     assert abs(np.log(ratio / expected)) <= 3 * sigma, (ratio, sigma, expected)
 
 
-def test_a_camera_rigs_baseline_makes_the_map_metric_against_a_miscalibrated_odometry():
+@pytest.mark.parametrize("follow_priors", [0.0, 0.5], ids=["own poses", "poses leaning on the odometry"])
+def test_a_camera_rigs_baseline_makes_the_map_metric_against_a_miscalibrated_odometry(follow_priors: float):
     """Front and left camera 36 cm apart, odometry 5 % long with 5 deg/m of heading drift: the
     calibrated distance between the cameras measures the odometry's scale, and the fused map comes
-    out as good as the model's own depth fused at the true poses (issue target: within 1.25x)."""
-    r = camera_rig(OdometryErrors.poor(seed=5))
+    out as good as the model's own depth fused at the true poses (issue target: within 1.25x).
+    Also when the model's poses lean halfway towards that odometry, as MapAnything's lean on the
+    pose priors it is fed: its steps are then 2.5 % long and bent by half the drift, and only its
+    depth (refinement, with the two cameras held together by their extrinsics) says otherwise."""
+    r = camera_rig(OdometryErrors.poor(seed=5), follow_priors=follow_priors)
     (mm, m90), (dm, d90) = r["map"], r["model_depth"]
     odometry, sigma, truly = r["odometry_scale"]
     print(f"map {mm * 100:.2f} / {m90 * 100:.2f} cm, model's own depth {dm * 100:.2f} / {d90 * 100:.2f} cm, "

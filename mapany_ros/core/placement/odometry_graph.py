@@ -134,6 +134,15 @@ class OdometryGraphPlacement:
         self.scale = self._scale.estimate(self._measurement, prediction.metric, self._rig_measurement)
         return self.scale
 
+    def rescale_refined(self, frames: list[Frame], prediction: WindowPrediction, usable: list[int]) -> float:
+        """The window's scale again, its steps measured on the refined poses: a model's poses that
+        lean towards the odometry share its scale error, the depth they were refined on does not.
+        The rig's measurement stays the one before refinement, which held the rig's views to the
+        calibrated baseline at the first guess's scale."""
+        self._measurement = self._steps.measure(self._step_logs(frames, prediction, usable))
+        self.scale = self._scale.estimate(self._measurement, prediction.metric, self._rig_measurement)
+        return self.scale
+
     def odometry_scale(self) -> tuple[float, float] | None:
         """The odometry's distances over the rig's (true) ones, and the relative one-sigma; None
         without a rig of cameras a calibrated baseline apart (see :mod:`.scale`)."""

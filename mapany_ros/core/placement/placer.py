@@ -38,7 +38,7 @@ from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected, settle
 from mapany_ros.core.placement.pose_graph import PoseGraph
-from mapany_ros.core.placement.refine import refine_window_poses
+from mapany_ros.core.placement.refine import refine_window_poses, rig_links
 from mapany_ros.core.placement.stage_clock import StageClock
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
 
@@ -187,7 +187,10 @@ class WindowPlacer:
         owed: dict[int, np.ndarray] = {}  # view -> what its points owe after refinement (moved in one pass)
         if not poses_are_priors and self.config.refine_poses and stack is not None:
             with clock.stage("refinement"):
-                prediction, owed = self._refine(prediction, stack, accepted, units)
+                prediction, owed = self._refine(groups, prediction, stack, accepted, units)
+                if isinstance(mode, OdometryGraphPlacement) and prediction.pose_priors_used:
+                    # Poses that lean towards the odometry share its scale error; refined on the depth, not.
+                    scale = mode.rescale_refined(frames, prediction, [i for i, a in enumerate(accepted) if a])
         depth_ok = list(accepted)
         self._windows += 1
         # With odometry the window's depth is checked against the map's; without, the overlap fit is that check.
@@ -361,8 +364,8 @@ class WindowPlacer:
                 accepted[idx[k]] = False
         return stack
 
-    def _refine(self, prediction: WindowPrediction, stack: ViewStack, accepted: list[bool], units: float
-                ) -> tuple[WindowPrediction, dict[int, np.ndarray]]:
+    def _refine(self, groups: list[list[Frame]], prediction: WindowPrediction, stack: ViewStack,
+                accepted: list[bool], units: float) -> tuple[WindowPrediction, dict[int, np.ndarray]]:
         """Refine the accepted views' poses; a view that had to move far more than the model's
         noise to agree with its neighbours is rejected, and the rest refined again without it.
         Returns the prediction with the refined poses and what each refined view's points owe."""
@@ -372,7 +375,8 @@ class WindowPlacer:
         loose = PRIOR_LEANING_SIGMA_FACTOR if prediction.pose_priors_used else 1.0
         kwargs = dict(prior_sigma_m=cfg.view_sigma_m * units * loose,
                       prior_sigma_rad=np.radians(cfg.view_sigma_deg) * loose, depth_sigma=cfg.overlap_sigma / 2,
-                      kernel_threshold=cfg.robust_threshold, move_points=False)
+                      kernel_threshold=cfg.robust_threshold, move_points=False, links=rig_links(groups), units=units,
+                      poses_are_evidence=not prediction.pose_priors_used)
         active = [i for i, a in enumerate(accepted) if a]
         ref = refine_window_poses(prediction.views, stack, active, **kwargs)
         # Relative to the window's typical correction: a common shift of all views is no verdict.

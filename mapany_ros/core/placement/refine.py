@@ -9,6 +9,12 @@ views' 6-DoF corrections at once, each held to the model's pose by a prior. Dire
 geometry does not observe (a wall and the floor leave sliding along the wall free) keep the
 model's values instead of drifting. How far a view had to move to agree is its disagreement: a
 view that needed far more than the model's noise is rejected by the caller.
+
+Views of one keyframe group taken by a calibrated rig are also held to each other by their
+extrinsics (:class:`RigLink`). Cameras that look different ways share little of what they see,
+so their pairs alone leave each camera's chain of views free to slide against the other's: with
+loosely held poses, windows of a front and a left camera came out with the two chains 30-80 cm
+apart at the same cost as the true poses.
 """
 
 from __future__ import annotations
@@ -22,15 +28,92 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import ViewPrediction
+from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, make_pose, transform_points
 from mapany_ros.core.placement.multiview import ViewStack
 
 #: A view's pose is refined only along directions where the data's information exceeds the prior's
-#: by this factor and is at least this fraction of its best-observed direction's.
+#: by this factor and, unless the model's poses are no evidence of their own (see
+#: ``refine_window_poses``), is at least this fraction of its best-observed direction's.
 DEGENERACY_RATIO = 10.0
 DEGENERACY_FRACTION = 0.05
 #: Pairs with fewer associated points than this do not contribute.
 MIN_PAIR_POINTS = 50
+#: How well two cameras' extrinsics give the pose between them (a calibration's error), and how
+#: much of the baseline a model's scale error may add.
+RIG_SIGMA_M = 0.005
+RIG_SIGMA_RAD = np.radians(0.3)
+RIG_SCALE_SIGMA = 0.03
+#: Without odometry the base's motion between two cameras' stamps is unknown: at most this fast.
+RIG_MAX_SPEED_MPS = 2.0
+RIG_MAX_TURN_RADPS = 1.5
+
+
+@dataclass(frozen=True)
+class RigLink:
+    """Views ``a`` and ``b`` (indices into the window's views) of one keyframe group: camera b in
+    camera a's frame, ``T_ab`` (metres), known to ``sigma_m`` / ``sigma_rad``."""
+
+    a: int
+    b: int
+    T_ab: np.ndarray
+    sigma_m: float
+    sigma_rad: float
+
+
+def rig_links(groups: Sequence[Sequence[Frame]]) -> list[RigLink]:
+    """Links between the views of every group whose cameras have extrinsics: each camera to the
+    group's first. With odometry on both frames the base's motion between their stamps is the
+    odometry's; without, it is allowed for in the sigmas."""
+    links: list[RigLink] = []
+    start = 0
+    for g in groups:
+        for k in range(1, len(g)):
+            a, b = g[0], g[k]
+            if a.T_base_camera is None or b.T_base_camera is None or a.camera == b.camera:
+                continue
+            dt = abs(b.stamp_ns - a.stamp_ns) * 1e-9
+            if a.T_world_camera is not None and b.T_world_camera is not None and a.T_world_base is not None:
+                T_ab, move_m, move_rad = invert(a.T_world_camera) @ b.T_world_camera, 0.0, 0.0
+            else:
+                T_ab = invert(a.T_base_camera) @ b.T_base_camera
+                move_m, move_rad = RIG_MAX_SPEED_MPS * dt, RIG_MAX_TURN_RADPS * dt
+            baseline = float(np.linalg.norm(T_ab[:3, 3]))
+            links.append(RigLink(start, start + k, T_ab, RIG_SIGMA_M + RIG_SCALE_SIGMA * baseline + move_m,
+                                 RIG_SIGMA_RAD + move_rad))
+        start += len(g)
+    return links
+
+
+def _adjoint(T: np.ndarray) -> np.ndarray:
+    """Adjoint of a pose in (rotation, translation) order: [[R, 0], [t^ R, R]]."""
+    R, t = T[:3, :3], T[:3, 3]
+    A = np.zeros((6, 6))
+    A[0:3, 0:3] = R
+    A[3:6, 3:6] = R
+    A[3:6, 0:3] = _hat(t) @ R
+    return A
+
+
+def _add_links(H: np.ndarray, g: np.ndarray, T: np.ndarray, links: Sequence[tuple[int, int, np.ndarray, np.ndarray]]
+               ) -> None:
+    """Add the rig links (slot a, slot b, T_ab in window units, 6 information weights) at poses ``T``.
+
+    With camera-local corrections, T_a^-1 T_b moves to exp(-xi_a) T_ab exp(xi_b), so its error
+    against the link is e0 + xi_b - Ad(T_ab^-1) xi_a to first order."""
+    for a, b, T_ab, info in links:
+        cur = invert(T[a]) @ T[b]
+        E = invert(T_ab) @ cur
+        e0 = np.concatenate([Rotation.from_matrix(E[:3, :3]).as_rotvec(), E[:3, 3]])
+        Ja = -_adjoint(invert(cur))
+        L = np.diag(info)
+        sa, sb = slice(6 * a, 6 * a + 6), slice(6 * b, 6 * b + 6)
+        H[sa, sa] += Ja.T @ L @ Ja
+        H[sa, sb] += Ja.T @ L
+        H[sb, sa] += L @ Ja
+        H[sb, sb] += L
+        g[sa] += Ja.T @ (L @ e0)
+        g[sb] += L @ e0
 
 
 @dataclass
@@ -115,20 +198,21 @@ def _assemble(stack: ViewStack, Hb: np.ndarray, gb: np.ndarray) -> tuple[np.ndar
     return H, g
 
 
-def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray:
+def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int, fraction: float) -> np.ndarray:
     """Basis (6n x k) of the per-view pose directions the geometry really observes.
 
     Each view's data block is whitened by the prior (so rotation and translation compare) and
-    eigen-decomposed; directions whose information is small, absolutely or next to the view's best
-    one, are left out. They carry only noise (a wall and the floor say nothing about sliding along
-    the wall, yet noisy normals fake a little information there), so the model's values stand.
+    eigen-decomposed; directions whose information is small, next to the prior's or (``fraction``)
+    to the view's best direction's, are left out. They carry mostly noise (a wall and the floor say
+    nothing about sliding along the wall, yet noisy normals fake a little information there), so
+    the model's values stand.
     """
     scale = 1.0 / np.sqrt(prior)
     diag = np.stack([H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] for a in range(n)]) * np.outer(scale, scale)
     evals, evecs = np.linalg.eigh(diag)  # every view's block in one call
     blocks = []
     for a in range(n):
-        keep = (evals[a] > DEGENERACY_RATIO) & (evals[a] > DEGENERACY_FRACTION * evals[a].max())
+        keep = (evals[a] > DEGENERACY_RATIO) & (evals[a] > fraction * evals[a].max())
         blocks.append(scale[:, None] * evecs[a][:, keep])
     B = np.zeros((6 * n, sum(b.shape[1] for b in blocks)))
     col = 0
@@ -141,7 +225,7 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray
 def refine_window_poses(
     views: Sequence[ViewPrediction], stack: ViewStack, active: Sequence[int], *, prior_sigma_m: float,
     prior_sigma_rad: float, depth_sigma: float = 0.01, kernel_threshold: float = 2.0, iterations: int = 5,
-    move_points: bool = True,
+    move_points: bool = True, links: Sequence[RigLink] = (), units: float = 1.0, poses_are_evidence: bool = True,
 ) -> Refinement:
     """Refine the ``active`` views' poses (points move with them); other views are returned as they are.
 
@@ -150,6 +234,11 @@ def refine_window_poses(
     kernel; ``prior_sigma_*`` is how far the model's own poses are trusted. ``move_points=False``
     leaves every view's full-resolution points where they were and returns what they owe in
     :attr:`Refinement.point_transforms` (placement moves them into the map in one pass).
+    ``links``: views of one group held to their rig's geometry; ``units``: window units per metre.
+    ``poses_are_evidence=False``: the model's poses lean towards priors it was given (odometry), so
+    every direction the depth observes at all is refined, also those far weaker than the view's
+    best one, which otherwise keep the model's values: for such a model, rotations kept that way
+    carried half of the odometry's heading drift into the map.
     """
     out = list(views)
     slots = [a for a, i in enumerate(stack.candidates) if i in set(active)]
@@ -162,6 +251,14 @@ def refine_window_poses(
     prior = np.array([1 / prior_sigma_rad**2] * 3 + [1 / prior_sigma_m**2] * 3)
     P = np.tile(prior, n)
     xi = np.zeros(6 * n)  # accumulated corrections (camera-local), held to zero by the prior
+    slot_of = {i: a for a, i in enumerate(stack.candidates)}
+    rig = []
+    for link in links:
+        a, b = slot_of.get(link.a), slot_of.get(link.b)
+        if a is not None and b is not None and on[a] and on[b]:
+            T_ab = link.T_ab.copy()
+            T_ab[:3, 3] *= units
+            rig.append((a, b, T_ab, np.array([link.sigma_rad**-2] * 3 + [(link.sigma_m * units) ** -2] * 3)))
     for it in range(iterations):
         Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
         if it == 0:  # views that do not see each other now will not after a small correction
@@ -170,7 +267,8 @@ def refine_window_poses(
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
         use = on[stack.pairs[:, 0]] & on[stack.pairs[:, 1]]  # pairs of views being refined
         H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
-        B = _observed_directions(H, prior, n)
+        _add_links(H, g, T, rig)
+        B = _observed_directions(H, prior, n, DEGENERACY_FRACTION if poses_are_evidence else 0.0)
         g = g + P * xi
         y = np.linalg.solve(B.T @ (H + np.diag(P)) @ B, -(B.T @ g)) if B.shape[1] else np.zeros(0)
         step = B @ y
