@@ -85,13 +85,13 @@ def rig_links(groups: Sequence[Sequence[Frame]]) -> list[RigLink]:
     return links
 
 
-def _adjoint(T: np.ndarray) -> np.ndarray:
-    """Adjoint of a pose in (rotation, translation) order: [[R, 0], [t^ R, R]]."""
-    R, t = T[:3, :3], T[:3, 3]
-    A = np.zeros((6, 6))
-    A[0:3, 0:3] = R
-    A[3:6, 3:6] = R
-    A[3:6, 0:3] = _hat(t) @ R
+def _adjoint(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Adjoints (..., 6, 6) of poses (R (..., 3, 3), t (..., 3)) in (rotation, translation) order:
+    [[R, 0], [t^ R, R]]."""
+    A = np.zeros((*R.shape[:-2], 6, 6))
+    A[..., 0:3, 0:3] = R
+    A[..., 3:6, 3:6] = R
+    A[..., 3:6, 0:3] = _hat(t) @ R
     return A
 
 
@@ -99,13 +99,14 @@ def _add_links(H: np.ndarray, g: np.ndarray, T: np.ndarray, links: Sequence[tupl
                ) -> None:
     """Add the rig links (slot a, slot b, T_ab in window units, 6 information weights) at poses ``T``.
 
-    With camera-local corrections, T_a^-1 T_b moves to exp(-xi_a) T_ab exp(xi_b), so its error
-    against the link is e0 + xi_b - Ad(T_ab^-1) xi_a to first order."""
+    With camera-local corrections, the current C = T_a^-1 T_b moves to exp(-xi_a) C exp(xi_b), so
+    its error against the link is e0 + xi_b - Ad(C^-1) xi_a to first order."""
     for a, b, T_ab, info in links:
         cur = invert(T[a]) @ T[b]
         E = invert(T_ab) @ cur
         e0 = np.concatenate([Rotation.from_matrix(E[:3, :3]).as_rotvec(), E[:3, 3]])
-        Ja = -_adjoint(invert(cur))
+        back = invert(cur)
+        Ja = -_adjoint(back[:3, :3], back[:3, 3])
         L = np.diag(info)
         sa, sb = slice(6 * a, 6 * a + 6), slice(6 * b, 6 * b + 6)
         H[sa, sa] += Ja.T @ L @ Ja
@@ -155,14 +156,10 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Hj *= use[:, None, None]
     gj *= use[:, None]
     # d r / d xi_i = d r / d xi_j . A, A = -Ad(T_ji) = -[[R, 0], [t^ R, R]] in (w, v) order.
-    R, t = a.R_ji.double().cpu().numpy(), a.t_ji.double().cpu().numpy()
-    A = np.zeros((len(R), 6, 6))
-    A[:, 0:3, 0:3] = -R
-    A[:, 3:6, 3:6] = -R
-    A[:, 3:6, 0:3] = -_hat(t) @ R
+    A = -_adjoint(a.R_ji.double().cpu().numpy(), a.t_ji.double().cpu().numpy())
     At = A.transpose(0, 2, 1)
     HA = Hj @ A
-    Hb = np.empty((len(R), 12, 12))
+    Hb = np.empty((len(A), 12, 12))
     Hb[:, 0:6, 0:6] = At @ HA
     Hb[:, 0:6, 6:12] = At @ Hj
     Hb[:, 6:12, 0:6] = HA
