@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: make fails on it like on any other error.
 test: $(STAMP)
-	$(VENV)/bin/ruff check mapany_ros test
+	$(VENV)/bin/ruff check mapany_ros test launch
 	$(PY) -m pytest test
 
 # BENCH_PY: another interpreter with this package installed, e.g. one that also has upstream
@@ -53,7 +53,7 @@ bench-gpu: $(STAMP)
 	$(BENCH_PY) -m mapany_ros.bench.gpu --out out/bench_gpu.md --json out/bench_gpu.json $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mapany_ros test
+	$(VENV)/bin/ruff check mapany_ros test launch
 
 clean:
 	rm -rf $(VENV) out build install log *.egg-info

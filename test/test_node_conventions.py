@@ -3,6 +3,7 @@ depth's own grid, a bounded path, diagnostics levels and a warning for a misspel
 
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
@@ -101,7 +102,8 @@ def test_a_misspelled_parameter_is_named_with_the_nearest_one(harness_factory, c
 
 
 @pytest.mark.parametrize("shut_down_first", [True, False])
-def test_ctrl_c_between_two_waits_is_a_clean_exit_and_other_rcl_errors_are_not(monkeypatch, shut_down_first):
+def test_a_context_shut_down_between_two_waits_is_a_clean_exit_and_other_rcl_errors_are_not(monkeypatch,
+                                                                                          shut_down_first):
     import rclpy
 
     from mapany_ros.ros import node as node_module
@@ -114,16 +116,110 @@ def test_ctrl_c_between_two_waits_is_a_clean_exit_and_other_rcl_errors_are_not(m
         def destroy_node(self) -> None:
             destroyed.append(True)
 
-    def spin(node, future) -> None:
-        if shut_down_first:  # what rclpy's SIGINT handler does while the executor is between waits
+    def spin(node, stop) -> None:
+        if shut_down_first:  # the context shut down from elsewhere while the executor is between waits
             rclpy.shutdown()
         raise node_module.RCLError("failed to initialize wait set: the given context is not valid")
 
     monkeypatch.setattr(node_module, "MapanyNode", StandIn)
-    monkeypatch.setattr(node_module.rclpy, "spin_until_future_complete", spin)
+    monkeypatch.setattr(node_module, "spin_until_stopped", spin)
     if shut_down_first:
         assert node_module.main([]) == 0
     else:
         with pytest.raises(node_module.RCLError):
             node_module.main([])
     assert destroyed == [True] and not rclpy.ok()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_lets_the_running_callback_finish_and_main_exit_0(monkeypatch, signum):
+    """A signal is read between two waits: nothing is raised inside a callback (nor inside rclpy's
+    message conversion, where a KeyboardInterrupt becomes a pybind11 RuntimeError and a traceback)."""
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.task import Future
+
+    from mapany_ros.ros import node as node_module
+
+    events: list[str] = []
+    handler_before = signal.getsignal(signum)
+
+    class StandIn(Node):
+        def __init__(self) -> None:
+            super().__init__("signal_stand_in")
+            self.finished = Future()
+            self.create_timer(0.01, self._tick)
+
+        def _tick(self) -> None:
+            if not events:
+                signal.raise_signal(signum)  # delivered to this (main) thread right here
+                time.sleep(0.05)
+                events.append("callback finished")
+            else:
+                events.append("called again after the signal")
+
+        def destroy_node(self) -> None:
+            events.append("destroyed")
+            super().destroy_node()
+
+    monkeypatch.setattr(node_module, "MapanyNode", StandIn)
+    assert node_module.main([]) == 0
+    assert events == ["callback finished", "destroyed"]
+    assert not rclpy.ok() and signal.getsignal(signum) == handler_before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_node_process_stops_cleanly_on_a_signal_while_input_floods_in(signum, rclpy_context,
+                                                                          ros_subprocess_env, tmp_path):
+    """What ``ros2 launch`` does on Ctrl-C: the signal lands while messages are being taken."""
+    import subprocess
+    import sys
+    import threading
+
+    import rclpy
+    from geometry_msgs.msg import TransformStamped
+    from sensor_msgs.msg import CameraInfo
+    from tf2_msgs.msg import TFMessage
+
+    node = rclpy.create_node("signal_flood", context=rclpy_context)
+    tf_pub = node.create_publisher(TFMessage, "/tf", 100)
+    info_pub = node.create_publisher(CameraInfo, "/camera/camera_info", 100)
+    tf = TFMessage(transforms=[TransformStamped() for _ in range(50)])
+    for t in tf.transforms:
+        t.header.frame_id, t.child_frame_id, t.transform.rotation.w = "odom", "base_link", 1.0
+    info = CameraInfo(width=64, height=48, k=[50.0, 0, 32, 0, 50, 24, 0, 0, 1])
+    log_path = tmp_path / "node.log"
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            tf_pub.publish(tf)
+            info_pub.publish(info)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mapany_ros.ros.node", "--ros-args",
+                                 "-p", "backend:=planesweep"], env=ros_subprocess_env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        flooder = threading.Thread(target=flood)
+        try:
+            deadline = time.monotonic() + 60
+            while node.count_subscribers("/tf") == 0 or node.count_subscribers("/camera/camera_info") == 0:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            flooder.start()
+            time.sleep(1.5)  # the node is busy taking messages
+            t0 = time.monotonic()
+            proc.send_signal(signum)
+            rc = proc.wait(20)
+            stop_s = time.monotonic() - t0
+        finally:
+            stop.set()
+            if flooder.is_alive():
+                flooder.join()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            node.destroy_node()
+    text = log_path.read_text()
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert stop_s < 10.0, f"{stop_s:.1f} s from the signal to the exit"

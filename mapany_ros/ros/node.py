@@ -14,8 +14,9 @@ pipeline, subscriptions, publishers and services; *activate* starts the timers a
 and takes images and odometry; *deactivate* publishes nothing more and drops images, odometry and
 /tf (camera_info and /tf_static are still taken: they describe the robot, and /tf_static is sent
 once); *cleanup* stops the worker and releases backend, map and every entity, and memory is given
-back; *shutdown* does the same and lets :func:`main` exit 0. With ``autostart`` (the default) the
-node configures and activates itself.
+back; *shutdown* does the same and lets :func:`main` exit 0, as SIGINT and SIGTERM do (read between
+two waits, see :class:`StopSignals`). With ``autostart`` (the default) the node configures and
+activates itself.
 
 Threads and locks. The executor runs the callbacks, timers, services and transitions (one mutually
 exclusive callback group); the pipeline's worker runs ``_publish_result``, ``_on_backend_error``
@@ -45,6 +46,7 @@ import ctypes
 import ctypes.util
 import difflib
 import gc
+import signal
 import sys
 import threading
 import time
@@ -57,9 +59,11 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import OccupancyGrid, Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
@@ -634,28 +638,79 @@ class MapanyNode(LifecycleNode):
 
 RCLError = _rclpy_impl.RCLError
 
+#: How often the main loop looks at the stop request between two waits [s]: a signal waits at most this.
+STOP_POLL_S = 0.1
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, ``ros2 launch`` stopping) ask for a clean stop; they raise nothing.
+
+    rclpy's own handlers chain to Python's, whose ``KeyboardInterrupt`` lands wherever the main thread
+    is: inside rclpy's message conversion it surfaces as a pybind11 ``RuntimeError`` from
+    ``take_message`` and a traceback. A flag the main loop reads between two waits cannot do that; the
+    callback that was running finishes first.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.received = signum  # only a store: it runs between two bytecodes of whatever was running
+
+
+def spin_until_stopped(node: Any, stop: StopSignals) -> None:
+    """Run the node's callbacks until its shutdown transition, a stop signal or a shut-down context."""
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        while stop.received is None and not node.finished.done() and rclpy.ok():
+            executor.spin_once(timeout_sec=STOP_POLL_S)
+    finally:
+        executor.remove_node(node)
+        executor.shutdown()
+
 
 def main(args: list[str] | None = None) -> int:
-    """Console entry point: ``ros2 run mapany_ros mapany_node``; exits 0 after the shutdown transition."""
-    rclpy.init(args=args)
+    """Console entry point: ``ros2 run mapany_ros mapany_node``; exits 0 after the shutdown transition
+    or on SIGINT / SIGTERM."""
+    # Signals are this function's (StopSignals); until the node is built Python's default applies.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = MapanyNode()
     except (ParameterError, BackendError) as exc:  # one clear message, no second traceback
         rclpy.logging.get_logger("mapany_node").fatal(str(exc))
         rclpy.try_shutdown()
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the backend loads
+        rclpy.try_shutdown()
+        return 0
+    stop = StopSignals()
+    stop.install()
     try:
-        rclpy.spin_until_future_complete(node, node.finished)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        spin_until_stopped(node, stop)
+    except ExternalShutdownException:
         pass
     except RCLError:
-        # SIGINT shuts the context down from the signal handler; a spin that was between two waits
-        # then fails to build its wait set. That is a normal shutdown, not a crash.
+        # A context shut down from elsewhere while the executor was between two waits makes building
+        # the wait set fail. That is a normal shutdown, not a crash.
         if rclpy.ok():
             raise
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+        stop.uninstall()
     return 0
 
 
