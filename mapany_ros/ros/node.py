@@ -403,8 +403,9 @@ class MapanyNode(LifecycleNode):
             self._last_odom_ns = self._now_ns()
 
     def _on_reset(self, reason: str) -> None:
-        """A reset announced by the pipeline (any thread, no pipeline lock held)."""
-        self.get_logger().warning(f"input restarted ({reason}): buffers, map and path reset")
+        """A reset announced by the pipeline (any thread, no pipeline lock held); a looping bag or a
+        burst of ~/reset calls is told once per WARN_PERIOD_S, with the count."""
+        self.warn("reset", f"input restarted ({reason}): buffers, map and path reset")
         pipeline = self.pipeline
         if pipeline is None:
             return
