@@ -432,6 +432,48 @@ def test_without_rig_scale_the_map_keeps_the_odometrys_scale(scene):
     assert run.pipeline.status()["odometry_scale"] == 0.0
 
 
+def test_the_odometrys_measured_scale_is_the_robots_kept_by_a_new_map_and_in_the_map_folder(scene, tmp_path):
+    """A rig measured the odometry 5 % long. That is the robot's wheel calibration, not the map's: a
+    new map (~/reset, an input restart) applies it from its first window, and so does a node started
+    in the saved map folder, where map.yaml holds it; unless rig scale is off for that node."""
+    import yaml
+
+    from mapany_ros.core.map_folder import read_keyframes
+
+    rig = scene.rig("front", "left")
+    odometry = DriftingOdometry(scene.base_pose, OdometryErrors.poor(seed=5))
+    run = drive(scene, ModelSimulator(scene=scene, metric=True, noise_seed=4), odometry=odometry, cameras=rig,
+                rate_hz=10.0, loops=0.5)
+    status = run.pipeline.status()
+    measured, sigma = status["odometry_scale"], status["odometry_scale_sigma"]
+    assert abs(np.log(measured / 1.05)) <= max(0.01, 3 * sigma), (measured, sigma)
+    run.pipeline.save_map(tmp_path / "map")
+    info = yaml.safe_load((tmp_path / "map" / "map.yaml").read_text())
+    assert info["odometry_scale"]["ratio"] == pytest.approx(measured, abs=1e-4)
+    saved = read_keyframes(tmp_path / "map")
+
+    placer = run.pipeline.placer
+    placer.reset()
+    assert placer.graph.odometry_scale == pytest.approx(measured, abs=1e-4)
+    extrinsic = run.pipeline.extrinsic
+    started = WindowPlacer(PlacementConfig(use_odometry=True), extrinsic)
+    started.load(saved)
+    assert started.graph.odometry_scale == pytest.approx(measured, abs=1e-4)
+    assert started.saved_keyframes().odometry_calibration == saved.odometry_calibration  # saved again as loaded
+    untrusted = WindowPlacer(PlacementConfig(use_odometry=True, rig_scale=False), extrinsic)
+    untrusted.load(saved)
+    assert untrusted.graph.odometry_scale == 1.0
+
+    # A folder no rig measured has no entry; a broken entry is named.
+    del info["odometry_scale"]
+    (tmp_path / "map" / "map.yaml").write_text(yaml.safe_dump(info))
+    assert read_keyframes(tmp_path / "map").odometry_calibration is None
+    info["odometry_scale"] = {"ratio": 1.05, "log_scale": "long"}
+    (tmp_path / "map" / "map.yaml").write_text(yaml.safe_dump(info))
+    with pytest.raises(ValueError, match="odometry_scale"):
+        read_keyframes(tmp_path / "map")
+
+
 def test_the_scale_filter_learns_the_odometrys_scale_only_from_a_rig():
     """Exact measurements of a model 4 % large against odometry 5 % long: without a rig the filter
     learns their ratio and keeps the odometry's scale; with one it learns both, and the window's

@@ -2,7 +2,8 @@
 
 ::
 
-    <folder>/map.yaml        what is in the folder (version, frame, counts, the parameters that matter)
+    <folder>/map.yaml        what is in the folder (version, frame, counts, the parameters that matter,
+                             and the odometry's scale where a camera rig measured it)
     <folder>/map.ply         the fused map (x y z red green blue confidence), as ~/save_map always wrote
     <folder>/keyframes.npz   every keyframe: its pose in the map, and per camera its camera model,
                              place on the base, global descriptor and small depth image
@@ -22,6 +23,7 @@ import yaml
 
 from mapany_ros.core.frames import CameraModel
 from mapany_ros.core.placement.loops.memory import SavedKeyframes, StoredKeyframe, StoredView
+from mapany_ros.core.placement.scale import OdometryCalibration
 
 VERSION = 1
 MAP_PLY = "map.ply"
@@ -65,6 +67,10 @@ def write_keyframes(folder: Path, saved: SavedKeyframes, extra: dict | None = No
     )
     info = {"version": VERSION, "map_frame": saved.map_frame, "keyframes": len(kfs), "views": len(views),
             **(extra or {})}
+    c = saved.odometry_calibration
+    if c is not None:  # the robot's wheel calibration as its rig measured it; ratio for people to read
+        info["odometry_scale"] = {"ratio": round(float(np.exp(c.log_scale)), 6), "log_scale": c.log_scale,
+                                  "variance": c.variance, "rig_windows": c.rig_windows}
     (folder / "map.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
 
 
@@ -92,4 +98,19 @@ def read_keyframes(folder: Path) -> SavedKeyframes:
         by_kid[int(kid)].views.append(StoredView(
             str(data["view_camera"][n]), int(data["view_stamp_ns"][n]), str(data["view_frame_id"][n]), model,
             image.read_bytes(), data["view_T_base_camera"][n], data["view_descriptor"][n], data["view_depth"][n]))
-    return SavedKeyframes(list(by_kid.values()), poses, str(info.get("map_frame", "map")))
+    return SavedKeyframes(list(by_kid.values()), poses, str(info.get("map_frame", "map")),
+                          _calibration(info.get("odometry_scale"), info_path))
+
+
+def _calibration(entry: object, info_path: Path) -> OdometryCalibration | None:
+    """map.yaml's ``odometry_scale`` (absent in a map no rig measured); raises ValueError when malformed."""
+    if entry is None:
+        return None
+    try:
+        c = OdometryCalibration(float(entry["log_scale"]), float(entry["variance"]), int(entry["rig_windows"]))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"{info_path}: odometry_scale needs log_scale, variance and rig_windows ({exc!r})") from exc
+    if not (np.isfinite(c.log_scale) and abs(c.log_scale) < 1.0 and np.isfinite(c.variance) and c.variance > 0
+            and c.rig_windows > 0):
+        raise ValueError(f"{info_path}: odometry_scale {entry} is out of range")
+    return c

@@ -22,7 +22,7 @@ from mapany_ros.core.placement.config import PlacementConfig
 from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStatus, moved, rejected
 from mapany_ros.core.placement.pose_graph import Observation, PoseGraph
-from mapany_ros.core.placement.scale import ScaleFilter, ScaleMeasurement
+from mapany_ros.core.placement.scale import OdometryCalibration, ScaleFilter, ScaleMeasurement
 from mapany_ros.core.placement.stage_clock import StageClock
 
 #: Consecutive views closer than this (by odometry) say nothing about the window's scale.
@@ -142,6 +142,16 @@ class OdometryGraphPlacement:
         self._measurement = self._steps.measure(self._step_logs(frames, prediction, usable))
         self.scale = self._scale.estimate(self._measurement, prediction.metric, self._rig_measurement)
         return self.scale
+
+    @property
+    def calibration(self) -> OdometryCalibration | None:
+        """The odometry's scale as a rig measured it (None before one did): the robot's, kept across maps."""
+        return self._scale.calibration()
+
+    def take_calibration(self, calibration: OdometryCalibration) -> None:
+        """Apply an earlier measurement of the odometry's scale from the first window on."""
+        self._scale.take_calibration(calibration)
+        self.graph.odometry_scale = float(np.exp(self._scale.odometry_log_scale))
 
     def odometry_scale(self) -> tuple[float, float] | None:
         """The odometry's distances over the rig's (true) ones, and the relative one-sigma; None

@@ -106,7 +106,12 @@ class WindowPlacer:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the map (a restart of the input): the next window starts a new one."""
+        """Forget the map (a restart of the input): the next window starts a new one. The odometry's
+        scale, where a rig measured it, is the robot's and is kept (else taken from a loaded map)."""
+        previous = getattr(self, "_mode", None)
+        calibration = previous.calibration if isinstance(previous, OdometryGraphPlacement) else None
+        if calibration is None and self._loaded is not None:
+            calibration = self._loaded.odometry_calibration
         self._anchors: collections.OrderedDict[tuple[str, int], Anchor] = collections.OrderedDict()
         self._placed_groups: collections.deque[list[Frame]] = collections.deque(maxlen=16)
         self.graph = PoseGraph(self.config.graph())
@@ -114,6 +119,8 @@ class WindowPlacer:
         self._mode: OdometryGraphPlacement | OverlapChainPlacement = (
             OdometryGraphPlacement(self.config, self.graph, self.index, self.clock) if self.config.use_odometry
             else OverlapChainPlacement(self.config, self._anchors, self._extrinsic, self.graph, self.index, self.clock))
+        if calibration is not None and isinstance(self._mode, OdometryGraphPlacement) and self.config.rig_scale:
+            self._mode.take_calibration(calibration)
         self._windows = 0
         #: Without odometry: the node's own chained estimate (visual odometry) per keyframe id, and
         #: the newest one's id. Continuous: only the graph's relative motion enters it.
@@ -147,7 +154,11 @@ class WindowPlacer:
         """Every keyframe loop closure remembers, at its latest pose, loaded ones included (a map folder)."""
         poses = {k: self.graph.T_map_base(k) if self.graph.has(k) else T for k, T in self._poses.items()}
         kfs = [kf for k, kf in self.loops.memory.keyframes.items() if k in poses]
-        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame)
+        mode = self._mode
+        calibration = mode.calibration if isinstance(mode, OdometryGraphPlacement) else None
+        if calibration is None and self._loaded is not None:  # a loaded map's, not measured again here
+            calibration = self._loaded.odometry_calibration
+        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame, calibration)
 
     # ------------------------------------------------------------------ queries
     def context(self, n: int) -> list[list[Frame]]:

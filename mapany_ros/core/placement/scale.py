@@ -18,6 +18,10 @@ metres per true metre). ``c`` is learned from the two together, and the map is p
 metres by its estimate: windows' depth and the odometry steps the pose graph uses are both divided by
 ``exp(c)`` (from the first rig window on, as the estimate converges). Without a rig ``c`` keeps
 its prior (0) and the map keeps the odometry's scale.
+
+``c`` is the robot's, not the map's: a new map (an input restart, ``~/reset``) keeps it, and a map
+folder stores it (:class:`OdometryCalibration`), so a node started in a saved map applies it from its
+first window instead of measuring it again over the first windows' odometry steps.
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ ODOMETRY_SCALE_WALK = 0.0005
 MIN_RIG_WINDOWS = 5
 #: A non-metric window's own scale is unknown: its prior is this wide (log scale).
 DIFFUSE = 100.0
+#: A stored calibration is held no tighter than this (log scale) when it is taken up again: tyres,
+#: load and pressure change between runs.
+CALIBRATION_FLOOR_SIGMA = 0.005
+
+
+@dataclass(frozen=True)
+class OdometryCalibration:
+    """The odometry's log scale ``c`` as a rig measured it, its variance, and over how many windows."""
+
+    log_scale: float
+    variance: float
+    rig_windows: int
 
 
 @dataclass
@@ -83,6 +99,19 @@ class ScaleFilter:
         if self.rig_learned < MIN_RIG_WINDOWS:
             return None
         return float(np.exp(self.x[1])), float(np.sqrt(self.P[1, 1]))
+
+    def calibration(self) -> OdometryCalibration | None:
+        """What the rig measured of the odometry's scale, to carry into a new map; None before any rig window."""
+        if self.rig_learned == 0:
+            return None
+        return OdometryCalibration(float(self.x[1]), float(self.P[1, 1]), self.rig_learned)
+
+    def take_calibration(self, calibration: OdometryCalibration) -> None:
+        """Start from an earlier measurement of ``c`` (this filter's bias estimate is kept)."""
+        self.x[1] = calibration.log_scale
+        self.P[0, 1] = self.P[1, 0] = 0.0
+        self.P[1, 1] = max(calibration.variance, CALIBRATION_FLOOR_SIGMA**2)
+        self.rig_learned = calibration.rig_windows
 
     def _posterior(self, odometry: ScaleMeasurement | None, rig: ScaleMeasurement | None, metric: bool
                    ) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from mapany_ros.core.frames import CameraModel, Frame
 from mapany_ros.core.placement.loops.descriptors import describe, similarities
+from mapany_ros.core.placement.scale import OdometryCalibration
 
 try:  # libjpeg-turbo when installed (it is a requirement of the node); Pillow otherwise
     import simplejpeg as _simplejpeg
@@ -172,6 +173,8 @@ class SavedKeyframes:
     keyframes: list[StoredKeyframe]
     poses: dict[int, np.ndarray]
     map_frame: str = "map"
+    #: The odometry's scale as a camera rig measured it (None: no rig measured it).
+    odometry_calibration: OdometryCalibration | None = None
 
 
 def stored_size(frame: Frame, width: int) -> tuple[int, int]:
