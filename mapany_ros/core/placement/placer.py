@@ -39,6 +39,7 @@ from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected, settle
 from mapany_ros.core.placement.pose_graph import PoseGraph
 from mapany_ros.core.placement.refine import refine_window_poses, rig_links
+from mapany_ros.core.placement.scale import OdometryCalibration
 from mapany_ros.core.placement.stage_clock import StageClock
 from mapany_ros.core.placement.view_check import inconsistent_views, pose_outliers
 
@@ -108,10 +109,7 @@ class WindowPlacer:
     def reset(self) -> None:
         """Forget the map (a restart of the input): the next window starts a new one. The odometry's
         scale, where a rig measured it, is the robot's and is kept (else taken from a loaded map)."""
-        previous = getattr(self, "_mode", None)
-        calibration = previous.calibration if isinstance(previous, OdometryGraphPlacement) else None
-        if calibration is None and self._loaded is not None:
-            calibration = self._loaded.odometry_calibration
+        calibration = self._odometry_calibration()
         self._anchors: collections.OrderedDict[tuple[str, int], Anchor] = collections.OrderedDict()
         self._placed_groups: collections.deque[list[Frame]] = collections.deque(maxlen=16)
         self.graph = PoseGraph(self.config.graph())
@@ -154,11 +152,13 @@ class WindowPlacer:
         """Every keyframe loop closure remembers, at its latest pose, loaded ones included (a map folder)."""
         poses = {k: self.graph.T_map_base(k) if self.graph.has(k) else T for k, T in self._poses.items()}
         kfs = [kf for k, kf in self.loops.memory.keyframes.items() if k in poses]
-        mode = self._mode
-        calibration = mode.calibration if isinstance(mode, OdometryGraphPlacement) else None
-        if calibration is None and self._loaded is not None:  # a loaded map's, not measured again here
-            calibration = self._loaded.odometry_calibration
-        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame, calibration)
+        return SavedKeyframes(kfs, {kf.kid: poses[kf.kid] for kf in kfs}, map_frame, self._odometry_calibration())
+
+    def _odometry_calibration(self) -> OdometryCalibration | None:
+        """The odometry's scale as a rig measured it: this run's, else the loaded map's (None: neither)."""
+        mode = getattr(self, "_mode", None)  # none yet while the first map is set up
+        live = mode.calibration if isinstance(mode, OdometryGraphPlacement) else None
+        return live if live is not None or self._loaded is None else self._loaded.odometry_calibration
 
     # ------------------------------------------------------------------ queries
     def context(self, n: int) -> list[list[Frame]]:
