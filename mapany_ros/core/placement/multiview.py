@@ -12,6 +12,7 @@ distortion, so a distorted camera is judged on its real geometry, not on its pin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,18 +68,6 @@ def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
     return _window_reduce(x, r, torch.add, 0.0) / (2 * r + 1) ** 2
 
 
-def _block_sum(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Sums over non-overlapping f x f blocks of ``x`` (n, h, w[, c]); a partial last block is dropped.
-    Strided slices added up: on a CPU several times faster than a reshaped sum or a pooling."""
-    h, w = x.shape[1] // f * f, x.shape[2] // f * f
-    out = x[:, 0:h:f, 0:w:f]
-    for a in range(f):
-        for b in range(f):
-            if a or b:
-                out = out + x[:, a:h:f, b:w:f]
-    return out
-
-
 def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Smoothed points (n, h, w, 3), unit normals (n, h, w, 3) facing the camera, and where both are
@@ -127,11 +116,13 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
                   ) -> list[tuple[torch.Tensor, torch.Tensor, CameraModel]]:
     """Per view: camera-frame points, validity and camera model on a grid at most ``max_width`` wide.
 
-    Points are the depth along the camera model's rays (distortion included). Blocks of pixels are
-    averaged (only blocks that are valid throughout stay valid; depth edges are dropped, see
-    :mod:`mapany_ros.core.depth_edges`), and the camera model follows the
-    block grid (pixel-centre convention; distortion holds in normalised coordinates, so only K
-    changes). Views of one size are pooled in one operation.
+    Every f-th pixel of every f-th row (f the smallest factor that fits), the one nearest its
+    block's centre: a model's depth is smooth over many pixels (a ViT's patches are 14 wide), so the
+    pixel stands for its block, and the full-resolution images are only read where the grid samples
+    them (averaging every block cost five full-resolution passes, a tenth of a window's placement).
+    Points are the depth along the camera model's rays (distortion included); depth edges are
+    dropped (see :mod:`mapany_ros.core.depth_edges`); the camera model follows the grid (distortion
+    holds in normalised coordinates, so only K changes). Views of one size are done in one operation.
     """
     out: list[tuple[torch.Tensor, torch.Tensor, CameraModel] | None] = [None] * len(views)
     sizes: dict[tuple, list[int]] = {}
@@ -139,79 +130,37 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
         sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
     for (height, width, device), idx in sizes.items():
         cams = [views[i].grid_camera for i in idx]
-        grids = [plane_rays(cam, device) for cam in cams]
         f = max(1, -(-width // max_width))
-        if f > 1 and all(cam.is_pinhole and cam.K[0][1] == 0 for cam in cams):
-            P, ok = _separable_blocks([views[i] for i in idx], [r for r, _ in grids], f)
+        h, w = height // f, width // f
+        grid = (slice(f // 2, f // 2 + h * f, f), slice(f // 2, f // 2 + w * f, f))
+        depth = torch.stack([views[i].depth[grid] for i in idx]).float()
+        ok = torch.stack([views[i].valid[grid] for i in idx])
+        ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
+        grids = [plane_rays(cam, device) for cam in cams]
+        if all(r is grids[0][0] for r, _ in grids):  # views of one camera model share its rays (one cached grid)
+            rays, ray_ok = grids[0][0][grid], grids[0][1][grid]
         else:
-            P, ok = _general_blocks([views[i] for i in idx], cams, grids, f)
-        # A block across a depth edge averages foreground and background, as a flying pixel does:
-        # neither is a surface to sample or to compare against.
-        ok &= ~depth_edges(P[..., 2], valid=ok)
+            rays = torch.stack([r[grid] for r, _ in grids])
+            ray_ok = torch.stack([o[grid] for _, o in grids])
+        ok &= ray_ok  # a distorted camera's grid reaches beyond its rays
+        # A depth edge is where a model puts its flying pixels: neither a surface to sample nor one
+        # to compare against.
+        ok &= ~depth_edges(depth, valid=ok)
         # As planes (3, n, h, w), seen as (n, h, w, 3): the mask broadcasts over whole planes.
-        P = torch.where(ok, P.permute(3, 0, 1, 2), torch.zeros((), device=device)).permute(1, 2, 3, 0)
+        D = torch.where(ok, depth, torch.zeros((), device=device))
+        P = torch.empty(3, len(idx), h, w, device=device)
+        torch.mul(D, rays[..., 0], out=P[0])
+        torch.mul(D, rays[..., 1], out=P[1])
+        P[2] = D
+        P = P.permute(1, 2, 3, 0)
         for a, (i, cam) in enumerate(zip(idx, cams, strict=True)):
             K = np.asarray(cam.K, dtype=np.float64).copy()
-            if f > 1:
+            if f > 1:  # coarse pixel c is full-resolution pixel f c + f // 2
                 K[:2, :2] /= f
-                K[:2, 2] = (K[:2, 2] + 0.5) / f - 0.5
-            coarse = CameraModel(width // f, height // f, K, cam.distortion_model, np.asarray(cam.D).copy())
+                K[:2, 2] = (K[:2, 2] - f // 2) / f
+            coarse = CameraModel(w, h, K, cam.distortion_model, np.asarray(cam.D).copy())
             out[i] = (P[a], ok[a], coarse)
     return out  # type: ignore[return-value]
-
-
-def _separable_blocks(views: Sequence[ViewPrediction], rays: Sequence[torch.Tensor], f: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block means and validity for pinhole views without skew, where a ray's x depends on the
-    column only and its y on the row only: the block sums of x d and y d are then sums of d along
-    rows or columns weighted by the rays, so the full-resolution images are read in two passes
-    (masking, then summing f rows) instead of a dozen. An invalid pixel is NaN (an inf depth stays
-    inf): its block's sum is not finite, as only blocks valid throughout are kept."""
-    n = len(views)
-    height, width = views[0].height, views[0].width
-    h, w = height // f * f, width // f * f
-    device = views[0].depth.device
-    X = torch.empty(n, h, width, device=device)
-    nan = torch.tensor(float("nan"), device=device)
-    for a, v in enumerate(views):
-        d = v.depth[:h].float()
-        torch.where(v.valid[:h] & (d > 0), d, nan, out=X[a])
-    rx = torch.stack([r[0, :w, 0] for r in rays])[:, None, :]  # (n, 1, w): x of a column's rays
-    ry = torch.stack([r[:h, 0, 1] for r in rays])[:, :, None]  # (n, h, 1): y of a row's rays
-    Rz, Ry = X[:, 0:h:f].clone(), X[:, 0:h:f] * ry[:, 0:h:f]
-    for k in range(1, f):
-        Rz += X[:, k:h:f]
-        Ry.addcmul_(X[:, k:h:f], ry[:, k:h:f])
-    z, x, y = Rz[..., 0:w:f].clone(), Rz[..., 0:w:f] * rx[..., 0:w:f], Ry[..., 0:w:f].clone()
-    for k in range(1, f):
-        z += Rz[..., k:w:f]
-        x.addcmul_(Rz[..., k:w:f], rx[..., k:w:f])
-        y += Ry[..., k:w:f]
-    ok = torch.isfinite(z)
-    P = torch.stack([x, y, z]).div_(f * f).permute(1, 2, 3, 0)  # planes, seen as (n, h, w, 3)
-    return P, ok
-
-
-def _general_blocks(views: Sequence[ViewPrediction], cams: Sequence[CameraModel],
-                    grids: Sequence[tuple[torch.Tensor, torch.Tensor]], f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block means and validity of any views of one size (distorted grids, or no pooling)."""
-    depth = torch.stack([v.depth for v in views]).float()
-    ok = torch.stack([v.valid for v in views])
-    if not all(cam.is_pinhole for cam in cams):  # a distorted camera's grid reaches beyond its rays
-        ok &= torch.stack([ray_ok for _, ray_ok in grids])
-    ok &= (depth > 0) & (depth < float("inf"))  # NaN fails both
-    D = torch.where(ok, depth, 0.0)
-    # Per channel, at full resolution only what the blocks need: rays are scaled to z = 1, so a
-    # point is (x d, y d, d). Views of one camera model share its rays (one cached grid).
-    rays = grids[0][0] if all(r is grids[0][0] for r, _ in grids) else torch.stack([r for r, _ in grids])
-    planes = [D * rays[..., 0].contiguous(), D * rays[..., 1].contiguous(), D]
-    if f > 1:
-        count = _block_sum(ok.float(), f).clamp_min(1e-6)
-        P = torch.stack([_block_sum(c, f) / count for c in planes], -1)
-        ok = count > f * f - 0.5
-    else:
-        P = torch.stack(planes, -1)
-    return P, ok
 
 
 @dataclass
@@ -350,14 +299,25 @@ class ViewStack:
         self._cache = {key: (hit, None)} if keep is None else {self.T0.tobytes(): keep, key: (hit, None)}
         return hit
 
-    def _associate(self, T: np.ndarray) -> Association:
-        # Each pair's camera i -> camera j in float64, then float32: no large coordinates are left
-        # (odometry coordinates can be kilometres).
+    def moved(self, a: Association, T: np.ndarray) -> Association:
+        """``a`` with its samples moved under new poses ``T`` but still read at the pixels they fell
+        on: Gauss-Newton steps between two projections (the surfaces they meet barely change)."""
+        R, t = self._pair_motion(T)
+        return dataclasses.replace(a, Y=torch.baddbmm(t[:, :, None], R, a.p), R_ji=R, t_ji=t)
+
+    def _pair_motion(self, T: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pair's camera i -> camera j rotation (P, 3, 3) and translation (P, 3) under ``T``."""
         Ti, Tj = T[self._pairs[:, 0]], T[self._pairs[:, 1]]
         Rj_t = Tj[:, :3, :3].transpose(0, 2, 1)
         R = torch.as_tensor(Rj_t @ Ti[:, :3, :3], dtype=torch.float32, device=self.device)
         t = torch.as_tensor(np.einsum("pij,pj->pi", Rj_t, Ti[:, :3, 3] - Tj[:, :3, 3]), dtype=torch.float32,
                             device=self.device)
+        return R, t
+
+    def _associate(self, T: np.ndarray) -> Association:
+        # Each pair's camera i -> camera j in float64, then float32: no large coordinates are left
+        # (odometry coordinates can be kilometres).
+        R, t = self._pair_motion(T)
         J = self.J
         p = self._p
         Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j

@@ -30,13 +30,18 @@ from scipy.spatial.transform import Rotation
 from mapany_ros.core.backends.base import ViewPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, make_pose, transform_points
-from mapany_ros.core.placement.multiview import ViewStack
+from mapany_ros.core.placement.multiview import Association, ViewStack
 
 #: A view's pose is refined only along directions where the data's information exceeds the prior's
 #: by this factor and, unless the model's poses are no evidence of their own (see
 #: ``refine_window_poses``), is at least this fraction of its best-observed direction's.
 DEGENERACY_RATIO = 10.0
 DEGENERACY_FRACTION = 0.05
+#: A step that moves every sample's projection by less than this (coarse pixels) leaves it on the
+#: pixel it fell on: the next step reuses the association (moved samples, the same surfaces).
+#: Reassociating after every step instead changes nothing measurable and costs a projection and a
+#: gather each time; never reassociating is not enough where the model's poses start far off.
+REASSOCIATE_PX = 0.5
 #: Pairs with fewer associated points than this do not contribute.
 MIN_PAIR_POINTS = 50
 #: How well two cameras' extrinsics give the pose between them (a calibration's error), and how
@@ -128,8 +133,8 @@ class Refinement:
     point_transforms: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float,
+                 previous: Association | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Association]:
     """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T`` (host arrays).
 
     r = n . (T_j^-1 T_i p - Q) under camera-local perturbations of both poses. Only view j's half
@@ -137,7 +142,7 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     as moving camera j by -Ad(T_ji) xi_i would, so view i's half is that 6x6 map of view j's, and
     the pair's blocks follow from j's 6x6 sums (a quarter of the products per sample).
     """
-    a = stack.associate(T)
+    a = stack.associate(T) if previous is None else stack.moved(previous, T)
     Y, n = a.Y, a.normal  # (P, 3, S) in camera j
     r = (Y * n).sum(1) - a.plane
     sigma = depth_sigma * a.Qz.abs() + 1e-3
@@ -165,7 +170,7 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Hb[:, 6:12, 0:6] = HA
     Hb[:, 6:12, 6:12] = Hj
     gb = np.concatenate([(At @ gj[..., None])[..., 0], gj], 1)
-    return Hb, gb, count
+    return Hb, gb, count, a
 
 
 def _hat(t: np.ndarray) -> np.ndarray:
@@ -256,12 +261,21 @@ def refine_window_poses(
             T_ab = link.T_ab.copy()
             T_ab[:3, 3] *= units
             rig.append((a, b, T_ab, np.array([link.sigma_rad**-2] * 3 + [(link.sigma_m * units) ** -2] * 3)))
+    assoc = None
+    # How far (coarse pixels) a step moves the samples' projections at most, per unit of rotation and
+    # of translation: below REASSOCIATE_PX they still fall on the pixels they fell on.
+    focal = float(stack.K[:, 0, 0].max())
+    z = stack.src[:, 2][stack.src_ok]
+    near = float(z.kthvalue(max(1, len(z) // 10)).values) if len(z) else 1.0
+    px_moved = np.inf
     for it in range(iterations):
-        Hb, gb, count = _pair_blocks(stack, T, depth_sigma, kernel_threshold)
+        fixed = assoc is not None and px_moved < REASSOCIATE_PX
+        Hb, gb, count, assoc = _pair_blocks(stack, T, depth_sigma, kernel_threshold, assoc if fixed else None)
         if it == 0:  # views that do not see each other now will not after a small correction
             keep = count >= MIN_PAIR_POINTS // 2
             stack.keep_pairs(torch.as_tensor(keep, device=stack.device))
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
+            assoc = assoc.select(torch.as_tensor(keep, device=stack.device))
         use = on[stack.pairs[:, 0]] & on[stack.pairs[:, 1]]  # pairs of views being refined
         H, g = _assemble(stack, Hb * use[:, None, None], gb * use[:, None])
         _add_links(H, g, T, rig)
@@ -271,6 +285,8 @@ def refine_window_poses(
         step = B @ y
         xi += step
         steps = step.reshape(n, 6)[slots]
+        px_moved = focal * float(np.max(np.linalg.norm(steps[:, :3], axis=1)
+                                        + np.linalg.norm(steps[:, 3:], axis=1) / max(near, 1e-6)))
         turns = Rotation.from_rotvec(steps[:, :3]).as_matrix()  # one call for every view
         for a, s, R in zip(slots, steps, turns, strict=True):
             T[a] = T[a] @ make_pose(R, s[3:])
