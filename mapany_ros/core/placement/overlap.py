@@ -10,13 +10,14 @@ any output resolution samples the same pixels).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mapany_ros.core.backends.base import ViewPrediction
-from mapany_ros.core.placement.multiview import grid_stride, sample_subgrid
+from mapany_ros.core.placement.multiview import grid_stride
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,40 @@ def normalised_confidence(view: ViewPrediction, rows: torch.Tensor, cols: torch.
 def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000, window: int | None = None,
                 scale: float = 1.0) -> Anchor:
     """An anchor from a view in the map frame, or in window ``window``'s frame times ``scale`` (metres)."""
-    s = grid_stride(view.depth.shape, samples)
-    grid = (slice(s // 2, None, s), slice(s // 2, None, s))  # the mask only where the grid samples it
-    rows, cols = sample_subgrid(view.valid[grid] & torch.isfinite(view.depth[grid]), s)
-    uv = torch.stack([(cols.float() + 0.5) / view.width, (rows.float() + 0.5) / view.height], dim=1)
-    return Anchor(
-        key=key,
-        T_map_camera=view.T_world_camera.copy(),
-        uv=uv.cpu().numpy(),
-        points=view.points_at(rows, cols).double().cpu().numpy() * scale,
-        depth=view.depth[rows, cols].double().cpu().numpy() * scale,
-        weight=normalised_confidence(view, rows, cols).double().cpu().numpy(),
-        window=window,
-    )
+    return make_anchors([key], [view], samples, window, scale)[0]
+
+
+def make_anchors(keys: Sequence[tuple[str, int]], views: Sequence[ViewPrediction], samples: int = 3000,
+                 window: int | None = None, scale: float = 1.0) -> list[Anchor]:
+    """:func:`make_anchor` for several views; views of one size are sampled in one pass (a window
+    makes an anchor of every new view, and most of a single view's cost is the number of steps)."""
+    out: list[Anchor | None] = [None] * len(views)
+    sizes: dict[tuple, list[int]] = {}
+    for i, v in enumerate(views):
+        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
+    for (height, width, _), idx in sizes.items():
+        s = grid_stride((height, width), samples)
+        grid = (slice(s // 2, None, s), slice(s // 2, None, s))  # only where the grid samples
+        depth = torch.stack([views[i].depth[grid] for i in idx]).float()
+        ok = torch.stack([views[i].valid[grid] for i in idx]) & torch.isfinite(depth)
+        conf = torch.stack([views[i].confidence[grid] for i in idx]).float()
+        # Confidence over its median among the sampled valid pixels: backends use different scales.
+        med = torch.where(ok, conf, float("nan")).flatten(1).nanmedian(1).values.nan_to_num(1.0).clamp_min(1e-6)
+        weight = (conf / med[:, None, None]).clamp(0.0, 3.0)
+        counts = ok.sum((1, 2)).tolist()
+        _, sub_r, sub_c = torch.nonzero(ok, as_tuple=True)  # view by view, in row-major order
+        rows, cols = sub_r * s + s // 2, sub_c * s + s // 2
+        uv = torch.stack([(cols.float() + 0.5) / width, (rows.float() + 0.5) / height], dim=1).cpu().numpy()
+        d = depth[ok].double().cpu().numpy() * scale
+        w = weight[ok].double().cpu().numpy()
+        start = 0
+        for i, n in zip(idx, counts, strict=True):
+            part = slice(start, start + n)
+            start += n
+            out[i] = Anchor(key=keys[i], T_map_camera=views[i].T_world_camera.copy(), uv=uv[part],
+                            points=views[i].points_at(rows[part], cols[part]).double().cpu().numpy() * scale,
+                            depth=d[part], weight=w[part], window=window)
+    return out  # type: ignore[return-value]
 
 
 def correspondences(anchor: Anchor, view: ViewPrediction, owed: np.ndarray | None = None

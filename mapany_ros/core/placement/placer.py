@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mapany_ros.core.alignment import Sim3, rigidify
-from mapany_ros.core.backends.base import WindowPrediction
+from mapany_ros.core.backends.base import ViewPrediction, WindowPrediction
 from mapany_ros.core.frames import Frame
 from mapany_ros.core.geometry import invert, is_rigid, rotation_angle
 from mapany_ros.core.placement.config import PlacementConfig
@@ -34,7 +34,7 @@ from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob, LoopMeas
 from mapany_ros.core.placement.loops.memory import SavedKeyframes
 from mapany_ros.core.placement.multiview import ViewStack, grid_stride
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
-from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchor
+from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchors
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
 from mapany_ros.core.placement.placed import PlacedWindow, PlacementStats, PlacementStatus, rejected, settle
 from mapany_ros.core.placement.pose_graph import PoseGraph
@@ -72,15 +72,24 @@ MEDIAN_SAMPLES = 5_000
 log = logging.getLogger(__name__)
 
 
-def _median_beyond(depth: torch.Tensor, valid: torch.Tensor, limit: float) -> bool:
-    """Whether the (lower) median of the valid, finite depth exceeds ``limit``: exactly when at most
-    (n - 1) // 2 of its n values are within it. Two counts instead of a selection, on a regular grid
-    of about MEDIAN_SAMPLES pixels."""
-    s = grid_stride(depth.shape, MEDIAN_SAMPLES)
-    depth, valid = depth[s // 2 :: s, s // 2 :: s], valid[s // 2 :: s, s // 2 :: s]
-    ok = valid & torch.isfinite(depth)
-    n = int(ok.sum())
-    return n > 0 and int((ok & (depth <= limit)).sum()) <= (n - 1) // 2
+def _medians_beyond(views: list[ViewPrediction], limit: float) -> list[bool]:
+    """Per view, whether the (lower) median of its valid, finite depth exceeds ``limit``: exactly
+    when at most (n - 1) // 2 of its n values are within it. Two counts instead of a selection, on
+    a regular grid of about MEDIAN_SAMPLES pixels; views of one size counted together."""
+    out = [False] * len(views)
+    sizes: dict[tuple, list[int]] = {}
+    for i, v in enumerate(views):
+        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
+    for (height, width, _), idx in sizes.items():
+        s = grid_stride((height, width), MEDIAN_SAMPLES)
+        grid = (slice(s // 2, None, s), slice(s // 2, None, s))
+        depth = torch.stack([views[i].depth[grid] for i in idx])
+        ok = torch.stack([views[i].valid[grid] for i in idx]) & torch.isfinite(depth)
+        n = ok.sum((1, 2)).tolist()
+        within = (ok & (depth <= limit)).sum((1, 2)).tolist()
+        for i, n_i, w_i in zip(idx, n, within, strict=True):
+            out[i] = n_i > 0 and w_i <= (n_i - 1) // 2
+    return out
 
 
 def _any(mask: torch.Tensor) -> bool:
@@ -356,8 +365,9 @@ class WindowPlacer:
         cfg = self.config
         views = prediction.views
         if prediction.metric and cfg.max_depth_m > 0:  # a unit slip (mm as m) keeps views self-consistent
-            for i, a in enumerate(accepted):
-                if a and _median_beyond(views[i].depth, views[i].valid, cfg.max_depth_m):
+            checked = [i for i, a in enumerate(accepted) if a]
+            for i, beyond in zip(checked, _medians_beyond([views[i] for i in checked], cfg.max_depth_m), strict=True):
+                if beyond:
                     accepted[i] = False
         candidates = [i for i, a in enumerate(accepted) if a]
         if len(candidates) < 2:
@@ -421,24 +431,26 @@ class WindowPlacer:
         if placed.status is PlacementStatus.RELOCALISED:
             s.chain_breaks += 1
         group_of = [gi for gi, g in enumerate(groups) for _ in g]
-        for gi in range(n_context, len(groups)):
-            idx = [i for i in range(len(frames)) if group_of[i] == gi and placed.accepted[i]]
-            if not idx:
-                continue
+        new = {gi: [i for i in range(len(frames)) if group_of[i] == gi and placed.accepted[i]]
+               for gi in range(n_context, len(groups))}
+        new = {gi: idx for gi, idx in new.items() if idx}
+        views = placed.prediction.views
+        with self.clock.stage("anchors"):  # later windows measure their scale and attach through these
+            fresh = [i for idx in new.values() for i in idx]
+            for i, anchor in zip(fresh, make_anchors([frames[i].key for i in fresh], [views[i] for i in fresh],
+                                                     self.config.anchor_samples), strict=True):
+                self._anchors[frames[i].key] = anchor
+            if fresh and isinstance(self._mode, OverlapChainPlacement):
+                self._mode.last_pose = views[fresh[-1]].T_world_camera
+        for gi, idx in new.items():
             self._placed_groups.append(groups[gi])
-            with self.clock.stage("anchors"):
-                for i in idx:  # later windows measure their scale and attach through these
-                    view = placed.prediction.views[i]
-                    self._anchors[frames[i].key] = make_anchor(frames[i].key, view, self.config.anchor_samples)
-                    if isinstance(self._mode, OverlapChainPlacement):
-                        self._mode.last_pose = view.T_world_camera
             kf = self.index.get(groups[gi])
             if kf is not None and self.loops.config.enabled:
-                views = [(frames[i], kf.cameras[frames[i].key], placed.prediction.views[i].depth,
-                          placed.prediction.views[i].valid) for i in idx if frames[i].key in kf.cameras]
-                if views:
+                remembered = [(frames[i], kf.cameras[frames[i].key], views[i].depth, views[i].valid)
+                              for i in idx if frames[i].key in kf.cameras]
+                if remembered:
                     with self.clock.stage("loop memory"):
-                        self.loops.remember(kf.kid, kf.stamp_ns, views)
+                        self.loops.remember(kf.kid, kf.stamp_ns, remembered)
                     if self.loops.searches(kf.kid):  # the search runs while the backend is idle, as of now
                         with self.clock.stage("loop search"):
                             self.loops.search_later(kf.kid, self._poses, self._position_sigma(kf.kid))
