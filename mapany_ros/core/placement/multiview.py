@@ -32,19 +32,6 @@ def grid_stride(shape: tuple[int, ...], samples: int) -> int:
     return max(1, int(np.sqrt(h * w / max(samples, 1))))
 
 
-def sample_grid(valid: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of valid pixels on a regular grid of about ``samples`` pixels."""
-    stride = grid_stride(valid.shape, samples)
-    return sample_subgrid(valid[stride // 2 :: stride, stride // 2 :: stride], stride)
-
-
-def sample_subgrid(sub: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sample_grid` from the grid's pixels already taken (``valid[s // 2 :: s, s // 2 :: s]``),
-    so that a mask built from several images is only built there."""
-    rows, cols = torch.nonzero(sub, as_tuple=True)
-    return rows * stride + stride // 2, cols * stride + stride // 2
-
-
 def _window_reduce(x: torch.Tensor, r: int, op, fill: float) -> torch.Tensor:
     """``op`` over the (2r + 1)^2 neighbourhood of every pixel of ``x`` (n, h, w[, c]), borders
     filled with ``fill`` (``op``'s identity: 0 for a sum, -inf for a maximum, inf for a minimum, so
@@ -113,8 +100,9 @@ MAX_WIDTH = 160
 
 
 def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
-                  ) -> list[tuple[torch.Tensor, torch.Tensor, CameraModel]]:
-    """Per view: camera-frame points, validity and camera model on a grid at most ``max_width`` wide.
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[CameraModel]]:
+    """Camera-frame points (n, H, W, 3), validity (n, H, W) and per view its camera model, on a
+    grid at most ``max_width`` wide; views of other sizes are padded (invalid) to the largest.
 
     Every f-th pixel of every f-th row (f the smallest factor that fits), the one nearest its
     block's centre: a model's depth is smooth over many pixels (a ViT's patches are 14 wide), so the
@@ -123,11 +111,13 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     Points are the depth along the camera model's rays (distortion included); depth edges are
     dropped (see :mod:`mapany_ros.core.depth_edges`); the camera model follows the grid (distortion
     holds in normalised coordinates, so only K changes). Views of one size are done in one operation.
+    Points are stored as planes (3, n, H, W) and seen as (n, H, W, 3).
     """
-    out: list[tuple[torch.Tensor, torch.Tensor, CameraModel] | None] = [None] * len(views)
+    cameras: list[CameraModel | None] = [None] * len(views)
     sizes: dict[tuple, list[int]] = {}
     for i, v in enumerate(views):
         sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
+    batches = []
     for (height, width, device), idx in sizes.items():
         cams = [views[i].grid_camera for i in idx]
         f = max(1, -(-width // max_width))
@@ -146,21 +136,31 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
         # A depth edge is where a model puts its flying pixels: neither a surface to sample nor one
         # to compare against.
         ok &= ~depth_edges(depth, valid=ok)
-        # As planes (3, n, h, w), seen as (n, h, w, 3): the mask broadcasts over whole planes.
         D = torch.where(ok, depth, torch.zeros((), device=device))
         P = torch.empty(3, len(idx), h, w, device=device)
         torch.mul(D, rays[..., 0], out=P[0])
         torch.mul(D, rays[..., 1], out=P[1])
         P[2] = D
-        P = P.permute(1, 2, 3, 0)
-        for a, (i, cam) in enumerate(zip(idx, cams, strict=True)):
+        batches.append((idx, P, ok))
+        for i, cam in zip(idx, cams, strict=True):
             K = np.asarray(cam.K, dtype=np.float64).copy()
             if f > 1:  # coarse pixel c is full-resolution pixel f c + f // 2
                 K[:2, :2] /= f
                 K[:2, 2] = (K[:2, 2] - f // 2) / f
-            coarse = CameraModel(w, h, K, cam.distortion_model, np.asarray(cam.D).copy())
-            out[i] = (P[a], ok[a], coarse)
-    return out  # type: ignore[return-value]
+            cameras[i] = CameraModel(w, h, K, cam.distortion_model, np.asarray(cam.D).copy())
+    if len(batches) == 1 and batches[0][0] == list(range(len(views))):
+        _, P, ok = batches[0]
+        return P.permute(1, 2, 3, 0), ok, cameras  # type: ignore[return-value]
+    H, W = max(P.shape[2] for _, P, _ in batches), max(P.shape[3] for _, P, _ in batches)
+    device = batches[0][1].device
+    P_all = torch.zeros(3, len(views), H, W, device=device)
+    ok_all = torch.zeros(len(views), H, W, dtype=torch.bool, device=device)
+    for idx, P, ok in batches:
+        h, w = ok.shape[1:]
+        at = torch.as_tensor(idx, device=device)
+        P_all[:, at, :h, :w] = P
+        ok_all[at, :h, :w] = ok
+    return P_all.permute(1, 2, 3, 0), ok_all, cameras  # type: ignore[return-value]
 
 
 @dataclass
@@ -197,18 +197,11 @@ class ViewStack:
     def __init__(self, views: Sequence[ViewPrediction], candidates: Sequence[int], samples: int = 1500,
                  normals: bool = False, smooth_radius: int = 1, max_width: int = MAX_WIDTH) -> None:
         self.candidates = list(candidates)
-        grids = _coarse_grids([views[i] for i in self.candidates], max_width)
-        self.device = grids[0][0].device
-        n = len(grids)
-        H, W = max(g[0].shape[0] for g in grids), max(g[0].shape[1] for g in grids)
+        self.P, self.ok, self.cameras = _coarse_grids([views[i] for i in self.candidates], max_width)
+        self.device = self.P.device
+        n, H, W = self.ok.shape
         self.H, self.W = H, W
-        # Points and normals are stored as planes (3, n, H, W) and seen as (n, H, W, 3).
-        self.P = torch.zeros(3, n, H, W, device=self.device).permute(1, 2, 3, 0)
-        self.ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
-        self.N = torch.zeros(3, n, H, W, device=self.device).permute(1, 2, 3, 0)
-        self.N_ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
-        self.size = torch.tensor([[g[0].shape[1], g[0].shape[0]] for g in grids], device=self.device)
-        self.cameras = [g[2] for g in grids]
+        self.size = torch.tensor([[c.width, c.height] for c in self.cameras], device=self.device)
         self.K = torch.as_tensor(np.stack([c.K for c in self.cameras]), dtype=torch.float64, device=self.device)
         # Views whose grids are distorted, by camera model: their projections go through the distortion.
         self._distorted: dict[tuple, list[int]] = {}
@@ -217,24 +210,13 @@ class ViewStack:
                 key = (cam.width, cam.height, cam.K.tobytes(), cam.distortion_model, np.asarray(cam.D).tobytes())
                 self._distorted.setdefault(key, []).append(a)
         self.T0 = np.stack([rigidify(views[i].T_world_camera) for i in self.candidates])
-        for a, (P, ok, _) in enumerate(grids):
-            h, w = ok.shape
-            self.P[a, :h, :w] = P
-            self.ok[a, :h, :w] = ok
         if normals:  # padding is invalid, so a smaller view's edge counts as its border
             M, self.N, self.N_ok = surface_normals(self.P, self.ok, smooth_radius)
             self.P = torch.where(self.N_ok, M.permute(3, 0, 1, 2), self.P.permute(3, 0, 1, 2)).permute(1, 2, 3, 0)
-        src = []
-        for a, (_, ok, _) in enumerate(grids):
-            h, w = ok.shape
-            rows, cols = sample_grid(self.N_ok[a, :h, :w] if normals else ok, samples)
-            src.append(self.P[a, rows, cols])
-        S = max(1, max(len(s) for s in src))
-        self.src = torch.zeros(n, 3, S, device=self.device)  # coordinates first, as in Association
-        self.src_ok = torch.zeros(n, S, dtype=torch.bool, device=self.device)
-        for a, s in enumerate(src):
-            self.src[a, :, : len(s)] = s.T
-            self.src_ok[a, : len(s)] = True
+        else:  # points and normals are planes (3, n, H, W), seen as (n, H, W, 3)
+            self.N = torch.zeros(3, n, H, W, device=self.device).permute(1, 2, 3, 0)
+            self.N_ok = torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
+        self.src, self.src_ok = self._samples(self.N_ok if normals else self.ok, samples)
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
         self._pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.I = torch.as_tensor(self._pairs[:, 0], device=self.device)
@@ -255,6 +237,33 @@ class ViewStack:
         #: Each with the indices of the pairs still kept into it (None: all of them).
         self._cache: dict[bytes, tuple[Association, torch.Tensor | None]] = {}
         self._per_pair()
+
+    def _samples(self, mask: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every view's points on a regular grid of about ``samples`` of its pixels where ``mask``
+        holds, coordinates first (n, 3, S), and which of the S slots are filled (n, S). Views of one
+        size are sampled in one pass."""
+        n = mask.shape[0]
+        strides = [grid_stride((c.height, c.width), samples) for c in self.cameras]
+        picks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for s in sorted(set(strides)):
+            views = torch.as_tensor([a for a in range(n) if strides[a] == s], device=self.device)
+            sub = mask[views, s // 2 :: s, s // 2 :: s]  # padding is False: a smaller view's grid ends at its edge
+            slot, rows, cols = torch.nonzero(sub, as_tuple=True)
+            picks.append((views[slot], rows * s + s // 2, cols * s + s // 2))
+        view = torch.cat([p[0] for p in picks])
+        rows, cols = torch.cat([p[1] for p in picks]), torch.cat([p[2] for p in picks])
+        counts = torch.bincount(view, minlength=n)
+        # Each sample's slot among its view's: samples come grouped by view within each stride.
+        order = torch.argsort(view, stable=True)
+        view, rows, cols = view[order], rows[order], cols[order]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(view), device=self.device) - starts[view]
+        S = max(1, int(counts.max()) if n else 1)
+        src = torch.zeros(n, 3, S, device=self.device)
+        src_ok = torch.zeros(n, S, dtype=torch.bool, device=self.device)
+        src.permute(0, 2, 1)[view, slot] = self.P[view, rows, cols]
+        src_ok[view, slot] = True
+        return src, src_ok
 
     @property
     def pairs(self) -> np.ndarray:
