@@ -71,11 +71,19 @@ def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
     # (n, h, w, 3) views of planes too.
     Pp = P.permute(3, 0, 1, 2)
     d = Pp[2]
-    count = _box_mean(ok.float(), r)
-    X = torch.where(ok, Pp, torch.zeros((), dtype=P.dtype, device=P.device))
-    M = _box_mean(X.view(3 * n_views, h, w), r).view(3, n_views, h, w) / count.clamp_min(1e-6)
-    d_max = _window_reduce(torch.where(ok, d, torch.zeros_like(d)), r, torch.maximum, float("-inf"))
-    d_min = _window_reduce(torch.where(ok, d, torch.full_like(d, 1e9)), r, torch.minimum, float("inf"))
+    # Neighbourhood sums of the valid points and their count, in one pass over four planes.
+    X = torch.empty(4, n_views, h, w, dtype=P.dtype, device=P.device)
+    torch.where(ok, Pp, torch.zeros((), dtype=P.dtype, device=P.device), out=X[0:3])
+    X[3] = ok
+    sums = _window_reduce(X.view(4 * n_views, h, w), r, torch.add, 0.0).view(4, n_views, h, w)
+    count = sums[3] / (2 * r + 1) ** 2
+    M = sums[0:3] / sums[3].clamp_min(1e-6)
+    # The neighbourhood's largest depth and (negated) its smallest, in one pass over two planes.
+    D = torch.empty(2, n_views, h, w, dtype=P.dtype, device=P.device)
+    torch.where(ok, d, torch.zeros((), dtype=P.dtype, device=P.device), out=D[0])
+    torch.where(ok, -d, torch.full((), -1e9, dtype=P.dtype, device=P.device), out=D[1])
+    D = _window_reduce(D.view(2 * n_views, h, w), r, torch.maximum, float("-inf")).view(2, n_views, h, w)
+    d_max, d_min = D[0], -D[1]
     dx = torch.zeros(3, n_views, h, w, dtype=P.dtype, device=P.device)
     dy = torch.zeros_like(dx)
     dx[..., r:-r] = M[..., 2 * r :] - M[..., : -2 * r]
