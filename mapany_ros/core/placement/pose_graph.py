@@ -34,6 +34,10 @@ from mapany_ros.core.odometry import odometry_between_sigmas
 KERNELS = ("cauchy", "huber", "tukey", "none")
 #: Relinearisation threshold of iSAM2 (rotation rad / translation m of a variable's update).
 RELINEARIZE_THRESHOLD = 1e-3
+#: iSAM2 looks for variables to relinearise every this many updates (GTSAM's default): at every
+#: update it cost 1.7 ms of a window's 3 at 2000 keyframes, and changed no accuracy figure. A closed
+#: loop relinearises at once (:meth:`PoseGraph.add_loop`).
+RELINEARIZE_SKIP = 10
 #: Iterations of the local check's Levenberg-Marquardt.
 LOCAL_ITERATIONS = 30
 #: An odometry step that the solution contradicts by more than this many of its own sigmas, and by
@@ -121,7 +125,7 @@ class PoseGraph:
         self.config = config
         params = gtsam.ISAM2Params()
         params.setRelinearizeThreshold(RELINEARIZE_THRESHOLD)
-        params.relinearizeSkip = 1
+        params.relinearizeSkip = RELINEARIZE_SKIP
         self._isam = gtsam.ISAM2(params)
         self._new_factors = gtsam.NonlinearFactorGraph()
         self._new_values = gtsam.Values()
@@ -397,7 +401,7 @@ class PoseGraph:
         self._new_factors.add(gtsam.BetweenFactorPose3(x_key(kid_a), x_key(kid_b), _pose(T_a_b), self._robust(sigmas)))
         self._flush()
         for _ in range(iterations - 1):  # relinearise around the closed loop
-            self._isam.update()
+            self._isam.update(force_relinearize=True)
         self._flush()
 
     # ------------------------------------------------------------------ results
