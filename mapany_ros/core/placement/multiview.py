@@ -295,7 +295,8 @@ class ViewStack:
         self._p_ok = self.src_ok[I]
         self._K = self.K[J].float()
         self._skew = bool((self.K[:, 0, 1] != 0).any())
-        self._size = self.size[J].float()
+        self._last = self.size[J].float() - 1  # (P, 2) the last column and row of view j
+        self._zero = torch.zeros((), device=self.device)
         # The pixel a sample falls on, as a float: exact while the stack has fewer than 2^24 pixels.
         self._exact_float_index = self._lookup.shape[1] < 2**24
         self._base = (J * self.H).float()[:, None]
@@ -350,16 +351,17 @@ class ViewStack:
                 front[sel] &= xs * xs + ys * ys <= image_reach(cam) * 1.0001  # beyond, the model folds back
                 xd, yd = distort(xs, ys, cam.distortion_model, cam.D)
                 x[sel], y[sel] = xd.to(x.dtype), yd.to(y.dtype)
-        K, size = self._K, self._size
+        K = self._K
         # Pixel coordinates stay floats (integers after rounding) until the one index is made.
         u = torch.addcmul(K[:, 0, 2, None], K[:, 0, 0, None], x)
         if self._skew:
             u.addcmul_(K[:, 0, 1, None], y)
         u.round_()
         v = torch.addcmul(K[:, 1, 2, None], K[:, 1, 1, None], y).round_()
-        inside = front & (u >= 0) & (v >= 0) & (u < size[:, 0, None]) & (v < size[:, 1, None])
-        u.clamp_(0, self.W - 1)
-        v.clamp_(0, self.H - 1)
+        # Inside the view exactly where clamping to it changes nothing (NaN fails the comparison).
+        uc, vc = torch.clamp(u, self._zero, self._last[:, 0:1]), torch.clamp(v, self._zero, self._last[:, 1:2])
+        inside = front.logical_and_(uc == u).logical_and_(vc == v)
+        u, v = uc, vc
         if self._exact_float_index:
             flat = ((self._base + v) * self.W + u).long()
         else:

@@ -144,18 +144,20 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     """
     a = stack.associate(T) if previous is None else stack.moved(previous, T)
     Y, n = a.Y, a.normal  # (P, 3, S) in camera j
-    r = (Y * n).sum(1) - a.plane
-    sigma = depth_sigma * a.Qz.abs() + 1e-3
+    # Per sample: d r / d (w_j, v_j) and r itself, so that one batched product gives the pair's
+    # 6x6 information and its gradient together.
+    J = torch.empty(Y.shape[0], 7, Y.shape[2], dtype=Y.dtype, device=Y.device)
+    _cross_into(J[:, 0:3], n, Y)
+    torch.neg(n, out=J[:, 3:6])
+    r = J[:, 6]
+    torch.sum(Y * n, 1, out=r)
+    r.sub_(a.plane)
     # Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
-    w = torch.where(a.planar, (sigma * sigma).addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_(),
-                    torch.zeros((), dtype=r.dtype, device=r.device))
-    Jj = torch.empty(Y.shape[0], 6, Y.shape[2], dtype=Y.dtype, device=Y.device)  # d r / d (w_j, v_j)
-    _cross_into(Jj[:, 0:3], n, Y)
-    torch.neg(n, out=Jj[:, 3:6])
-    Jw = Jj * w[:, None]
-    # The per-sample work ends in 6x6 sums per pair; the rest is small, on the host.
-    Hj = torch.bmm(Jw, Jj.transpose(1, 2)).double().cpu().numpy()
-    gj = (Jw * r[:, None]).sum(-1).double().cpu().numpy()
+    w = torch.mul(a.Qz, depth_sigma).add_(1e-3).square_()  # sigma^2 (Qz > 0 wherever a sample counts)
+    w.addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_().mul_(a.planar)
+    # The per-sample work ends in 7x7 sums per pair; the rest is small, on the host.
+    H7 = torch.bmm(J * w[:, None], J.transpose(1, 2)).double().cpu().numpy()
+    Hj, gj = np.ascontiguousarray(H7[:, 0:6, 0:6]), np.ascontiguousarray(H7[:, 0:6, 6])
     count = a.planar.sum(1).cpu().numpy()
     use = count >= MIN_PAIR_POINTS
     Hj *= use[:, None, None]
