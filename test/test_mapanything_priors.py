@@ -87,7 +87,7 @@ def placement_problems(placed: PlacedWindow, truth: list[np.ndarray], depth_rtol
         gt = SCENE.depth_z(grid, T)
         depth_err = float(np.median(np.abs(view.depth.numpy()[valid] - gt[valid]) / gt[valid]))
         if not depth_err < depth_rtol:
-            problems.append(f"view {i} depth off by {depth_err:.1%} (median)")
+            problems.append(f"view {i} depth off by {depth_err:.2e} (median)")
         v, u = np.mgrid[0 : grid.height, 0 : grid.width].astype(np.float64)
         rays = true_rays(grid, u.ravel(), v.ravel()).reshape(grid.height, grid.width, 3)
         points = (rays / rays[..., 2:3] * gt[..., None]) @ T[:3, :3].T + T[:3, 3]
@@ -266,8 +266,10 @@ def test_adapter_and_placement_put_the_truth_in_the_map(env, variant):
     placed = place(backend, frames)
     assert placed.prediction.views[0].depth.shape == ((392, 518) if variant == "model resolution" else (120, 160))
     assert placed.status is PlacementStatus.PLACED and all(placed.accepted)
-    # A nearest-resized depth prior moves depth by up to half an input pixel at creases.
-    assert placement_problems(placed, truth, 3e-3 if "depth" in variant else 1e-4) == []
+    # A nearest-resized depth prior moves depth by up to half an input pixel at creases. Without
+    # one: poses that follow their priors are refined on the depth (they move by 0.05 mm at most
+    # here) and the window's scale is measured again on the refined steps: 3e-4 off.
+    assert placement_problems(placed, truth, 3e-3 if "depth" in variant else 1e-3) == []
     assert np.allclose(placed.T_map_odom, np.eye(4), atol=1e-3)
 
 
