@@ -154,7 +154,8 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     r.sub_(a.plane)
     # Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
     w = torch.mul(a.Qz, depth_sigma).add_(1e-3).square_()  # sigma^2 (Qz > 0 wherever a sample counts)
-    w.addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_().mul_(a.planar)
+    w = torch.where(a.planar, w.addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_(),
+                    torch.zeros((), dtype=w.dtype, device=w.device))  # a product would keep a NaN
     # The per-sample work ends in 7x7 sums per pair; the rest is small, on the host.
     H7 = torch.bmm(J * w[:, None], J.transpose(1, 2)).double().cpu().numpy()
     Hj, gj = np.ascontiguousarray(H7[:, 0:6, 0:6]), np.ascontiguousarray(H7[:, 0:6, 6])
