@@ -29,7 +29,7 @@ from scipy.spatial.transform import Rotation
 
 from mapany_ros.core.backends.base import ViewPrediction
 from mapany_ros.core.frames import Frame
-from mapany_ros.core.geometry import invert, make_pose, transform_points
+from mapany_ros.core.geometry import invert, transform_points
 from mapany_ros.core.placement.multiview import Association, ViewStack
 
 #: A view's pose is refined only along directions where the data's information exceeds the prior's
@@ -213,18 +213,13 @@ def _observed_directions(H: np.ndarray, prior: np.ndarray, n: int, fraction: flo
     the model's values stand.
     """
     scale = 1.0 / np.sqrt(prior)
-    diag = np.stack([H[6 * a : 6 * a + 6, 6 * a : 6 * a + 6] for a in range(n)]) * np.outer(scale, scale)
-    evals, evecs = np.linalg.eigh(diag)  # every view's block in one call
-    blocks = []
-    for a in range(n):
-        keep = (evals[a] > DEGENERACY_RATIO) & (evals[a] > fraction * evals[a].max())
-        blocks.append(scale[:, None] * evecs[a][:, keep])
-    B = np.zeros((6 * n, sum(b.shape[1] for b in blocks)))
-    col = 0
-    for a, b in enumerate(blocks):
-        B[6 * a : 6 * a + 6, col : col + b.shape[1]] = b
-        col += b.shape[1]
-    return B
+    six = np.arange(6)
+    blocks = (6 * np.arange(n)[:, None, None] + six[:, None], 6 * np.arange(n)[:, None, None] + six)  # (n, 6, 6)
+    evals, evecs = np.linalg.eigh(H[blocks] * np.outer(scale, scale))  # every view's block in one call
+    keep = (evals > DEGENERACY_RATIO) & (evals > fraction * evals.max(axis=1, keepdims=True))  # (n, 6)
+    B = np.zeros((6 * n, 6 * n))  # every view's whitened eigenvectors, block-diagonal
+    B[blocks] = scale[:, None] * evecs
+    return B[:, keep.ravel()]
 
 
 def refine_window_poses(
@@ -290,9 +285,10 @@ def refine_window_poses(
         steps = step.reshape(n, 6)[slots]
         px_moved = focal * float(np.max(np.linalg.norm(steps[:, :3], axis=1)
                                         + np.linalg.norm(steps[:, 3:], axis=1) / max(near, 1e-6)))
-        turns = Rotation.from_rotvec(steps[:, :3]).as_matrix()  # one call for every view
-        for a, s, R in zip(slots, steps, turns, strict=True):
-            T[a] = T[a] @ make_pose(R, s[3:])
+        move = np.tile(np.eye(4), (len(slots), 1, 1))
+        move[:, :3, :3] = Rotation.from_rotvec(steps[:, :3]).as_matrix()  # one call for every view
+        move[:, :3, 3] = steps[:, 3:]
+        T[slots] = T[slots] @ move
         if np.abs(step).max() < 1e-4:
             break
     chi2 = {}
