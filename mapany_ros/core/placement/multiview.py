@@ -32,6 +32,15 @@ def grid_stride(shape: tuple[int, ...], samples: int) -> int:
     return max(1, int(np.sqrt(h * w / max(samples, 1))))
 
 
+def by_size(views: Sequence[ViewPrediction]) -> dict[tuple[int, int, torch.device], list[int]]:
+    """Indices of ``views`` grouped by (height, width, device): each group can be stacked and
+    handled in one operation."""
+    groups: dict[tuple[int, int, torch.device], list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault((v.height, v.width, v.depth.device), []).append(i)
+    return groups
+
+
 def _window_reduce(x: torch.Tensor, r: int, op, fill: float) -> torch.Tensor:
     """``op`` over the (2r + 1)^2 neighbourhood of every pixel of ``x`` (n, h, w[, c]), borders
     filled with ``fill`` (``op``'s identity: 0 for a sum, -inf for a maximum, inf for a minimum, so
@@ -122,11 +131,8 @@ def _coarse_grids(views: Sequence[ViewPrediction], max_width: int
     Points are stored as planes (3, n, H, W) and seen as (n, H, W, 3).
     """
     cameras: list[CameraModel | None] = [None] * len(views)
-    sizes: dict[tuple, list[int]] = {}
-    for i, v in enumerate(views):
-        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
     batches = []
-    for (height, width, device), idx in sizes.items():
+    for (height, width, device), idx in by_size(views).items():
         cams = [views[i].grid_camera for i in idx]
         f = max(1, -(-width // max_width))
         h, w = height // f, width // f

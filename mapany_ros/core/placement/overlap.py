@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mapany_ros.core.backends.base import ViewPrediction
-from mapany_ros.core.placement.multiview import grid_stride
+from mapany_ros.core.placement.multiview import by_size, grid_stride
 
 
 @dataclass(frozen=True)
@@ -44,21 +44,13 @@ def normalised_confidence(view: ViewPrediction, rows: torch.Tensor, cols: torch.
     return (conf / med.clamp_min(1e-6)).clamp(0.0, 3.0)
 
 
-def make_anchor(key: tuple[str, int], view: ViewPrediction, samples: int = 3000, window: int | None = None,
-                scale: float = 1.0) -> Anchor:
-    """An anchor from a view in the map frame, or in window ``window``'s frame times ``scale`` (metres)."""
-    return make_anchors([key], [view], samples, window, scale)[0]
-
-
 def make_anchors(keys: Sequence[tuple[str, int]], views: Sequence[ViewPrediction], samples: int = 3000,
                  window: int | None = None, scale: float = 1.0) -> list[Anchor]:
-    """:func:`make_anchor` for several views; views of one size are sampled in one pass (a window
-    makes an anchor of every new view, and most of a single view's cost is the number of steps)."""
+    """An anchor per view (keyed by ``keys``), in the map frame, or in window ``window``'s frame times
+    ``scale`` (metres). Views of one size are sampled in one pass: a window makes an anchor of every
+    new view, and most of a single view's cost is the number of steps."""
     out: list[Anchor | None] = [None] * len(views)
-    sizes: dict[tuple, list[int]] = {}
-    for i, v in enumerate(views):
-        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
-    for (height, width, _), idx in sizes.items():
+    for (height, width, _), idx in by_size(views).items():
         s = grid_stride((height, width), samples)
         grid = (slice(s // 2, None, s), slice(s // 2, None, s))  # only where the grid samples
         depth = torch.stack([views[i].depth[grid] for i in idx]).float()

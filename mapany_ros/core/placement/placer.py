@@ -32,7 +32,7 @@ from mapany_ros.core.placement.config import PlacementConfig
 from mapany_ros.core.placement.keyframe_index import KeyframeIndex
 from mapany_ros.core.placement.loops.closer import LoopCloser, LoopJob, LoopMeasurement
 from mapany_ros.core.placement.loops.memory import SavedKeyframes
-from mapany_ros.core.placement.multiview import ViewStack, grid_stride
+from mapany_ros.core.placement.multiview import ViewStack, by_size, grid_stride
 from mapany_ros.core.placement.odometry_graph import OdometryGraphPlacement
 from mapany_ros.core.placement.overlap import Anchor, depth_ratio, make_anchors
 from mapany_ros.core.placement.overlap_chain import OverlapChainPlacement
@@ -77,10 +77,7 @@ def _medians_beyond(views: list[ViewPrediction], limit: float) -> list[bool]:
     when at most (n - 1) // 2 of its n values are within it. Two counts instead of a selection, on
     a regular grid of about MEDIAN_SAMPLES pixels; views of one size counted together."""
     out = [False] * len(views)
-    sizes: dict[tuple, list[int]] = {}
-    for i, v in enumerate(views):
-        sizes.setdefault((v.height, v.width, v.depth.device), []).append(i)
-    for (height, width, _), idx in sizes.items():
+    for (height, width, _), idx in by_size(views).items():
         s = grid_stride((height, width), MEDIAN_SAMPLES)
         grid = (slice(s // 2, None, s), slice(s // 2, None, s))
         depth = torch.stack([views[i].depth[grid] for i in idx])
