@@ -197,6 +197,7 @@ class Association:
 
     def select(self, keep: torch.Tensor) -> Association:
         """The same association for the pairs in ``keep`` only (every pair is computed on its own)."""
+        keep = torch.nonzero(keep).squeeze(1) if keep.dtype == torch.bool else keep  # one index for all
         return Association(self.Y[keep], self.Qz[keep], self.plane[keep], self.normal[keep], self.seen[keep],
                            self.planar[keep], self.p[keep], self.R_ji[keep], self.t_ji[keep])
 
@@ -215,7 +216,6 @@ class ViewStack:
         self.device = self.P.device
         n, H, W = self.ok.shape
         self.H, self.W = H, W
-        self.size = torch.tensor([[c.width, c.height] for c in self.cameras], device=self.device)
         self.K = torch.as_tensor(np.stack([c.K for c in self.cameras]), dtype=torch.float64, device=self.device)
         # Views whose grids are distorted, by camera model: their projections go through the distortion.
         self._distorted: dict[tuple, list[int]] = {}
@@ -237,19 +237,21 @@ class ViewStack:
         self.J = torch.as_tensor(self._pairs[:, 1], device=self.device)
         # What a pair reads at the pixel its samples fall on, one column per pixel of every view (one
         # gather): normal, the plane's offset n . P, depth, and 0 (invalid), 1 (valid) or 3 (valid
-        # with a trustworthy normal: N_ok holds only where ok does).
-        lookup = torch.empty(6, n, H, W, device=self.device)
+        # with a trustworthy normal: N_ok holds only where ok does). A ring of invalid pixels around
+        # every view: a projection clamped onto it reads "not seen", so no separate inside test.
+        lookup = torch.zeros(6, n, H + 2, W + 2, device=self.device)
+        inner = lookup[:, :, 1:-1, 1:-1]
         Np, Pp = self.N.permute(3, 0, 1, 2), self.P.permute(3, 0, 1, 2)
-        lookup[0:3] = Np
-        torch.mul(Np[0], Pp[0], out=lookup[3])
-        lookup[3].addcmul_(Np[1], Pp[1]).addcmul_(Np[2], Pp[2])
-        lookup[4] = Pp[2]
-        torch.add(self.ok.float(), self.N_ok.float(), alpha=2.0, out=lookup[5])
+        inner[0:3] = Np
+        torch.mul(Np[0], Pp[0], out=inner[3])
+        inner[3].addcmul_(Np[1], Pp[1]).addcmul_(Np[2], Pp[2])
+        inner[4] = Pp[2]
+        torch.add(self.ok.float(), self.N_ok.float(), alpha=2.0, out=inner[5])
         self._lookup = lookup.reshape(6, -1)
         #: Associations already computed, by the poses' bytes: the view checks and the first step of
         #: the refinement (twice, when a view is dropped) ask at the model's own poses.
         #: Each with the indices of the pairs still kept into it (None: all of them).
-        self._cache: dict[bytes, tuple[Association, torch.Tensor | None]] = {}
+        self._cache: dict[tuple[bytes, int], tuple[Association, torch.Tensor | None]] = {}
         self._per_pair()
 
     def _samples(self, mask: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,18 +301,21 @@ class ViewStack:
         I, J = self.I, self.J
         self._p = self.src[I]  # (P, 3, S) samples of view i
         self._p_ok = self.src_ok[I]
-        self._K = self.K[J].float()
+        self._thinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {1: (self._p, self._p_ok)}
+        self._K = self.K[J].float()  # a copy: pixel coordinates in view j's ringed grid
+        self._K[:, 0:2, 2] += 1
         self._skew = bool((self.K[:, 0, 1] != 0).any())
-        self._last = self.size[J].float() - 1  # (P, 2) the last column and row of view j
-        self._zero = torch.zeros((), device=self.device)
         # The pixel a sample falls on, as a float: exact while the stack has fewer than 2^24 pixels.
         self._exact_float_index = self._lookup.shape[1] < 2**24
-        self._base = (J * self.H).float()[:, None]
+        self._base = (J * (self.H + 2)).float()[:, None]  # the row where view j's ringed grid starts
 
-    def associate(self, T: np.ndarray) -> Association:
-        """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4)."""
+    def associate(self, T: np.ndarray, every: int = 1) -> Association:
+        """Project every view's samples into every other view under camera-to-window poses ``T`` (n, 4, 4).
+
+        ``every``: only every such sample of each view (a cheaper, coarser association for the early,
+        large steps of an iterative fit)."""
         T = np.asarray(T, dtype=np.float64)
-        key = T.tobytes()
+        key = (T.tobytes(), every)
         entry = self._cache.get(key)
         if entry is not None:
             hit, kept = entry
@@ -318,9 +323,10 @@ class ViewStack:
                 hit = hit.select(kept)
                 self._cache[key] = (hit, None)
             return hit
-        hit = self._associate(T)
-        keep = self._cache.get(self.T0.tobytes()) if key != self.T0.tobytes() else None
-        self._cache = {key: (hit, None)} if keep is None else {self.T0.tobytes(): keep, key: (hit, None)}
+        hit = self._associate(T, every)
+        first = (self.T0.tobytes(), 1)
+        keep = self._cache.get(first) if key != first else None
+        self._cache = {key: (hit, None)} if keep is None else {first: keep, key: (hit, None)}
         return hit
 
     def moved(self, a: Association, T: np.ndarray) -> Association:
@@ -338,12 +344,18 @@ class ViewStack:
                             device=self.device)
         return R, t
 
-    def _associate(self, T: np.ndarray) -> Association:
+    def _samples_every(self, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every ``every``-th sample slot of every pair (P, 3, S'), and which are filled (P, S')."""
+        if every not in self._thinned:
+            self._thinned[every] = (self._p[:, :, ::every].contiguous(), self._p_ok[:, ::every].contiguous())
+        return self._thinned[every]
+
+    def _associate(self, T: np.ndarray, every: int = 1) -> Association:
         # Each pair's camera i -> camera j in float64, then float32: no large coordinates are left
         # (odometry coordinates can be kilometres).
         R, t = self._pair_motion(T)
         J = self.J
-        p = self._p
+        p, p_ok = self._samples_every(every)
         Y = torch.baddbmm(t[:, :, None], R, p)  # (P, 3, S) camera j
         z = Y[:, 2]
         front = z > 1e-6
@@ -362,17 +374,14 @@ class ViewStack:
         u = torch.addcmul(K[:, 0, 2, None], K[:, 0, 0, None], x)
         if self._skew:
             u.addcmul_(K[:, 0, 1, None], y)
-        u.round_()
-        v = torch.addcmul(K[:, 1, 2, None], K[:, 1, 1, None], y).round_()
-        # Inside the view exactly where clamping to it changes nothing (NaN fails the comparison).
-        uc, vc = torch.clamp(u, self._zero, self._last[:, 0:1]), torch.clamp(v, self._zero, self._last[:, 1:2])
-        inside = front.logical_and_(uc == u).logical_and_(vc == v)
-        u, v = uc, vc
+        # Views smaller than the stack are padded with invalid pixels: one clamp onto the ring suits all.
+        u.round_().clamp_(0, self.W + 1)
+        v = torch.addcmul(K[:, 1, 2, None], K[:, 1, 1, None], y).round_().clamp_(0, self.H + 1)
         if self._exact_float_index:
-            flat = ((self._base + v) * self.W + u).long()
+            flat = v.add_(self._base).mul_(self.W + 2).add_(u).long()
         else:
-            flat = (J[:, None] * self.H + v.long()) * self.W + u.long()
+            flat = (J[:, None] * (self.H + 2) + v.long()) * (self.W + 2) + u.long()
         at = self._lookup.index_select(1, flat.reshape(-1)).reshape(6, *flat.shape).transpose(0, 1)  # (P, 6, S)
-        seen = inside & self._p_ok & (at[:, 5] > 0.5)
+        seen = front.logical_and_(p_ok).logical_and_(at[:, 5] > 0.5)
         planar = seen & (at[:, 5] > 2.5)
         return Association(Y, at[:, 4], at[:, 3], at[:, 0:3], seen, planar, p, R, t)

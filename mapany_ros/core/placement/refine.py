@@ -42,6 +42,10 @@ DEGENERACY_FRACTION = 0.05
 #: Reassociating after every step instead changes nothing measurable and costs a projection and a
 #: gather each time; never reassociating is not enough where the model's poses start far off.
 REASSOCIATE_PX = 0.5
+#: The steps between the first and the last ``FINE_STEPS`` (the large ones, whose association
+#: changes anyway) associate only every ``COARSE_EVERY``-th sample of each view.
+COARSE_EVERY = 2
+FINE_STEPS = 2
 #: Pairs with fewer associated points than this do not contribute.
 MIN_PAIR_POINTS = 50
 #: How well two cameras' extrinsics give the pose between them (a calibration's error), and how
@@ -134,32 +138,36 @@ class Refinement:
 
 
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float,
-                 previous: Association | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Association]:
+                 previous: Association | None = None, every: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Association]:
     """Per-pair 12x12 normal-equation blocks, 12-gradients and point counts at poses ``T`` (host arrays).
+
+    ``every``: from every such sample only (a new association), sums and counts scaled up to stand
+    for all samples.
 
     r = n . (T_j^-1 T_i p - Q) under camera-local perturbations of both poses. Only view j's half
     of the Jacobian is computed per sample: moving camera i by xi_i moves the points in camera j
     as moving camera j by -Ad(T_ji) xi_i would, so view i's half is that 6x6 map of view j's, and
     the pair's blocks follow from j's 6x6 sums (a quarter of the products per sample).
     """
-    a = stack.associate(T) if previous is None else stack.moved(previous, T)
+    a = stack.associate(T, every) if previous is None else stack.moved(previous, T)
     Y, n = a.Y, a.normal  # (P, 3, S) in camera j
-    # Per sample: d r / d (w_j, v_j) and r itself, so that one batched product gives the pair's
-    # 6x6 information and its gradient together.
-    J = torch.empty(Y.shape[0], 7, Y.shape[2], dtype=Y.dtype, device=Y.device)
-    _cross_into(J[:, 0:3], n, Y)
-    torch.neg(n, out=J[:, 3:6])
-    r = J[:, 6]
-    torch.sum(Y * n, 1, out=r)
-    r.sub_(a.plane)
-    # Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
+    # r, and its Cauchy weight over sigma^2: 1 / (1 + (r / (k sigma))^2) / sigma^2 = 1 / (sigma^2 + (r / k)^2).
+    r = torch.sum(Y * n, 1).sub_(a.plane)
     w = torch.mul(a.Qz, depth_sigma).add_(1e-3).square_()  # sigma^2 (Qz > 0 wherever a sample counts)
-    w = torch.where(a.planar, w.addcmul_(r, r, value=1.0 / kernel_threshold**2).reciprocal_(),
-                    torch.zeros((), dtype=w.dtype, device=w.device))  # a product would keep a NaN
+    root_w = torch.where(a.planar, w.addcmul_(r, r, value=1.0 / kernel_threshold**2).rsqrt_(),
+                         torch.zeros((), dtype=w.dtype, device=w.device))  # a product would keep a NaN
+    # Per sample, weighted by sqrt(w): d r / d (w_j, v_j) = (n x Y, -n) and r itself, so that one batched
+    # product gives the pair's 6x6 information and its gradient together. The translation rows are
+    # +n here (one operation fewer); their sign is restored on the 7x7 sums.
+    J = torch.empty(Y.shape[0], 7, Y.shape[2], dtype=Y.dtype, device=Y.device)
+    torch.mul(n, root_w[:, None], out=J[:, 3:6])
+    torch.mul(r, root_w, out=J[:, 6])
+    _cross_into(J[:, 0:3], J[:, 3:6], Y)
     # The per-sample work ends in 7x7 sums per pair; the rest is small, on the host.
-    H7 = torch.bmm(J * w[:, None], J.transpose(1, 2)).double().cpu().numpy()
+    H7 = torch.bmm(J, J.transpose(1, 2)).double().cpu().numpy() * (_SIGNS * (_SIGNS[:, None] * every))
     Hj, gj = np.ascontiguousarray(H7[:, 0:6, 0:6]), np.ascontiguousarray(H7[:, 0:6, 6])
-    count = a.planar.sum(1).cpu().numpy()
+    count = a.planar.sum(1).cpu().numpy() * every
     use = count >= MIN_PAIR_POINTS
     Hj *= use[:, None, None]
     gj *= use[:, None]
@@ -174,6 +182,10 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Hb[:, 6:12, 6:12] = Hj
     gb = np.concatenate([(At @ gj[..., None])[..., 0], gj], 1)
     return Hb, gb, count, a
+
+
+#: Signs of the rows of _pair_blocks' per-sample Jacobian: its translation rows are computed negated.
+_SIGNS = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0])
 
 
 def _hat(t: np.ndarray) -> np.ndarray:
@@ -266,11 +278,14 @@ def refine_window_poses(
     z = stack.src[:, 2][stack.src_ok]
     near = float(z.kthvalue(max(1, len(z) // 10)).values) if len(z) else 1.0
     px_moved = np.inf
+    every = 1
     for it in range(iterations):
-        fixed = assoc is not None and px_moved < REASSOCIATE_PX
-        Hb, gb, count, assoc = _pair_blocks(stack, T, depth_sigma, kernel_threshold, assoc if fixed else None)
-        if it == 0:  # views that do not see each other now will not after a small correction
-            keep = count >= MIN_PAIR_POINTS // 2
+        # The first step reads the association the view checks made; the last ones use every sample.
+        was, every = every, COARSE_EVERY if 0 < it < iterations - FINE_STEPS else 1
+        fixed = assoc is not None and px_moved < REASSOCIATE_PX and every == was
+        Hb, gb, count, assoc = _pair_blocks(stack, T, depth_sigma, kernel_threshold, assoc if fixed else None, every)
+        keep = count >= MIN_PAIR_POINTS // 2
+        if it == 0 and not keep.all():  # views that do not see each other now will not after a small correction
             stack.keep_pairs(torch.as_tensor(keep, device=stack.device))
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
             assoc = assoc.select(torch.as_tensor(keep, device=stack.device))
