@@ -126,6 +126,27 @@ def test_distorted_views_agree_and_refine_like_pinhole_ones(model: str, D: list[
             assert err_m < 0.006 and err_deg < 0.15, (i, err_m, err_deg)
 
 
+def test_a_thinned_association_is_the_full_one_on_every_other_sample() -> None:
+    """Refinement's cheaper middle steps read every second sample: the same projections and the
+    same surfaces there. A sample that falls outside the other view (or behind it) is never seen."""
+    camera = CameraModel(160, 120, np.array([[80.0, 0, 79.5], [0, 80.0, 59.5], [0, 0, 1]]), "plumb_bob", np.zeros(5))
+    views, _ = scene_views(camera, [3.0 + 0.5 * i for i in range(4)])
+    stack = ViewStack(views, range(4), 1000, normals=True)
+    T = stack.T0.copy()
+    T[1, :3, 3] += 0.02
+    full, half = stack.associate(T), stack.associate(T, every=2)
+    for name in ("Y", "Qz", "plane", "normal", "seen", "planar", "p"):
+        torch.testing.assert_close(getattr(half, name), getattr(full, name)[..., ::2], msg=name)
+    K = stack.K[stack.J].float()
+    z = full.Y[:, 2]
+    u = (K[:, 0, 0, None] * full.Y[:, 0] / z + K[:, 0, 2, None]).round()
+    v = (K[:, 1, 1, None] * full.Y[:, 1] / z + K[:, 1, 2, None]).round()
+    inside = (z > 0) & (u >= 0) & (u <= stack.W - 1) & (v >= 0) & (v <= stack.H - 1)
+    assert (stack.W, stack.H) == (160, 120)
+    assert full.seen.sum() > 0.5 * full.seen.numel() and (~inside).sum() > 1000
+    assert not (full.seen & ~inside).any()
+
+
 def _views_at(scene: SyntheticScene, camera: CameraModel, poses: list[np.ndarray]) -> list[ViewPrediction]:
     rays, _ = plane_rays(camera)
     out = []

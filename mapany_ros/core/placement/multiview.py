@@ -102,7 +102,7 @@ def surface_normals(P: torch.Tensor, ok: torch.Tensor, radius: int = 1
     scale = (ni[0] * ni[0]).addcmul_(ni[1], ni[1]).addcmul_(ni[2], ni[2]).clamp_min_(1e-24).rsqrt_()
     facing = (ni[0] * Pp[0][inner[1:]]).addcmul_(ni[1], Pp[1][inner[1:]]).addcmul_(ni[2], Pp[2][inner[1:]])
     ni.mul_(torch.where(facing > 0, -scale, scale))
-    # A crease: the neighbourhood's normals disagree (their sum is shorter than 0.97 of its count).
+    # A crease: the 3x3 neighbourhood's normals disagree (their sum is shorter than 0.97 of 9).
     n_sum = _window_reduce(n.view(3 * n_views, h, w), 1, torch.add, 0.0).view(3, n_views, h, w)
     n_sum_sq = (n_sum[0] * n_sum[0]).addcmul_(n_sum[1], n_sum[1]).addcmul_(n_sum[2], n_sum[2])
     border = torch.zeros_like(ok)

@@ -137,6 +137,10 @@ class Refinement:
     point_transforms: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+#: Signs of the rows of _pair_blocks' per-sample Jacobian: its translation rows are computed negated.
+_SIGNS = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0])
+
+
 def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_threshold: float,
                  previous: Association | None = None, every: int = 1
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Association]:
@@ -182,10 +186,6 @@ def _pair_blocks(stack: ViewStack, T: np.ndarray, depth_sigma: float, kernel_thr
     Hb[:, 6:12, 6:12] = Hj
     gb = np.concatenate([(At @ gj[..., None])[..., 0], gj], 1)
     return Hb, gb, count, a
-
-
-#: Signs of the rows of _pair_blocks' per-sample Jacobian: its translation rows are computed negated.
-_SIGNS = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0])
 
 
 def _hat(t: np.ndarray) -> np.ndarray:
@@ -280,12 +280,14 @@ def refine_window_poses(
     px_moved = np.inf
     every = 1
     for it in range(iterations):
-        # The first step reads the association the view checks made; the last ones use every sample.
+        # The first step reads the association the view checks made (if they ran); the last ones use
+        # every sample.
         was, every = every, COARSE_EVERY if 0 < it < iterations - FINE_STEPS else 1
         fixed = assoc is not None and px_moved < REASSOCIATE_PX and every == was
         Hb, gb, count, assoc = _pair_blocks(stack, T, depth_sigma, kernel_threshold, assoc if fixed else None, every)
-        keep = count >= MIN_PAIR_POINTS // 2
-        if it == 0 and not keep.all():  # views that do not see each other now will not after a small correction
+        # Views that do not see each other now will not after a small correction.
+        keep = count >= MIN_PAIR_POINTS // 2 if it == 0 else None
+        if keep is not None and not keep.all():
             stack.keep_pairs(torch.as_tensor(keep, device=stack.device))
             Hb, gb, count = Hb[keep], gb[keep], count[keep]
             assoc = assoc.select(torch.as_tensor(keep, device=stack.device))
