@@ -139,6 +139,32 @@ def _median(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(r.get(key, 0.0) for r in rows)
 
 
+def reference_ms(repeats: int = 15) -> float:
+    """Median ms of a fixed mix of the operations placement runs (full-grid elementwise passes, a
+    gather of 50 K samples, small batched products), on one thread: how fast this shared machine is
+    at the moment. Windows timed during a slow spell are slow by about as much; their ratio to this
+    compares runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(3, 8, 98, 129, generator=g)
+        idx = torch.randint(0, x[0].numel(), (56 * 900,), generator=g)
+        J = torch.rand(56, 7, 900, generator=g)
+        times = []
+        for k in range(repeats + 1):  # the first, untimed, warms the allocator
+            t0 = time.perf_counter()
+            for _ in range(10):
+                y = torch.where(x[2] > 0.5, x * 2.0, x + 1.0)
+                y.view(3, -1).index_select(1, idx)
+                torch.bmm(J, J.transpose(1, 2))
+            if k:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392, repeats: int = 5,
                       build_camera: tuple[int, int] = (64, 48), progress: Callable[[str], None] | None = None,
                       threads: tuple[int, ...] | None = None) -> dict:
@@ -167,6 +193,7 @@ def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392
             torch.set_num_threads(default_threads)
         built_s = time.perf_counter() - t0
         placer = drive.placer
+        reference = reference_ms()
         rows: dict[int, list[dict[str, float]]] = {n: [] for n in threads}
         statuses = []
         try:
@@ -190,7 +217,8 @@ def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392
                 rows[n].append(row)
         finally:
             torch.set_num_threads(default_threads)
-        result = {"built_s": built_s, "graph_keyframes": len(placer.graph.keyframes),
+        result = {"built_s": built_s, "reference_ms": (reference + reference_ms()) / 2,
+                  "graph_keyframes": len(placer.graph.keyframes),
                   "memory_keyframes": len(placer.loops.memory), "statuses": statuses}
         for n, r in rows.items():
             result[n] = {key: _median(r, key) for key in sorted({k for row in r for k in row})}
@@ -233,7 +261,9 @@ def window_cost_lines(cost: dict) -> list[str]:
         f"Medians of {cost['repeats']} consecutive windows per setting after a warm-up window, torch threads",
         "alternating window by window; per stage (`WindowPlacer.clock`) wall / CPU ms, CPU over all threads.",
         f"Load average {cost['load_before']:.1f} before and {cost['load_after']:.1f} after on this 2-core machine:",
-        "CPU time is what the work costs, wall time adds the waits for a core.",
+        "CPU time is what the work costs, wall time adds the waits for a core. This shared machine has slow",
+        "spells of minutes; the last row divides the window by a fixed workload of placement's own operations",
+        "timed around the same windows, and compares runs.",
         "",
         head,
         "|---" * (2 + 2 * len(threads)) + "|",
@@ -250,6 +280,10 @@ def window_cost_lines(cost: dict) -> list[str]:
                  + " | ".join(f"**{cell(r, '')}**" for r in rows) + " | <= 15 ms |")
     lines.append("| then, backend idle: loop searches, descriptors, JPEGs of the window's keyframes | "
                  + " | ".join(cell(r, "idle") for r in rows) + " | |")
+    refs = [cost[m]["reference_ms"] for m in ("odometry", "overlap") for _ in threads]
+    lines.append("| the window (wall) over the reference workload (`reference_ms`, timed before and after) | "
+                 + " | ".join(f"{r['wall'] * 1e3 / ref:.2f} ({ref:.1f} ms)" for r, ref in zip(rows, refs, strict=True))
+                 + " | |")
     loop = cost["odometry"]["loop"]
     job = loop["jobs"][-1]
     lines += [
