@@ -71,9 +71,12 @@ def test_two_layers_are_published_by_the_helper_when_they_change_and_never_while
         np.testing.assert_array_equal(np.asarray(grids[0].data, np.int8).reshape(30, 40), grid)
         assert grids[0].info.width == 40 and grids[0].info.resolution == pytest.approx(0.05)
         assert conv.occupancy_grid_to_snapshot(grids[0]).origin_xy == (-1.0, 2.0)
-        # Published by the helper process, under its own node name.
-        (info,) = node.get_publishers_info_by_topic("/layer_test/map_points")
-        assert info.node_name == "layer_test_map_publisher"
+        # Published by the helper process, under its own node name (a name reaches the graph after
+        # its endpoint: until then it reads unknown).
+        def publishers() -> list[str]:
+            return [i.node_name for i in node.get_publishers_info_by_topic("/layer_test/map_points")]
+
+        assert wait(lambda: publishers() == ["layer_test_map_publisher"], 10), publishers()
         helper = publisher._proc
         assert helper is not None and helper.poll() is None
 

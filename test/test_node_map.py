@@ -61,8 +61,10 @@ def test_map_is_latched_saved_reloaded_and_reset_while_mapping_goes_on(harness_f
                    and conv.occupancy_grid_to_snapshot(grids[-1]).data.tobytes() == grid.snapshot().data.tobytes(), 10)
     latched = conv.occupancy_grid_to_snapshot(grids[-1])
     # Published by the map publisher's helper process, not by the node on its executor.
+    # (A node's name reaches the graph after its endpoints: until then it reads unknown.)
     for topic in ("/map_grid", "/map_points"):
-        assert [i.node_name for i in h.driver.get_publishers_info_by_topic(topic)] == ["mapany_node_map_publisher"]
+        assert h._wait(lambda t=topic: [i.node_name for i in h.driver.get_publishers_info_by_topic(t)]
+                       == ["mapany_node_map_publisher"], 10), h.driver.get_publishers_info_by_topic(topic)
     assert grids[-1].header.frame_id == "map"
     occupied_x = latched.origin_xy[0] + (np.nonzero(latched.data == OCCUPIED)[1] + 0.5) * latched.resolution
     assert occupied_x.size > 5 and np.all(np.abs(occupied_x - 10.0) < 0.2)
