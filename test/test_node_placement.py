@@ -44,6 +44,14 @@ def blank_sequence(scene: SyntheticScene, duration_s: float, rate_hz: float, wid
     return seq
 
 
+def stamps_behind_a_double_speed_play(duration_s: float) -> int:
+    """A stamp offset for a sequence of ``duration_s`` played at twice its speed from a few seconds on:
+    its stamps start in the past by what the play gains on the clock, so none is stamped after it
+    arrives. (The node flushes its last partial window a latency after the later of a keyframe's
+    stamp and its arrival: stamps ahead of the clock kept a finished play waiting 20 s.)"""
+    return time.time_ns() - int(duration_s / 2 * 1e9)
+
+
 def launch_node(tmp_path, params: dict, env: dict[str, str]) -> tuple[subprocess.Popen, Any]:
     """mapany_node in its own process with ``params`` (a params file's content); its log in tmp_path/node.log."""
     params_path = tmp_path / "params.yaml"
@@ -80,11 +88,11 @@ def test_plugin_backend_in_its_own_node_process_corrects_drifting_odometry(tmp_p
     from mapany_ros.sim.robot_publisher import SyntheticSource
 
     scene = SyntheticScene(0)
-    seq = blank_sequence(scene, duration_s=scene.trajectory.loop_length_m / scene.trajectory.speed_mps,
-                         rate_hz=10.0, width=64, height=48)
+    duration_s = scene.trajectory.loop_length_m / scene.trajectory.speed_mps
+    seq = blank_sequence(scene, duration_s=duration_s, rate_hz=10.0, width=64, height=48)
     odometry = DriftingOdometry(scene.base_pose, OdometryErrors(scale_error=0.05, yaw_drift_deg_per_m=5.0,
                                                                 noise_m=0.005, noise_deg=0.2, seed=3), t0_s=-1.0)
-    stamp_offset = time.time_ns() + 10**10
+    stamp_offset = stamps_behind_a_double_speed_play(duration_s)
     params = {"/**": {"ros__parameters": {
         "backend": "mapany_ros.sim.model_simulator:ModelSimulator",
         "backend_options": yaml.safe_dump({"seed": 0, "stamp_offset_ns": stamp_offset, "noise_seed": 4},
@@ -185,7 +193,7 @@ def test_without_odometry_the_node_publishes_its_own_odom_to_base_and_map_to_odo
 
     scene = SyntheticScene(0)
     seq = blank_sequence(scene, duration_s=16.0, rate_hz=10.0, width=64, height=48)
-    stamp_offset = time.time_ns() + 10**10
+    stamp_offset = stamps_behind_a_double_speed_play(16.0)
     rate_hz = 20.0  # the default tf.rate_hz
     params = {"/**": {"ros__parameters": {
         "backend": "mapany_ros.sim.model_simulator:ModelSimulator",
