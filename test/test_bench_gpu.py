@@ -39,7 +39,7 @@ def _positive(value: object) -> bool:
 def test_report_on_a_prepared_model(env, tmp_path, capsys):
     md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
     argv = ["--device", "cpu", "--views", "2", "3", "--repeats", "1", "--fusion-keyframes", "2",
-            "--model-dir", str(env.model_dir),
+            "--placement-keyframes", "24", "--model-dir", str(env.model_dir),
             "--cache-dir", str(env.cache), "--out", str(md), "--json", str(js)]
     assert bench_gpu.main(argv) == 0
     report = json.loads(js.read_text())
@@ -70,10 +70,20 @@ def test_report_on_a_prepared_model(env, tmp_path, capsys):
     fusion = report["fusion"]
     for key in ("integrate_ms", "integrate_max_ms", "update_pose_ms", "points_ms", "num_voxels"):
         assert _positive(fusion[key]), (key, fusion[key])
+    placement = report["placement"]
+    assert "error" not in placement, placement["error"]
+    assert placement["keyframes"] == 24 and placement["resolution"] == "518x392"
+    for mode in ("odometry", "overlap"):
+        stages = placement[mode]["stages_ms"]
+        assert {"view checks", "refinement", "local check"} <= set(stages), stages
+        assert all(_positive(v) for k, v in stages.items() if k in ("view checks", "refinement")), stages
+        assert placement[mode]["window_ms"] >= sum(stages.values()) * 0.99  # the stages lie within the window
 
     text = md.read_text()
     assert text.startswith("## MapAnything path (cpu)")
     assert "published rate" in text and "~25 Hz" in text and "placement" in text and "fusion" in text.lower()
+    assert "Placement per window of 8 views at 518x392, 24 keyframes in the map, on cpu" in text
+    assert "| **the window** (target <= 15 ms) |" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 2 |", "| 3 |"))]
     assert len(rows) == 4 and not any("nan" in row or "inf" in row.split("|")[2] for row in rows)
     assert capsys.readouterr().out.strip() == text.strip()  # stdout is the report alone
@@ -125,6 +135,9 @@ def test_missing_configs_and_hub_code_exit_2(env, tmp_path, capsys):
 def test_bad_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         bench_gpu.main(["--views", "1"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        bench_gpu.main(["--placement-keyframes", "-1"])
     assert exc.value.code == 2
 
 

@@ -13,7 +13,9 @@ and loaded through the adapter's real, offline loading path. Windows of 2, 8 and
 3. run through the core :class:`Pipeline` (windows, placement, fusion, host copies): time per
    window and its overhead over bare ``infer``;
 
-and 4. fusion of a 640x480 keyframe at 5 cm voxels is timed on the device (``bench_fusion``).
+and 4. fusion of a 640x480 keyframe at 5 cm voxels is timed on the device (``bench_fusion``); 5. the
+placement stage per window of 8 views at 518x392 once the map holds 2000 keyframes, with the model
+simulator's errors and every check on, predicted on the device (``bench.placement.bench_window_cost``).
 CUDA runs bf16 autocast with memory-efficient inference, CPU fp32, as the node does. Timings are
 medians of fixed repeats after a warm-up, with ``torch.cuda.synchronize`` around each.
 
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 
 from mapany_ros.bench.fusion import bench_fusion
+from mapany_ros.bench.placement import bench_window_cost
 from mapany_ros.core.backends.base import BackendError, resolve_device
 from mapany_ros.core.backends.mapanything import (
     DINOV2_HUB_DIR,
@@ -370,6 +373,24 @@ def measure_fusion(device: torch.device, repeats: int, keyframes: int = 8) -> di
                               "pixel_stride", "keyframes")}
 
 
+def measure_placement(device: torch.device, keyframes: int, repeats: int) -> dict[str, Any]:
+    """Placement per 8-view 518x392 window at ``keyframes`` keyframes on ``device``, with and without
+    odometry (:func:`bench_window_cost`, torch's default threads, no loop job): window wall ms and
+    its stages'. A failure is reported, not raised: the measurements before it stand."""
+    try:
+        threads = torch.get_num_threads()
+        cost = bench_window_cost(keyframes=keyframes, repeats=repeats, threads=(threads,), device=device,
+                                 loop_job=False)
+    except Exception as exc:  # noqa: BLE001 - a report of what failed, after the other measurements
+        return {"keyframes": keyframes, "error": f"{type(exc).__name__}: {exc}"}
+    out: dict[str, Any] = {"keyframes": keyframes, "resolution": cost["resolution"], "threads": threads}
+    for mode in ("odometry", "overlap"):
+        row = cost[mode][threads]
+        stages = {k[len("wall "):]: v * 1e3 for k, v in row.items() if k.startswith("wall ") and k != "wall idle"}
+        out[mode] = {"window_ms": row["wall"] * 1e3, "stages_ms": stages}
+    return out
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                             "cpu_threads": torch.get_num_threads(), "gpu": None}
@@ -450,6 +471,20 @@ def render_markdown(report: dict[str, Any]) -> list[str]:
         f"{_ms(f['update_pose_ms'])}, points() {_ms(f['points_ms'])}.",
         "",
     ]
+    p = report.get("placement")
+    if p is not None:
+        head = f"Placement per window of 8 views at 518x392, {p['keyframes']} keyframes in the map, on {m['device']}"
+        if "error" in p:
+            lines += [f"{head}: failed ({p['error']}).", ""]
+        else:
+            lines += [f"{head} ({p['threads']} CPU threads; the model simulator's errors, every check on):", "",
+                      "| stage | with odometry | without |", "|---|---|---|"]
+            stages = list(dict.fromkeys([*p["odometry"]["stages_ms"], *p["overlap"]["stages_ms"]]))
+            for stage in stages:
+                lines.append(f"| {stage} | {_ms(p['odometry']['stages_ms'].get(stage, 0.0))} "
+                             f"| {_ms(p['overlap']['stages_ms'].get(stage, 0.0))} |")
+            odometry, overlap = (_ms(p[mode]["window_ms"]) for mode in ("odometry", "overlap"))
+            lines += [f"| **the window** (target <= 15 ms) | **{odometry}** | **{overlap}** |", ""]
     return lines
 
 
@@ -500,6 +535,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pipeline.append(measure_pipeline(backend, seq, n, repeats))
     _log("fusion ...")
     fusion = measure_fusion(device, repeats, args.fusion_keyframes)
+    placement = None
+    if args.placement_keyframes > 0:
+        _log(f"placement at {args.placement_keyframes} keyframes ...")
+        placement = measure_placement(device, args.placement_keyframes, repeats)
     grid = next((r["model_grid"] for r in windows if "model_grid" in r), "n/a")
     precision = ("bf16 autocast, memory-efficient inference" if device.type == "cuda"
                  else "fp32, memory-efficient inference")
@@ -511,6 +550,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "windows": windows,
         "pipeline": pipeline,
         "fusion": fusion,
+        "placement": placement,
     }
 
 
@@ -528,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, nargs="+", default=list(DEFAULT_VIEWS), help="window sizes (>= 2)")
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per figure (default 5 on CUDA, 2 on CPU)")
     parser.add_argument("--fusion-keyframes", type=int, default=8, help="keyframes of the fusion timing (default 8)")
+    parser.add_argument("--placement-keyframes", type=int, default=2000,
+                        help="keyframes in the map when placement is timed (default 2000; 0 skips it)")
     parser.add_argument("--out", type=Path, help="write the markdown section here too")
     parser.add_argument("--json", type=Path, help="write every figure as JSON here")
     parser.add_argument("--cache-dir", default="",
@@ -539,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if any(n < 2 for n in args.views) or args.repeats < 0 or args.fusion_keyframes < 1:
-        build_parser().error("--views must be >= 2, --repeats >= 0 and --fusion-keyframes >= 1")
+    if any(n < 2 for n in args.views) or args.repeats < 0 or args.fusion_keyframes < 1 or args.placement_keyframes < 0:
+        build_parser().error("--views must be >= 2, --repeats >= 0, --fusion-keyframes >= 1 and "
+                             "--placement-keyframes >= 0")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # upstream prints progress; stdout is the report
             report = run(args)

@@ -95,9 +95,9 @@ class _LongDrive:
     small cameras are rendered once per place on the loop.
     """
 
-    def __init__(self, odometry: bool, seed: int = 1) -> None:
+    def __init__(self, odometry: bool, seed: int = 1, device: str | torch.device = "cpu") -> None:
         self.scene = scene = SyntheticScene(0)
-        self.sim = ModelSimulator(scene=scene, metric=True, noise_seed=seed)
+        self.sim = ModelSimulator(scene=scene, metric=True, noise_seed=seed, device=device)
         self.odometry = DriftingOdometry(scene.base_pose, OdometryErrors.good(seed=3)) if odometry else None
         self.dt = scene.trajectory.loop_length_m / scene.trajectory.speed_mps / KEYFRAMES_PER_LOOP
         self.placer = WindowPlacer(PlacementConfig(use_odometry=odometry), lambda c: scene.T_base_camera)
@@ -167,24 +167,34 @@ def reference_ms(repeats: int = 15) -> float:
 
 def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392, repeats: int = 5,
                       build_camera: tuple[int, int] = (64, 48), progress: Callable[[str], None] | None = None,
-                      threads: tuple[int, ...] | None = None) -> dict:
+                      threads: tuple[int, ...] | None = None, device: str | torch.device = "cpu",
+                      loop_job: bool = True) -> dict:
     """Per-window cost of ``WindowPlacer.place`` once the map holds ``keyframes`` keyframes.
 
     The map is built by driving the synthetic robot through a placer at ``build_camera`` size (the
     graph, the keyframe index and the loop memory then hold what a real run's would); then windows
     at ``width`` x ``height`` (full-resolution output, as MapAnything gives) are placed one after
     the other, torch on one thread and on its default alternating, after one warm-up window.
-    Medians of ``repeats`` windows each, wall and CPU seconds, per stage. Then one loop job:
-    four views of neighbouring keyframes, verified, and a second one that confirms it, so the
-    loop enters the graph and every keyframe is read back (the backend's time not counted).
+    Medians of ``repeats`` windows each, wall and CPU seconds, per stage. The model simulator
+    predicts on ``device``, so placement runs there as behind a model on that device (a CUDA window
+    is timed to its last kernel). Then, with ``loop_job``, one loop job: four views of neighbouring
+    keyframes, verified, and a second one that confirms it, so the loop enters the graph and every
+    keyframe is read back (the backend's time not counted).
     """
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     default_threads = torch.get_num_threads()
     threads = sorted(set(threads or (1, default_threads)))
     small, big = make_camera_model(*build_camera), make_camera_model(width, height)
-    out: dict = {"keyframes": keyframes, "resolution": f"{width}x{height}", "threads": threads, "repeats": repeats,
+    out: dict = {"keyframes": keyframes, "resolution": f"{width}x{height}", "device": str(device),
+                 "threads": threads, "repeats": repeats,
                  "load_before": os.getloadavg()[0]}
     for mode in ("odometry", "overlap"):
-        drive = _LongDrive(odometry=mode == "odometry")
+        drive = _LongDrive(odometry=mode == "odometry", device=device)
         t0 = time.perf_counter()
         torch.set_num_threads(1)
         try:
@@ -201,8 +211,10 @@ def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392
                 n = threads[w % len(threads)]
                 torch.set_num_threads(n)
                 groups, n_context, prediction = drive.window(big)
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 placed = placer.place(groups, n_context, prediction)
+                sync()
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 # What the pipeline then runs while the backend is idle (loop jobs aside).
                 t1, c1 = time.perf_counter(), time.process_time()
@@ -222,7 +234,7 @@ def bench_window_cost(keyframes: int = 2000, width: int = 518, height: int = 392
                   "memory_keyframes": len(placer.loops.memory), "statuses": statuses}
         for n, r in rows.items():
             result[n] = {key: _median(r, key) for key in sorted({k for row in r for k in row})}
-        if mode == "odometry":
+        if mode == "odometry" and loop_job:
             result["loop"] = _loop_job_cost(drive)
         out[mode] = result
         if progress is not None:
